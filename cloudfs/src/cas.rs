@@ -1,0 +1,369 @@
+//! Content-addressed blocks: naming (`blocks/<h0h1>/<h2h3>/<hash>`), deduplicated uploads, and
+//! the bounded on-disk read cache with verified whole-block fetches.
+//!
+//! Blocks are immutable and named by the BLAKE3-256 digest of their bytes, so a block that the
+//! pool already holds is never uploaded again and a cached block can never be stale.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::OnceCell;
+
+use crate::meta::Hash;
+use crate::store::{ObjectStore, StoreError};
+
+/// Errors of the block layer.
+#[derive(Debug, thiserror::Error)]
+pub enum CasError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("block {key} is corrupt: its content does not match its name")]
+    Corrupt { key: String },
+    #[error("object store did not answer within {secs}s for {key}")]
+    TimedOut { key: String, secs: u64 },
+    #[error("block cache I/O error: {0}")]
+    Cache(#[from] io::Error),
+}
+
+pub type CasResult<T> = Result<T, CasError>;
+
+pub fn hash_block(data: &[u8]) -> Hash {
+    blake3::hash(data).into()
+}
+
+/// The object key of a block.
+pub fn block_key(hash: &Hash) -> String {
+    let hex = hex::encode(hash);
+    format!("blocks/{}/{}/{}", &hex[0..2], &hex[2..4], hex)
+}
+
+/// The hash named by a block key, if `key` is one.
+pub fn parse_block_key(key: &str) -> Option<Hash> {
+    let hex = key.strip_prefix("blocks/")?.rsplit('/').next()?;
+    let mut hash = [0u8; 32];
+    hex::decode_to_slice(hex, &mut hash).ok()?;
+    (block_key(&hash) == key).then_some(hash)
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The least-recently-used index of the cache directory's files.
+#[derive(Debug, Default)]
+struct CacheIndex {
+    entries: HashMap<Hash, (u64, u64)>,
+    by_age: BTreeMap<u64, Hash>,
+    bytes: u64,
+    tick: u64,
+}
+
+impl CacheIndex {
+    fn touch(&mut self, hash: &Hash) -> bool {
+        let Some((_, tick)) = self.entries.get_mut(hash) else {
+            return false;
+        };
+        self.by_age.remove(tick);
+        self.tick += 1;
+        *tick = self.tick;
+        self.by_age.insert(self.tick, *hash);
+        true
+    }
+
+    fn insert(&mut self, hash: Hash, size: u64) {
+        if self.touch(&hash) {
+            return;
+        }
+        self.tick += 1;
+        self.entries.insert(hash, (size, self.tick));
+        self.by_age.insert(self.tick, hash);
+        self.bytes += size;
+    }
+
+    fn pop_oldest(&mut self) -> Option<Hash> {
+        let (_, hash) = self.by_age.pop_first()?;
+        if let Some((size, _)) = self.entries.remove(&hash) {
+            self.bytes -= size;
+        }
+        Some(hash)
+    }
+}
+
+/// A bounded directory of verified whole blocks.
+#[derive(Debug)]
+pub struct BlockCache {
+    dir: PathBuf,
+    budget: u64,
+    index: Mutex<CacheIndex>,
+}
+
+impl BlockCache {
+    /// Opens the cache directory, adopting the blocks a previous mount left there.
+    pub fn open(dir: &Path, budget: u64) -> io::Result<BlockCache> {
+        fs::create_dir_all(dir)?;
+        let cache = BlockCache {
+            dir: dir.to_path_buf(),
+            budget,
+            index: Mutex::new(CacheIndex::default()),
+        };
+        for entry in fs::read_dir(dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let mut hash = [0u8; 32];
+            match hex::decode_to_slice(name.as_encoded_bytes(), &mut hash) {
+                Ok(()) => lock(&cache.index).insert(hash, entry.metadata()?.len()),
+                Err(_) => fs::remove_file(entry.path())?,
+            }
+        }
+        cache.evict();
+        Ok(cache)
+    }
+
+    fn path(&self, hash: &Hash) -> PathBuf {
+        self.dir.join(hex::encode(hash))
+    }
+
+    /// Reads `len` bytes at `offset` of a cached block, `None` when it is not cached.
+    pub fn read(&self, hash: &Hash, offset: u64, len: usize) -> Option<Vec<u8>> {
+        if !lock(&self.index).touch(hash) {
+            return None;
+        }
+        let file = File::open(self.path(hash)).ok()?;
+        let mut buf = vec![0u8; len];
+        let mut filled = 0;
+        while filled < len {
+            match file.read_at(&mut buf[filled..], offset + filled as u64) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return None,
+            }
+        }
+        buf.truncate(filled);
+        Some(buf)
+    }
+
+    pub fn contains(&self, hash: &Hash) -> bool {
+        lock(&self.index).entries.contains_key(hash)
+    }
+
+    /// Adds a verified block, evicting the least recently used ones past the budget.
+    pub fn insert(&self, hash: &Hash, data: &[u8]) -> io::Result<()> {
+        if data.len() as u64 > self.budget || self.contains(hash) {
+            return Ok(());
+        }
+        let path = self.path(hash);
+        let mut tmp = tempfile::NamedTempFile::new_in(&self.dir)?;
+        tmp.write_all(data)?;
+        tmp.persist(&path).map_err(|e| e.error)?;
+        lock(&self.index).insert(*hash, data.len() as u64);
+        self.evict();
+        Ok(())
+    }
+
+    fn evict(&self) {
+        loop {
+            let victim = {
+                let mut index = lock(&self.index);
+                if index.bytes <= self.budget {
+                    return;
+                }
+                index.pop_oldest()
+            };
+            match victim {
+                Some(hash) => {
+                    let _ = fs::remove_file(self.path(&hash));
+                }
+                None => return,
+            }
+        }
+    }
+
+    pub fn bytes(&self) -> u64 {
+        lock(&self.index).bytes
+    }
+}
+
+/// The engine's access to blocks: deduplicated uploads, cached and verified downloads.
+#[derive(Debug)]
+pub struct BlockStore {
+    store: Arc<dyn ObjectStore>,
+    cache: BlockCache,
+    /// Hashes known to be in the store, so dedup costs no round trip for them.
+    known: Mutex<HashSet<Hash>>,
+    inflight: Mutex<HashMap<Hash, Arc<OnceCell<Bytes>>>>,
+    timeout: Duration,
+}
+
+const KNOWN_LIMIT: usize = 1 << 20;
+
+impl BlockStore {
+    pub fn new(store: Arc<dyn ObjectStore>, cache: BlockCache, timeout: Duration) -> BlockStore {
+        BlockStore {
+            store,
+            cache,
+            known: Mutex::new(HashSet::new()),
+            inflight: Mutex::new(HashMap::new()),
+            timeout,
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    pub fn cache(&self) -> &BlockCache {
+        &self.cache
+    }
+
+    /// Bounds a store request in time, so a hung store surfaces as an error, never a hang.
+    pub async fn timed<T>(
+        &self,
+        key: &str,
+        request: impl Future<Output = Result<T, StoreError>>,
+    ) -> CasResult<T> {
+        match tokio::time::timeout(self.timeout, request).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(CasError::TimedOut {
+                key: key.to_owned(),
+                secs: self.timeout.as_secs(),
+            }),
+        }
+    }
+
+    pub fn mark_known(&self, hash: &Hash) {
+        let mut known = lock(&self.known);
+        if known.len() >= KNOWN_LIMIT {
+            known.clear();
+        }
+        known.insert(*hash);
+    }
+
+    /// Stores `data` (whose digest is `hash`) unless the pool already has it; `referenced`
+    /// says the volume's metadata already names this hash, so it is known to be stored.
+    pub async fn upload(&self, hash: Hash, data: Bytes, referenced: bool) -> CasResult<()> {
+        if referenced || lock(&self.known).contains(&hash) {
+            return Ok(());
+        }
+        let key = block_key(&hash);
+        let present = self.timed(&key, self.store.head(&key)).await?;
+        if present.is_none_or(|m| m.size != data.len() as u64) {
+            self.timed(&key, self.store.put(&key, data)).await?;
+        }
+        self.mark_known(&hash);
+        Ok(())
+    }
+
+    /// A whole block, verified against its hash, from the cache or the store (one download
+    /// per block however many readers want it at once).
+    pub async fn fetch(&self, hash: &Hash, len: u64) -> CasResult<Bytes> {
+        if let Some(data) = self.cache.read(hash, 0, len as usize) {
+            return Ok(Bytes::from(data));
+        }
+        let cell = lock(&self.inflight).entry(*hash).or_default().clone();
+        let result = cell
+            .get_or_try_init(|| async {
+                let key = block_key(hash);
+                let data = self.timed(&key, self.store.get(&key, None)).await?;
+                if hash_block(&data) != *hash {
+                    return Err(CasError::Corrupt { key });
+                }
+                self.mark_known(hash);
+                self.cache.insert(hash, &data)?;
+                Ok(data)
+            })
+            .await
+            .cloned();
+        lock(&self.inflight).remove(hash);
+        result
+    }
+
+    /// `len` bytes at `offset` of a block, without fetching the whole block when it is not
+    /// cached (a ranged GET, for random reads).
+    pub async fn read_range(&self, hash: &Hash, offset: u64, len: u64) -> CasResult<Bytes> {
+        if let Some(data) = self.cache.read(hash, offset, len as usize) {
+            return Ok(Bytes::from(data));
+        }
+        let key = block_key(hash);
+        self.timed(&key, self.store.get(&key, Some(offset..offset + len)))
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemStore;
+
+    #[test]
+    fn block_keys_round_trip() {
+        let hash = hash_block(b"abc");
+        let key = block_key(&hash);
+        assert!(key.starts_with(&format!("blocks/{}/", &hex::encode(hash)[..2])));
+        assert_eq!(parse_block_key(&key), Some(hash));
+        assert_eq!(parse_block_key("blocks/aa/bb/zz"), None);
+        assert_eq!(parse_block_key("volumes/x"), None);
+    }
+
+    #[test]
+    fn cache_evicts_least_recently_used_within_budget() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = BlockCache::open(dir.path(), 250).expect("open");
+        let blocks: Vec<(Hash, Vec<u8>)> = (0..3u8)
+            .map(|i| {
+                let data = vec![i; 100];
+                (hash_block(&data), data)
+            })
+            .collect();
+        cache.insert(&blocks[0].0, &blocks[0].1).expect("insert");
+        cache.insert(&blocks[1].0, &blocks[1].1).expect("insert");
+        assert!(cache.read(&blocks[0].0, 0, 10).is_some()); // 0 is now the most recent
+        cache.insert(&blocks[2].0, &blocks[2].1).expect("insert");
+        assert!(cache.bytes() <= 250);
+        assert!(cache.contains(&blocks[0].0));
+        assert!(!cache.contains(&blocks[1].0));
+        let reopened = BlockCache::open(dir.path(), 250).expect("reopen");
+        assert_eq!(reopened.bytes(), 200);
+    }
+
+    #[test]
+    fn uploads_dedup_and_fetches_verify() {
+        let rt = tokio::runtime::Runtime::new().expect("rt");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mem = Arc::new(MemStore::new());
+        let blocks = BlockStore::new(
+            mem.clone(),
+            BlockCache::open(dir.path(), 1 << 20).expect("cache"),
+            Duration::from_secs(5),
+        );
+        rt.block_on(async {
+            let data = Bytes::from(vec![7u8; 1000]);
+            let h1 = hash_block(&data);
+            blocks
+                .upload(h1, data.clone(), false)
+                .await
+                .expect("upload");
+            blocks
+                .upload(h1, data.clone(), false)
+                .await
+                .expect("upload");
+            assert_eq!(mem.put_count(), 1);
+            mem.tamper(&block_key(&h1), Bytes::from(vec![8u8; 1000]));
+            let fresh = BlockStore::new(
+                mem.clone(),
+                BlockCache::open(&dir.path().join("other"), 1 << 20).expect("cache"),
+                Duration::from_secs(5),
+            );
+            assert!(matches!(
+                fresh.fetch(&h1, 1000).await,
+                Err(CasError::Corrupt { .. })
+            ));
+        });
+    }
+}

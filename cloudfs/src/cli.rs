@@ -1,0 +1,372 @@
+//! Subcommands of the `cloudfs` binary.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+
+use cloudfs::cas::{BlockCache, BlockStore};
+use cloudfs::inspect;
+use cloudfs::mount::{self, EngineConfig, MountConfig};
+use cloudfs::store::{ObjectStore, StoreUrl};
+use cloudfs::volume;
+
+/// cloudfs: an unlimited POSIX drive whose files live in an object store as deduplicated
+/// blocks and whose inode table is SQLite.
+///
+/// <STORE> is a URL: file:///abs/path for the embedded local-directory store (the directory
+/// must exist). A store is a pool that can hold many volumes; identical blocks are stored once
+/// across all of them.
+#[derive(Debug, Parser)]
+#[command(name = "cloudfs", version, max_term_width = 100)]
+pub struct Cli {
+    /// Directory for the pid files of running mounts.
+    #[arg(long, global = true, env = "CLOUDFS_RUN_DIR", value_name = "DIR")]
+    run_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(Debug, Subcommand)]
+enum Commands {
+    /// Create a new, empty volume in a store.
+    Format {
+        store: String,
+        volume: String,
+        /// Size of the blocks files are cut into (power of two, 4KiB..64MiB). Fixed for the
+        /// life of the volume.
+        #[arg(long, default_value = "8MiB", value_parser = parse_size)]
+        block_size: u64,
+    },
+    /// Mount a volume. Returns once the mount is usable, unless --foreground; the mount
+    /// process flushes everything to the store and unmounts on SIGTERM/SIGINT or `cloudfs
+    /// umount`.
+    Mount(MountArgs),
+    /// Flush everything a mount holds to the store, then unmount it.
+    Umount {
+        mountpoint: PathBuf,
+        /// Longest wait for the flush, in seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+    /// Show a volume's usage: files, directories, logical and stored bytes, dedup ratio.
+    Stat {
+        store: String,
+        volume: String,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check a volume: inode table consistency and every referenced block present. Exits 0
+    /// only when the volume is clean. Orphaned blocks (uploaded but unreferenced, e.g. after
+    /// a crash) are listed but harmless.
+    Fsck {
+        store: String,
+        volume: String,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+struct MountArgs {
+    store: String,
+    volume: String,
+    mountpoint: PathBuf,
+    /// Stay in the foreground (logs go to stderr) instead of returning once mounted.
+    #[arg(long)]
+    foreground: bool,
+    /// Mount read-only, from the newest replicated metadata.
+    #[arg(long)]
+    read_only: bool,
+    /// Local directory for the metadata working copy, the block cache and write-back staging
+    /// [default: /var/cache/cloudfs/<volume>-<store> for root, ~/.cache/cloudfs/… otherwise].
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Disk the cache directory may use: half read cache, a quarter write-back staging.
+    #[arg(long, default_value = "2GiB", value_parser = parse_size)]
+    cache_size: u64,
+    /// Seconds between metadata replications when nothing calls fsync (the most metadata a
+    /// crash of an un-fsynced volume can lose).
+    #[arg(long, default_value_t = 5)]
+    sync_interval: u64,
+    /// Seconds before an object-store request is abandoned and the operation fails with EIO.
+    #[arg(long, default_value_t = 120)]
+    store_timeout: u64,
+    /// Threads serving FUSE requests.
+    #[arg(long, default_value_t = 16)]
+    threads: usize,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    parse_size::parse_size(s).map_err(|e| format!("{e} (examples: 8MiB, 1GiB, 65536)"))
+}
+
+fn open_store(url: &str) -> Result<(StoreUrl, Arc<dyn ObjectStore>)> {
+    let parsed = StoreUrl::parse(url)?;
+    let store = parsed.open()?;
+    Ok((parsed, store))
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the I/O runtime")
+}
+
+/// A block store with a throwaway cache, for commands that only read a little.
+fn scratch_blocks(store: Arc<dyn ObjectStore>, dir: &Path) -> Result<BlockStore> {
+    let cache = BlockCache::open(&dir.join("blocks"), 256 << 20)?;
+    Ok(BlockStore::new(store, cache, Duration::from_secs(120)))
+}
+
+fn default_cache_dir(store: &StoreUrl, volume: &str) -> PathBuf {
+    let digest = blake3::hash(store.to_string().as_bytes()).to_hex();
+    let leaf = format!("{volume}-{}", &digest[..8]);
+    // SAFETY: geteuid has no preconditions.
+    let base = if unsafe { libc::geteuid() } == 0 {
+        PathBuf::from("/var/cache/cloudfs")
+    } else if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
+        PathBuf::from(dir).join("cloudfs")
+    } else if let Some(home) = std::env::var_os("HOME") {
+        PathBuf::from(home).join(".cache/cloudfs")
+    } else {
+        std::env::temp_dir().join("cloudfs-cache")
+    };
+    base.join(leaf)
+}
+
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    let run_dir = cli.run_dir.unwrap_or_else(mount::default_run_dir);
+    match cli.command {
+        Commands::Format {
+            store,
+            volume,
+            block_size,
+        } => {
+            let (_, store) = open_store(&store)?;
+            let scratch = tempfile::tempdir()?;
+            let blocks = scratch_blocks(store.clone(), scratch.path())?;
+            // SAFETY: getuid/getgid have no preconditions.
+            let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+            let config = runtime()?.block_on(volume::format(
+                &store, &blocks, &volume, block_size, uid, gid,
+            ))?;
+            println!(
+                "formatted volume {} (block size {} bytes)",
+                config.name, config.block_size
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Commands::Mount(args) => mount_command(args, run_dir),
+        Commands::Umount {
+            mountpoint,
+            timeout,
+        } => {
+            mount::unmount(&mountpoint, &run_dir, Duration::from_secs(timeout))?;
+            println!("unmounted {}", mountpoint.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Commands::Stat {
+            store,
+            volume,
+            json,
+        } => {
+            let (_, store) = open_store(&store)?;
+            let scratch = tempfile::tempdir()?;
+            let blocks = scratch_blocks(store.clone(), scratch.path())?;
+            let stats = runtime()?.block_on(inspect::stats(
+                store.as_ref(),
+                &blocks,
+                &volume,
+                scratch.path(),
+            ))?;
+            if json {
+                println!("{}", serde_json::to_string(&stats)?);
+            } else {
+                println!("volume:        {}", stats.volume);
+                println!("block size:    {}", stats.block_size);
+                println!("files:         {}", stats.files);
+                println!("directories:   {}", stats.directories);
+                println!("logical bytes: {}", stats.logical_bytes);
+                println!("stored bytes:  {}", stats.stored_bytes);
+                println!("blocks:        {}", stats.blocks);
+                println!("dedup ratio:   {:.2}", stats.dedup_ratio);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Commands::Fsck {
+            store,
+            volume,
+            json,
+        } => {
+            let (_, store) = open_store(&store)?;
+            let scratch = tempfile::tempdir()?;
+            let blocks = scratch_blocks(store.clone(), scratch.path())?;
+            let report = runtime()?.block_on(inspect::fsck(
+                store.as_ref(),
+                &blocks,
+                &volume,
+                scratch.path(),
+            ))?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!(
+                    "checked {} files, {} blocks of volume {}",
+                    report.files_checked, report.blocks_checked, report.volume
+                );
+                for problem in &report.problems {
+                    println!("PROBLEM: {problem}");
+                }
+                for orphan in &report.orphans {
+                    println!("orphan (unreferenced, harmless): {orphan}");
+                }
+                println!(
+                    "{}: {} problems, {} orphaned blocks",
+                    if report.is_clean() {
+                        "clean"
+                    } else {
+                        "DAMAGED"
+                    },
+                    report.problems.len(),
+                    report.orphans.len()
+                );
+            }
+            Ok(if report.is_clean() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+    }
+}
+
+fn mount_command(args: MountArgs, run_dir: PathBuf) -> Result<ExitCode> {
+    let store = StoreUrl::parse(&args.store)?;
+    let mountpoint = std::path::absolute(&args.mountpoint)?;
+    if !mountpoint.is_dir() {
+        bail!(
+            "mountpoint {} does not exist or is not a directory",
+            mountpoint.display()
+        );
+    }
+    if mount::mounted_at(&mountpoint).is_some() {
+        bail!("{} is already a mountpoint", mountpoint.display());
+    }
+    let cache_dir = match &args.cache_dir {
+        Some(dir) => std::path::absolute(dir)?,
+        None => default_cache_dir(&store, &args.volume),
+    };
+    if args.foreground {
+        let config = MountConfig {
+            store,
+            volume: args.volume,
+            mountpoint,
+            engine: EngineConfig {
+                cache_dir,
+                cache_size: args.cache_size,
+                store_timeout: Duration::from_secs(args.store_timeout.max(1)),
+                read_only: args.read_only,
+            },
+            sync_interval: Duration::from_secs(args.sync_interval.max(1)),
+            fuse_threads: args.threads,
+            run_dir,
+        };
+        mount::run(config, || {})?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    daemonize(
+        &args.store,
+        &args.volume,
+        &mountpoint,
+        &cache_dir,
+        &run_dir,
+        &args,
+    )
+}
+
+/// Starts the mount process in the background and waits until the mount is usable.
+fn daemonize(
+    store: &str,
+    volume: &str,
+    mountpoint: &Path,
+    cache_dir: &Path,
+    run_dir: &Path,
+    args: &MountArgs,
+) -> Result<ExitCode> {
+    std::fs::create_dir_all(cache_dir)
+        .with_context(|| format!("creating cache directory {}", cache_dir.display()))?;
+    let log_path = cache_dir.join("mount.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    let mut command = Command::new(std::env::current_exe()?);
+    command
+        .arg("--run-dir")
+        .arg(run_dir)
+        .args(["mount", store, volume])
+        .arg(mountpoint)
+        .arg("--foreground")
+        .arg("--cache-dir")
+        .arg(cache_dir)
+        .args(["--cache-size", &args.cache_size.to_string()])
+        .args(["--sync-interval", &args.sync_interval.to_string()])
+        .args(["--store-timeout", &args.store_timeout.to_string()])
+        .args(["--threads", &args.threads.to_string()])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    if args.read_only {
+        command.arg("--read-only");
+    }
+    // SAFETY: setsid is async-signal-safe; it detaches the mount from our session.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        command.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().context("starting the mount process")?;
+    let start = Instant::now();
+    loop {
+        if mount::mounted_at(mountpoint).is_some_and(|m| m.is_cloudfs()) {
+            println!(
+                "mounted {volume} at {} (pid {}, log {})",
+                mountpoint.display(),
+                child.id(),
+                log_path.display()
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        if let Some(status) = child.try_wait()? {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let reason = log
+                .lines()
+                .rev()
+                .find(|l| l.starts_with("cloudfs: "))
+                .map_or_else(
+                    || format!("mount process exited with {status}"),
+                    str::to_owned,
+                );
+            bail!("{}", reason.trim_start_matches("cloudfs: "));
+        }
+        if start.elapsed() > Duration::from_secs(300) {
+            let _ = child.kill();
+            bail!(
+                "the mount did not become ready within 300s (see {})",
+                log_path.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -1,0 +1,560 @@
+//! File contents: open handles, write-back staging of dirty blocks, reads with read-ahead,
+//! flush (upload + one metadata transaction), truncate.
+//!
+//! A dirty block lives in an anonymous file in the staging directory until the file is
+//! flushed: on `flush`/`fsync`/`release`, when the staging budget fills, and before any
+//! attribute change. Flushing hashes each dirty block, uploads the ones the pool lacks, and
+//! swaps the new block list in with one SQLite transaction, so metadata never names a block
+//! that is not stored. All-zero blocks become holes.
+
+use std::collections::btree_map::Entry;
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures::future::try_join_all;
+
+use super::{Caller, Fs, FsError, FsResult, get, lock, now_ns};
+use crate::cas::hash_block;
+use crate::meta::{self, BlockRef, Hash, Inode};
+
+/// Size of a file's size field while it has no unflushed changes.
+const CLEAN: u64 = u64::MAX;
+/// Blocks uploaded at once by one flush (bounds its memory to this many blocks).
+const UPLOAD_PARALLELISM: usize = 4;
+/// Largest file: what fits in the kernel's `loff_t`.
+const MAX_FILE_SIZE: u64 = i64::MAX as u64;
+
+/// A block being rewritten: its bytes so far, and how far they reach.
+#[derive(Debug)]
+struct Staged {
+    file: File,
+    extent: u64,
+}
+
+/// Per-inode state while a file is open or has unflushed writes.
+#[derive(Debug)]
+pub struct FileState {
+    opens: AtomicU32,
+    /// The size callers see (`CLEAN` when the stored size is current).
+    size: AtomicU64,
+    mtime_ns: AtomicI64,
+    staged: Mutex<BTreeMap<u64, Staged>>,
+}
+
+impl FileState {
+    fn new() -> FileState {
+        FileState {
+            opens: AtomicU32::new(0),
+            size: AtomicU64::new(CLEAN),
+            mtime_ns: AtomicI64::new(0),
+            staged: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    pub(super) fn overlay(&self, inode: &mut Inode) {
+        let size = self.size.load(Ordering::Acquire);
+        if size != CLEAN {
+            inode.size = size;
+            inode.mtime_ns = self.mtime_ns.load(Ordering::Acquire);
+            inode.ctime_ns = inode.mtime_ns;
+        }
+    }
+}
+
+/// One `open` of a file: its flags and read-ahead state.
+#[derive(Debug)]
+pub(super) struct OpenHandle {
+    ino: u64,
+    append: bool,
+    next_offset: AtomicU64,
+    window: AtomicU64,
+}
+
+/// The part of one block an I/O range covers.
+struct Piece {
+    idx: u64,
+    start: u64,
+    len: u64,
+    /// Offset of this piece within the caller's buffer.
+    at: usize,
+}
+
+fn pieces(offset: u64, len: u64, block_size: u64) -> impl Iterator<Item = Piece> {
+    let end = offset + len;
+    let mut pos = offset;
+    std::iter::from_fn(move || {
+        if pos >= end {
+            return None;
+        }
+        let idx = pos / block_size;
+        let start = pos % block_size;
+        let len = (block_size - start).min(end - pos);
+        let piece = Piece {
+            idx,
+            start,
+            len,
+            at: (pos - offset) as usize,
+        };
+        pos += len;
+        Some(piece)
+    })
+}
+
+fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read_at(&mut buf[filled..], offset + filled as u64) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+impl Fs {
+    fn file_state(&self, ino: u64) -> Arc<FileState> {
+        lock(&self.files)
+            .entry(ino)
+            .or_insert_with(|| Arc::new(FileState::new()))
+            .clone()
+    }
+
+    pub(super) fn is_open(&self, ino: u64) -> bool {
+        lock(&self.files)
+            .get(&ino)
+            .is_some_and(|s| s.opens.load(Ordering::Acquire) > 0)
+    }
+
+    /// Forgets a deleted file's unflushed state.
+    pub(super) fn forget_file(&self, ino: u64) {
+        if let Some(state) = lock(&self.files).remove(&ino) {
+            let staged = std::mem::take(&mut *lock(&state.staged));
+            let bytes: u64 = staged.values().map(|s| s.extent).sum();
+            self.staged_bytes.fetch_sub(bytes, Ordering::AcqRel);
+        }
+    }
+
+    fn handle(&self, fh: u64) -> FsResult<Arc<OpenHandle>> {
+        lock(&self.handles)
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::BadHandle)
+    }
+
+    fn new_handle(&self, ino: u64, flags: i32) -> u64 {
+        self.file_state(ino).opens.fetch_add(1, Ordering::AcqRel);
+        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        let handle = OpenHandle {
+            ino,
+            append: flags & libc::O_APPEND != 0,
+            next_offset: AtomicU64::new(0),
+            window: AtomicU64::new(1),
+        };
+        lock(&self.handles).insert(fh, Arc::new(handle));
+        fh
+    }
+
+    /// Opens an existing file; `flags` are `open(2)`'s.
+    pub fn open(&self, ino: u64, flags: i32) -> FsResult<u64> {
+        let inode = self.getattr(ino)?;
+        if inode.is_dir() {
+            return Err(FsError::IsDir);
+        }
+        let writes = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        if writes || flags & libc::O_TRUNC != 0 {
+            self.writable()?;
+        }
+        if flags & libc::O_TRUNC != 0 && inode.is_file() && writes {
+            self.flush_file(ino)?;
+            self.truncate(ino, 0)?;
+        }
+        Ok(self.new_handle(ino, flags))
+    }
+
+    /// Creates and opens a regular file (`O_CREAT`; with `O_EXCL` an existing name fails).
+    pub fn create(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        umask: u32,
+        flags: i32,
+    ) -> FsResult<(Inode, u64)> {
+        let created = self.mknod(
+            caller,
+            parent,
+            name,
+            libc::S_IFREG | (mode & 0o7777),
+            umask,
+            0,
+        );
+        let inode = match created {
+            Err(FsError::Exists) if flags & libc::O_EXCL == 0 => {
+                let ino = self.lookup(parent, name)?.ino;
+                let fh = self.open(ino, flags)?;
+                return Ok((self.getattr(ino)?, fh));
+            }
+            other => other?,
+        };
+        let fh = self.new_handle(inode.ino, flags);
+        Ok((inode, fh))
+    }
+
+    pub fn read(&self, ino: u64, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        let handle = self.handle(fh)?;
+        if handle.ino != ino {
+            return Err(FsError::BadHandle);
+        }
+        let state = lock(&self.files).get(&ino).cloned();
+        // Holding the staging lock keeps a concurrent flush from swapping blocks mid-read.
+        let staged = state.as_ref().map(|s| lock(&s.staged));
+        let file_size = match state.as_ref().map(|s| s.size.load(Ordering::Acquire)) {
+            Some(size) if size != CLEAN => size,
+            _ => self.meta.read(|c| get(c, ino))?.size,
+        };
+        if offset >= file_size || size == 0 {
+            return Ok(Vec::new());
+        }
+        let end = file_size.min(offset + u64::from(size));
+        let mut buf = vec![0u8; (end - offset) as usize];
+        let bs = self.config.block_size;
+        let (first, last) = (offset / bs, (end - 1) / bs);
+        let stored: HashMap<u64, BlockRef> = self
+            .meta
+            .read(|c| meta::blocks_in(c, ino, first, last))?
+            .into_iter()
+            .map(|b| (b.idx, b))
+            .collect();
+        let sequential = handle.next_offset.swap(end, Ordering::AcqRel) == offset;
+        for piece in pieces(offset, end - offset, bs) {
+            let out = &mut buf[piece.at..piece.at + piece.len as usize];
+            if let Some(block) = staged.as_ref().and_then(|s| s.get(&piece.idx)) {
+                let n = piece.len.min(block.extent.saturating_sub(piece.start)) as usize;
+                read_exact_at(&block.file, &mut out[..n], piece.start)?;
+                continue;
+            }
+            let Some(block) = stored.get(&piece.idx) else {
+                continue; // a hole reads as zeros
+            };
+            if piece.start >= block.len {
+                continue;
+            }
+            let n = piece.len.min(block.len - piece.start);
+            let whole = sequential || n * 4 >= block.len;
+            let data = if whole {
+                let data = self
+                    .rt
+                    .block_on(self.blocks.fetch(&block.hash, block.len))?;
+                data.slice(piece.start as usize..(piece.start + n) as usize)
+            } else {
+                self.rt
+                    .block_on(self.blocks.read_range(&block.hash, piece.start, n))?
+            };
+            out[..data.len()].copy_from_slice(&data);
+        }
+        drop(staged);
+        if sequential {
+            self.read_ahead(&handle, last, file_size)?;
+        } else {
+            handle.window.store(1, Ordering::Release);
+        }
+        Ok(buf)
+    }
+
+    /// Starts background downloads of the blocks after `last`, growing the window while the
+    /// reader stays sequential.
+    fn read_ahead(&self, handle: &OpenHandle, last: u64, file_size: u64) -> FsResult<()> {
+        let bs = self.config.block_size;
+        let window = handle.window.load(Ordering::Acquire);
+        handle.window.store(
+            (window * 2).min(self.config.max_readahead_blocks.max(1)),
+            Ordering::Release,
+        );
+        let last_block = file_size.saturating_sub(1) / bs;
+        if last >= last_block || self.config.max_readahead_blocks == 0 {
+            return Ok(());
+        }
+        let upto = (last + window).min(last_block);
+        let ahead = self
+            .meta
+            .read(|c| meta::blocks_in(c, handle.ino, last + 1, upto))?;
+        for block in ahead {
+            if self.blocks.cache().contains(&block.hash) {
+                continue;
+            }
+            let Ok(permit) = self.prefetch_slots.clone().try_acquire_owned() else {
+                break;
+            };
+            let blocks = self.blocks.clone();
+            self.rt.spawn(async move {
+                if let Err(e) = blocks.fetch(&block.hash, block.len).await {
+                    tracing::debug!(error = %e, "read-ahead failed");
+                }
+                drop(permit);
+            });
+        }
+        Ok(())
+    }
+
+    pub fn write(&self, ino: u64, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        self.writable()?;
+        let handle = self.handle(fh)?;
+        if handle.ino != ino {
+            return Err(FsError::BadHandle);
+        }
+        let state = self.file_state(ino);
+        let mut staged = lock(&state.staged);
+        let size = match state.size.load(Ordering::Acquire) {
+            CLEAN => self.meta.read(|c| get(c, ino))?.size,
+            size => size,
+        };
+        let offset = if handle.append { size } else { offset };
+        let end = offset
+            .checked_add(data.len() as u64)
+            .filter(|end| *end <= MAX_FILE_SIZE)
+            .ok_or(FsError::FileTooLarge)?;
+        for piece in pieces(offset, data.len() as u64, self.config.block_size) {
+            let covers_from_start = piece.start == 0;
+            let block = self.stage(
+                ino,
+                &mut staged,
+                piece.idx,
+                size,
+                covers_from_start,
+                piece.len,
+            )?;
+            let chunk = &data[piece.at..piece.at + piece.len as usize];
+            block.file.write_all_at(chunk, piece.start)?;
+            let new_extent = block.extent.max(piece.start + piece.len);
+            self.staged_bytes
+                .fetch_add(new_extent - block.extent, Ordering::AcqRel);
+            block.extent = new_extent;
+        }
+        state.mtime_ns.store(now_ns(), Ordering::Release);
+        state.size.store(size.max(end), Ordering::Release);
+        if self.staged_bytes.load(Ordering::Acquire) > self.config.dirty_budget {
+            self.flush_locked(ino, &state, &mut staged)?;
+        }
+        Ok(data.len() as u32)
+    }
+
+    /// The staging copy of block `idx`, created from the stored block unless the write that
+    /// needs it replaces all of the stored bytes.
+    fn stage<'a>(
+        &self,
+        ino: u64,
+        staged: &'a mut BTreeMap<u64, Staged>,
+        idx: u64,
+        size: u64,
+        write_from_start: bool,
+        write_len: u64,
+    ) -> FsResult<&'a mut Staged> {
+        let slot = match staged.entry(idx) {
+            Entry::Occupied(existing) => return Ok(existing.into_mut()),
+            Entry::Vacant(slot) => slot,
+        };
+        {
+            let file = tempfile::tempfile_in(&self.staging_dir)?;
+            let mut extent = 0;
+            let stored = self.meta.read(|c| meta::blocks_in(c, ino, idx, idx))?;
+            if let Some(block) = stored.first() {
+                let live = block
+                    .len
+                    .min(size.saturating_sub(idx * self.config.block_size));
+                if !(write_from_start && write_len >= live) && live > 0 {
+                    let data = self
+                        .rt
+                        .block_on(self.blocks.fetch(&block.hash, block.len))?;
+                    file.write_all_at(&data[..live as usize], 0)?;
+                    extent = live;
+                    self.staged_bytes.fetch_add(live, Ordering::AcqRel);
+                }
+            }
+            Ok(slot.insert(Staged { file, extent }))
+        }
+    }
+
+    /// Uploads a file's dirty blocks and records them (and its size and mtime) in one
+    /// transaction.
+    pub fn flush_file(&self, ino: u64) -> FsResult<()> {
+        let Some(state) = lock(&self.files).get(&ino).cloned() else {
+            return Ok(());
+        };
+        let mut staged = lock(&state.staged);
+        self.flush_locked(ino, &state, &mut staged)
+    }
+
+    fn flush_locked(
+        &self,
+        ino: u64,
+        state: &FileState,
+        staged: &mut BTreeMap<u64, Staged>,
+    ) -> FsResult<()> {
+        let size = state.size.load(Ordering::Acquire);
+        if size == CLEAN {
+            return Ok(());
+        }
+        let bs = self.config.block_size;
+        let live_blocks = size.div_ceil(bs);
+        let mut results: Vec<(u64, Option<(Hash, u64)>)> = Vec::with_capacity(staged.len());
+        let dirty: Vec<(u64, u64)> = staged
+            .iter()
+            .filter(|(idx, _)| **idx < live_blocks)
+            .map(|(idx, s)| (*idx, s.extent.min(size - idx * bs)))
+            .collect();
+        for batch in dirty.chunks(UPLOAD_PARALLELISM) {
+            let mut uploads = Vec::new();
+            for &(idx, len) in batch {
+                let mut buf = vec![0u8; len as usize];
+                if let Some(block) = staged.get(&idx) {
+                    read_exact_at(&block.file, &mut buf, 0)?;
+                }
+                if buf.iter().all(|b| *b == 0) {
+                    results.push((idx, None));
+                    continue;
+                }
+                let hash = hash_block(&buf);
+                let referenced = self.meta.read(|c| meta::hash_referenced(c, &hash))?;
+                results.push((idx, Some((hash, len))));
+                uploads.push(self.blocks.upload(hash, Bytes::from(buf), referenced));
+            }
+            self.rt.block_on(try_join_all(uploads))?;
+        }
+        let mtime = state.mtime_ns.load(Ordering::Acquire);
+        self.meta.write(|tx| -> FsResult<()> {
+            let Some(mut inode) = meta::get_inode(tx, ino)? else {
+                return Ok(()); // deleted meanwhile: nothing to record
+            };
+            for (idx, block) in &results {
+                match block {
+                    Some((hash, len)) => meta::put_block(
+                        tx,
+                        ino,
+                        &BlockRef {
+                            idx: *idx,
+                            hash: *hash,
+                            len: *len,
+                        },
+                    )?,
+                    None => meta::delete_block(tx, ino, *idx)?,
+                }
+            }
+            meta::delete_blocks_from(tx, ino, live_blocks)?;
+            inode.size = size;
+            inode.mtime_ns = mtime.max(inode.mtime_ns);
+            inode.ctime_ns = inode.mtime_ns;
+            meta::update_inode(tx, &inode)?;
+            Ok(())
+        })?;
+        let released: u64 = staged.values().map(|s| s.extent).sum();
+        staged.clear();
+        self.staged_bytes.fetch_sub(released, Ordering::AcqRel);
+        state.size.store(CLEAN, Ordering::Release);
+        Ok(())
+    }
+
+    /// Sets a file's size; a cut inside a block re-stores that block shortened.
+    pub(super) fn truncate(&self, ino: u64, new_size: u64) -> FsResult<()> {
+        if new_size > MAX_FILE_SIZE {
+            return Err(FsError::FileTooLarge);
+        }
+        let inode = self.meta.read(|c| get(c, ino))?;
+        if inode.is_dir() {
+            return Err(FsError::IsDir);
+        }
+        if !inode.is_file() {
+            return Err(FsError::Invalid("truncate of a special file"));
+        }
+        let state = self.file_state(ino);
+        let mut staged = lock(&state.staged);
+        let bs = self.config.block_size;
+        let cut = new_size % bs;
+        if new_size < inode.size && cut != 0 {
+            let block = self.stage(ino, &mut staged, new_size / bs, inode.size, false, 0)?;
+            block.file.set_len(cut)?;
+            let kept = block.extent.min(cut);
+            self.staged_bytes
+                .fetch_sub(block.extent - kept, Ordering::AcqRel);
+            block.extent = kept;
+        }
+        state.mtime_ns.store(now_ns(), Ordering::Release);
+        state.size.store(new_size, Ordering::Release);
+        self.flush_locked(ino, &state, &mut staged)
+    }
+
+    /// `close(2)` of one descriptor: its writes become visible to every later `open`.
+    pub fn flush(&self, ino: u64, fh: u64) -> FsResult<()> {
+        self.handle(fh)?;
+        self.flush_file(ino)
+    }
+
+    /// The last close of a handle: flushes, and frees the inode if it was unlinked meanwhile.
+    pub fn release(&self, ino: u64, fh: u64) -> FsResult<()> {
+        let handle = lock(&self.handles).remove(&fh);
+        if handle.is_none() {
+            return Err(FsError::BadHandle);
+        }
+        let flushed = if self.config.read_only {
+            Ok(())
+        } else {
+            self.flush_file(ino)
+        };
+        let state = lock(&self.files).get(&ino).cloned();
+        if let Some(state) = state {
+            if state.opens.fetch_sub(1, Ordering::AcqRel) == 1 {
+                let unlinked = self
+                    .meta
+                    .read(|c| meta::get_inode(c, ino))?
+                    .is_some_and(|i| i.nlink == 0);
+                if unlinked && !self.config.read_only {
+                    self.meta.write(|tx| meta::delete_inode(tx, ino))?;
+                    self.forget_file(ino);
+                } else if state.size.load(Ordering::Acquire) == CLEAN {
+                    let mut files = lock(&self.files);
+                    if state.opens.load(Ordering::Acquire) == 0 {
+                        files.remove(&ino);
+                    }
+                }
+            }
+        }
+        flushed
+    }
+
+    /// `fsync(2)`: the file's data and the metadata naming it are durable in the store.
+    pub fn fsync(&self, ino: u64) -> FsResult<()> {
+        if self.config.read_only {
+            return Ok(());
+        }
+        self.flush_file(ino)?;
+        self.sync_metadata()
+    }
+
+    /// `fsync(2)` of a directory: the namespace is durable in the store.
+    pub fn fsyncdir(&self) -> FsResult<()> {
+        self.sync_metadata()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pieces;
+
+    #[test]
+    fn pieces_split_at_block_boundaries() {
+        let got: Vec<_> = pieces(5, 20, 8)
+            .map(|p| (p.idx, p.start, p.len, p.at))
+            .collect();
+        assert_eq!(
+            got,
+            [(0, 5, 3, 0), (1, 0, 8, 3), (2, 0, 8, 11), (3, 0, 1, 19)]
+        );
+        assert_eq!(pieces(0, 0, 8).count(), 0);
+    }
+}

@@ -1,0 +1,691 @@
+//! POSIX file-system operations over the inode table and the block store, independent of FUSE.
+//!
+//! This module owns the namespace (lookup, create, link, unlink, rename, directories, xattrs,
+//! attributes); `data` owns file contents (write-back staging, reads, flush, truncate). Every
+//! operation is a method on [`Fs`] taking inode numbers, so the FUSE adapter stays thin and the
+//! tests can drive the whole engine without a kernel.
+
+mod data;
+mod error;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use rusqlite::Connection;
+use tokio::runtime::Handle;
+
+use crate::cas::BlockStore;
+use crate::meta::{self, DirEntry, Inode, MetaStore, ROOT_INO};
+
+pub use data::FileState;
+pub use error::{FsError, FsResult};
+
+/// Longest name a directory entry may have (as Linux file systems do).
+pub const NAME_MAX: usize = 255;
+const XATTR_NAME_MAX: usize = 255;
+const XATTR_SIZE_MAX: usize = 64 * 1024;
+
+/// Makes the volume's metadata durable in the object store (implemented by the volume layer).
+pub trait MetadataSync: Send + Sync {
+    fn sync(&self) -> FsResult<()>;
+}
+
+/// Who is asking: the owner of anything created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Tunables of a mounted file system.
+#[derive(Debug, Clone)]
+pub struct FsConfig {
+    pub block_size: u64,
+    pub read_only: bool,
+    /// Dirty bytes staged locally before writers start uploading.
+    pub dirty_budget: u64,
+    /// Most blocks read ahead of a sequential reader.
+    pub max_readahead_blocks: u64,
+}
+
+/// A time to set with `setattr`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetTime {
+    Now,
+    At(i64),
+}
+
+/// The attributes `setattr` changes; `None` leaves one alone.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<SetTime>,
+    pub mtime: Option<SetTime>,
+}
+
+/// How `rename` treats an existing destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RenameMode {
+    Replace,
+    NoReplace,
+    Exchange,
+}
+
+/// `setxattr`'s create/replace flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XattrMode {
+    Any,
+    Create,
+    Replace,
+}
+
+/// One `readdir` result: the entry and the offset that resumes after it.
+#[derive(Debug, Clone)]
+pub struct Listing {
+    pub offset: u64,
+    pub name: Vec<u8>,
+    pub inode: Inode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatFs {
+    pub blocks: u64,
+    pub blocks_free: u64,
+    pub files: u64,
+    pub files_free: u64,
+    pub block_size: u32,
+    pub name_max: u32,
+}
+
+/// The file system of one mounted volume.
+pub struct Fs {
+    meta: Arc<MetaStore>,
+    blocks: Arc<BlockStore>,
+    rt: Handle,
+    config: FsConfig,
+    staging_dir: PathBuf,
+    staged_bytes: AtomicU64,
+    files: Mutex<HashMap<u64, Arc<FileState>>>,
+    handles: Mutex<HashMap<u64, Arc<data::OpenHandle>>>,
+    next_handle: AtomicU64,
+    prefetch_slots: Arc<tokio::sync::Semaphore>,
+    sync: Option<Arc<dyn MetadataSync>>,
+}
+
+impl std::fmt::Debug for Fs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fs")
+            .field("meta", &self.meta.path())
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+pub fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
+}
+
+fn check_name(name: &[u8]) -> FsResult<()> {
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') {
+        return Err(FsError::Invalid("bad file name"));
+    }
+    if name.len() > NAME_MAX {
+        return Err(FsError::NameTooLong);
+    }
+    Ok(())
+}
+
+fn get(conn: &Connection, ino: u64) -> FsResult<Inode> {
+    meta::get_inode(conn, ino)?.ok_or(FsError::NotFound)
+}
+
+fn get_dir(conn: &Connection, ino: u64) -> FsResult<Inode> {
+    let inode = get(conn, ino)?;
+    if !inode.is_dir() {
+        return Err(FsError::NotDir);
+    }
+    Ok(inode)
+}
+
+fn touch_dir(conn: &Connection, dir: &mut Inode, nlink_delta: i32, now: i64) -> FsResult<()> {
+    dir.nlink = dir.nlink.saturating_add_signed(nlink_delta);
+    dir.mtime_ns = now;
+    dir.ctime_ns = now;
+    meta::update_inode(conn, dir)?;
+    Ok(())
+}
+
+impl Fs {
+    /// Builds the file system over an open volume. A writable one first drops the inodes of
+    /// files that were unlinked while open when the previous mount ended.
+    pub fn new(
+        meta: Arc<MetaStore>,
+        blocks: Arc<BlockStore>,
+        rt: Handle,
+        staging_dir: PathBuf,
+        config: FsConfig,
+        sync: Option<Arc<dyn MetadataSync>>,
+    ) -> FsResult<Fs> {
+        std::fs::create_dir_all(&staging_dir)?;
+        if !config.read_only {
+            meta.write(|tx| -> FsResult<()> {
+                for ino in meta::unlinked_inodes(tx)? {
+                    meta::delete_inode(tx, ino)?;
+                }
+                Ok(())
+            })?;
+        }
+        Ok(Fs {
+            meta,
+            blocks,
+            rt,
+            config,
+            staging_dir,
+            staged_bytes: AtomicU64::new(0),
+            files: Mutex::new(HashMap::new()),
+            handles: Mutex::new(HashMap::new()),
+            next_handle: AtomicU64::new(1),
+            prefetch_slots: Arc::new(tokio::sync::Semaphore::new(4)),
+            sync,
+        })
+    }
+
+    pub fn config(&self) -> &FsConfig {
+        &self.config
+    }
+
+    pub fn meta(&self) -> &Arc<MetaStore> {
+        &self.meta
+    }
+
+    fn writable(&self) -> FsResult<()> {
+        if self.config.read_only {
+            Err(FsError::ReadOnly)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The inode as the caller sees it: stored attributes with unflushed size/mtime on top.
+    fn overlay(&self, mut inode: Inode) -> Inode {
+        if let Some(state) = lock(&self.files).get(&inode.ino) {
+            state.overlay(&mut inode);
+        }
+        inode
+    }
+
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Inode> {
+        if name.len() > NAME_MAX {
+            return Err(FsError::NameTooLong);
+        }
+        let inode = self.meta.read(|c| -> FsResult<Inode> {
+            get_dir(c, parent)?;
+            let ino = match name {
+                b"." => parent,
+                b".." => meta::parent_of(c, parent)?.unwrap_or(ROOT_INO),
+                _ => meta::lookup(c, parent, name)?.ok_or(FsError::NotFound)?,
+            };
+            get(c, ino)
+        })?;
+        Ok(self.overlay(inode))
+    }
+
+    pub fn getattr(&self, ino: u64) -> FsResult<Inode> {
+        let inode = self.meta.read(|c| get(c, ino))?;
+        Ok(self.overlay(inode))
+    }
+
+    pub fn setattr(&self, ino: u64, attr: SetAttr) -> FsResult<Inode> {
+        self.writable()?;
+        // Pending writes land first so that an explicit mtime or size is the last word.
+        self.flush_file(ino)?;
+        if let Some(size) = attr.size {
+            self.truncate(ino, size)?;
+        }
+        let now = now_ns();
+        self.meta.write(|tx| -> FsResult<Inode> {
+            let mut inode = get(tx, ino)?;
+            if let Some(mode) = attr.mode {
+                inode.mode = inode.file_type() | (mode & 0o7777);
+            }
+            if let Some(uid) = attr.uid {
+                inode.uid = uid;
+            }
+            if let Some(gid) = attr.gid {
+                inode.gid = gid;
+            }
+            let resolve = |t: SetTime| match t {
+                SetTime::Now => now,
+                SetTime::At(ns) => ns,
+            };
+            if let Some(t) = attr.atime {
+                inode.atime_ns = resolve(t);
+            }
+            if let Some(t) = attr.mtime {
+                inode.mtime_ns = resolve(t);
+            }
+            inode.ctime_ns = now;
+            meta::update_inode(tx, &inode)?;
+            Ok(inode)
+        })
+    }
+
+    /// Creates an inode named `name` in `parent`; `mode` carries the file type.
+    fn make_node(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        rdev: u32,
+        symlink_target: Option<&[u8]>,
+    ) -> FsResult<Inode> {
+        self.writable()?;
+        check_name(name)?;
+        let now = now_ns();
+        self.meta.write(|tx| -> FsResult<Inode> {
+            let mut dir = get_dir(tx, parent)?;
+            if meta::lookup(tx, parent, name)?.is_some() {
+                return Err(FsError::Exists);
+            }
+            let is_dir = mode & libc::S_IFMT == libc::S_IFDIR;
+            let setgid_dir = dir.mode & libc::S_ISGID != 0;
+            let mut mode = mode;
+            if setgid_dir && is_dir {
+                mode |= libc::S_ISGID;
+            }
+            let mut inode = Inode {
+                ino: 0,
+                mode,
+                uid: caller.uid,
+                gid: if setgid_dir { dir.gid } else { caller.gid },
+                size: symlink_target.map_or(0, |t| t.len() as u64),
+                nlink: if is_dir { 2 } else { 1 },
+                rdev,
+                atime_ns: now,
+                mtime_ns: now,
+                ctime_ns: now,
+                generation: 0,
+            };
+            inode.ino = meta::insert_inode(tx, &inode)?;
+            meta::insert_dentry(tx, parent, name, inode.ino)?;
+            if let Some(target) = symlink_target {
+                meta::set_symlink(tx, inode.ino, target)?;
+            }
+            touch_dir(tx, &mut dir, if is_dir { 1 } else { 0 }, now)?;
+            Ok(inode)
+        })
+    }
+
+    pub fn mknod(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+    ) -> FsResult<Inode> {
+        let kind = match mode & libc::S_IFMT {
+            0 => libc::S_IFREG,
+            k
+            @ (libc::S_IFREG | libc::S_IFIFO | libc::S_IFCHR | libc::S_IFBLK | libc::S_IFSOCK) => k,
+            _ => return Err(FsError::Invalid("mknod of an unsupported file type")),
+        };
+        self.make_node(
+            caller,
+            parent,
+            name,
+            kind | (mode & !umask & 0o7777),
+            rdev,
+            None,
+        )
+    }
+
+    pub fn mkdir(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        umask: u32,
+    ) -> FsResult<Inode> {
+        self.make_node(
+            caller,
+            parent,
+            name,
+            libc::S_IFDIR | (mode & !umask & 0o7777),
+            0,
+            None,
+        )
+    }
+
+    pub fn symlink(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &[u8],
+        target: &[u8],
+    ) -> FsResult<Inode> {
+        if target.is_empty() || target.len() > libc::PATH_MAX as usize {
+            return Err(FsError::Invalid("bad symlink target"));
+        }
+        self.make_node(caller, parent, name, libc::S_IFLNK | 0o777, 0, Some(target))
+    }
+
+    pub fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
+        self.meta.read(|c| -> FsResult<Vec<u8>> {
+            let inode = get(c, ino)?;
+            if inode.file_type() != libc::S_IFLNK {
+                return Err(FsError::Invalid("not a symlink"));
+            }
+            meta::symlink_target(c, ino)?.ok_or(FsError::NotFound)
+        })
+    }
+
+    pub fn link(&self, ino: u64, new_parent: u64, new_name: &[u8]) -> FsResult<Inode> {
+        self.writable()?;
+        check_name(new_name)?;
+        let now = now_ns();
+        let inode = self.meta.write(|tx| -> FsResult<Inode> {
+            let mut inode = get(tx, ino)?;
+            if inode.is_dir() {
+                return Err(FsError::NotPermitted);
+            }
+            let mut dir = get_dir(tx, new_parent)?;
+            if meta::lookup(tx, new_parent, new_name)?.is_some() {
+                return Err(FsError::Exists);
+            }
+            meta::insert_dentry(tx, new_parent, new_name, ino)?;
+            inode.nlink += 1;
+            inode.ctime_ns = now;
+            meta::update_inode(tx, &inode)?;
+            touch_dir(tx, &mut dir, 0, now)?;
+            Ok(inode)
+        })?;
+        Ok(self.overlay(inode))
+    }
+
+    /// Drops one link of `inode` (already unnamed); frees it when none remain and no handle
+    /// has it open. Returns the inode number to forget locally, if it was freed.
+    fn drop_link(&self, tx: &Connection, mut inode: Inode, now: i64) -> FsResult<Option<u64>> {
+        inode.nlink = if inode.is_dir() {
+            0
+        } else {
+            inode.nlink.saturating_sub(1)
+        };
+        inode.ctime_ns = now;
+        if inode.nlink == 0 && !self.is_open(inode.ino) {
+            meta::delete_inode(tx, inode.ino)?;
+            return Ok(Some(inode.ino));
+        }
+        meta::update_inode(tx, &inode)?;
+        Ok(None)
+    }
+
+    pub fn unlink(&self, parent: u64, name: &[u8]) -> FsResult<()> {
+        self.remove(parent, name, false)
+    }
+
+    pub fn rmdir(&self, parent: u64, name: &[u8]) -> FsResult<()> {
+        self.remove(parent, name, true)
+    }
+
+    fn remove(&self, parent: u64, name: &[u8], want_dir: bool) -> FsResult<()> {
+        self.writable()?;
+        if want_dir && name == b"." {
+            return Err(FsError::Invalid("cannot remove ."));
+        }
+        if want_dir && name == b".." {
+            return Err(FsError::NotEmpty);
+        }
+        check_name(name)?;
+        let now = now_ns();
+        let freed = self.meta.write(|tx| -> FsResult<Option<u64>> {
+            let mut dir = get_dir(tx, parent)?;
+            let ino = meta::lookup(tx, parent, name)?.ok_or(FsError::NotFound)?;
+            let inode = get(tx, ino)?;
+            match (want_dir, inode.is_dir()) {
+                (true, false) => return Err(FsError::NotDir),
+                (false, true) => return Err(FsError::IsDir),
+                (true, true) if !meta::dir_is_empty(tx, ino)? => return Err(FsError::NotEmpty),
+                _ => {}
+            }
+            meta::delete_dentry(tx, parent, name)?;
+            touch_dir(tx, &mut dir, if want_dir { -1 } else { 0 }, now)?;
+            self.drop_link(tx, inode, now)
+        })?;
+        if let Some(ino) = freed {
+            self.forget_file(ino);
+        }
+        Ok(())
+    }
+
+    /// Whether `ancestor` is `dir` or one of the directories above it.
+    fn is_ancestor(conn: &Connection, ancestor: u64, mut dir: u64) -> FsResult<bool> {
+        loop {
+            if dir == ancestor {
+                return Ok(true);
+            }
+            if dir == ROOT_INO {
+                return Ok(false);
+            }
+            dir = meta::parent_of(conn, dir)?.unwrap_or(ROOT_INO);
+        }
+    }
+
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &[u8],
+        new_parent: u64,
+        new_name: &[u8],
+        mode: RenameMode,
+    ) -> FsResult<()> {
+        self.writable()?;
+        check_name(name)?;
+        check_name(new_name)?;
+        let now = now_ns();
+        let freed = self.meta.write(|tx| -> FsResult<Option<u64>> {
+            let mut src_dir = get_dir(tx, parent)?;
+            let mut dst_dir = get_dir(tx, new_parent)?;
+            let src_ino = meta::lookup(tx, parent, name)?.ok_or(FsError::NotFound)?;
+            let mut src = get(tx, src_ino)?;
+            let dst_ino = meta::lookup(tx, new_parent, new_name)?;
+            if src.is_dir() && Self::is_ancestor(tx, src_ino, new_parent)? {
+                return Err(FsError::Invalid("cannot move a directory into itself"));
+            }
+            let same_dir = parent == new_parent;
+            let mut freed = None;
+            match (mode, dst_ino) {
+                (RenameMode::Exchange, None) => return Err(FsError::NotFound),
+                (RenameMode::Exchange, Some(dst_ino)) => {
+                    let mut dst = get(tx, dst_ino)?;
+                    if dst.is_dir() && Self::is_ancestor(tx, dst_ino, parent)? {
+                        return Err(FsError::Invalid("cannot move a directory into itself"));
+                    }
+                    meta::retarget_dentry(tx, parent, name, dst_ino)?;
+                    meta::retarget_dentry(tx, new_parent, new_name, src_ino)?;
+                    if !same_dir {
+                        let shift = i32::from(src.is_dir()) - i32::from(dst.is_dir());
+                        touch_dir(tx, &mut src_dir, -shift, now)?;
+                        touch_dir(tx, &mut dst_dir, shift, now)?;
+                    }
+                    dst.ctime_ns = now;
+                    meta::update_inode(tx, &dst)?;
+                }
+                (RenameMode::NoReplace, Some(_)) => return Err(FsError::Exists),
+                (_, Some(dst_ino)) if dst_ino == src_ino => return Ok(None),
+                (_, dst_ino) => {
+                    if let Some(dst_ino) = dst_ino {
+                        let dst = get(tx, dst_ino)?;
+                        match (src.is_dir(), dst.is_dir()) {
+                            (true, false) => return Err(FsError::NotDir),
+                            (false, true) => return Err(FsError::IsDir),
+                            (true, true) if !meta::dir_is_empty(tx, dst_ino)? => {
+                                return Err(FsError::NotEmpty);
+                            }
+                            _ => {}
+                        }
+                        meta::delete_dentry(tx, new_parent, new_name)?;
+                        if dst.is_dir() {
+                            dst_dir.nlink -= 1;
+                        }
+                        freed = self.drop_link(tx, dst, now)?;
+                    }
+                    meta::move_dentry(tx, parent, name, new_parent, new_name)?;
+                    let moved_dir = i32::from(src.is_dir() && !same_dir);
+                    if same_dir {
+                        src_dir.nlink = dst_dir.nlink;
+                        touch_dir(tx, &mut src_dir, 0, now)?;
+                    } else {
+                        touch_dir(tx, &mut src_dir, -moved_dir, now)?;
+                        touch_dir(tx, &mut dst_dir, moved_dir, now)?;
+                    }
+                }
+            }
+            src.ctime_ns = now;
+            meta::update_inode(tx, &src)?;
+            Ok(freed)
+        })?;
+        if let Some(ino) = freed {
+            self.forget_file(ino);
+        }
+        Ok(())
+    }
+
+    /// Entries of `dir` after `offset` (0 starts; `.` and `..` come first), at most `limit`.
+    pub fn readdir(&self, dir: u64, offset: u64, limit: usize) -> FsResult<Vec<Listing>> {
+        let mut out = Vec::new();
+        self.meta.read(|c| -> FsResult<()> {
+            let this = get_dir(c, dir)?;
+            if offset < 1 {
+                out.push(Listing {
+                    offset: 1,
+                    name: b".".to_vec(),
+                    inode: this.clone(),
+                });
+            }
+            if offset < 2 {
+                let parent = meta::parent_of(c, dir)?.unwrap_or(ROOT_INO);
+                out.push(Listing {
+                    offset: 2,
+                    name: b"..".to_vec(),
+                    inode: get(c, parent)?,
+                });
+            }
+            let after = offset.saturating_sub(2) as i64;
+            let rest = limit.saturating_sub(out.len());
+            for DirEntry { id, name, inode } in meta::read_dir(c, dir, after, rest)? {
+                out.push(Listing {
+                    offset: id as u64 + 2,
+                    name,
+                    inode,
+                });
+            }
+            Ok(())
+        })?;
+        for listing in &mut out {
+            listing.inode = self.overlay(listing.inode.clone());
+        }
+        Ok(out)
+    }
+
+    pub fn statfs(&self) -> FsResult<StatFs> {
+        // An "unlimited drive": report a petabyte, less what is used.
+        const FRAGMENT: u64 = 4096;
+        const TOTAL_BLOCKS: u64 = (1u64 << 50) / FRAGMENT;
+        const TOTAL_FILES: u64 = 1 << 40;
+        let usage = self.meta.read(meta::usage)?;
+        let used = usage.logical_bytes.div_ceil(FRAGMENT);
+        Ok(StatFs {
+            blocks: TOTAL_BLOCKS,
+            blocks_free: TOTAL_BLOCKS.saturating_sub(used),
+            files: TOTAL_FILES,
+            files_free: TOTAL_FILES.saturating_sub(usage.inodes),
+            block_size: FRAGMENT as u32,
+            name_max: NAME_MAX as u32,
+        })
+    }
+
+    pub fn getxattr(&self, ino: u64, name: &[u8]) -> FsResult<Vec<u8>> {
+        self.meta.read(|c| -> FsResult<Vec<u8>> {
+            get(c, ino)?;
+            meta::get_xattr(c, ino, name)?.ok_or(FsError::NoAttribute)
+        })
+    }
+
+    pub fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], mode: XattrMode) -> FsResult<()> {
+        self.writable()?;
+        if name.is_empty() || name.len() > XATTR_NAME_MAX {
+            return Err(FsError::Range);
+        }
+        if value.len() > XATTR_SIZE_MAX {
+            return Err(FsError::TooBig);
+        }
+        let now = now_ns();
+        self.meta.write(|tx| -> FsResult<()> {
+            let mut inode = get(tx, ino)?;
+            let exists = meta::get_xattr(tx, ino, name)?.is_some();
+            match (mode, exists) {
+                (XattrMode::Create, true) => return Err(FsError::Exists),
+                (XattrMode::Replace, false) => return Err(FsError::NoAttribute),
+                _ => {}
+            }
+            meta::set_xattr(tx, ino, name, value)?;
+            inode.ctime_ns = now;
+            meta::update_inode(tx, &inode)?;
+            Ok(())
+        })
+    }
+
+    pub fn listxattr(&self, ino: u64) -> FsResult<Vec<Vec<u8>>> {
+        self.meta.read(|c| -> FsResult<Vec<Vec<u8>>> {
+            get(c, ino)?;
+            Ok(meta::list_xattrs(c, ino)?)
+        })
+    }
+
+    pub fn removexattr(&self, ino: u64, name: &[u8]) -> FsResult<()> {
+        self.writable()?;
+        let now = now_ns();
+        self.meta.write(|tx| -> FsResult<()> {
+            let mut inode = get(tx, ino)?;
+            if !meta::remove_xattr(tx, ino, name)? {
+                return Err(FsError::NoAttribute);
+            }
+            inode.ctime_ns = now;
+            meta::update_inode(tx, &inode)?;
+            Ok(())
+        })
+    }
+
+    /// Makes everything written so far durable in the object store.
+    pub fn sync_all(&self) -> FsResult<()> {
+        let dirty: Vec<u64> = lock(&self.files).keys().copied().collect();
+        for ino in dirty {
+            self.flush_file(ino)?;
+        }
+        self.sync_metadata()
+    }
+
+    /// Replicates the metadata committed so far into the store.
+    pub fn sync_metadata(&self) -> FsResult<()> {
+        match &self.sync {
+            Some(sync) if !self.config.read_only => sync.sync(),
+            _ => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,16 @@
+//! cloudfs: a POSIX file system whose file contents live in an object store as
+//! content-addressed, deduplicated blocks and whose inode table is SQLite.
+//!
+//! Layers, bottom up: [`store`] (the `ObjectStore` seam and its implementations), [`meta`]
+//! (the SQLite inode table), [`cas`] (blocks: naming, dedup, cache), [`fs`] (POSIX operations),
+//! [`fuse`] (the kernel adapter), [`volume`] (format, open, metadata replication), [`mount`]
+//! (a mount process's life) and [`inspect`] (`stat`, `fsck`).
+
+pub mod cas;
+pub mod fs;
+pub mod fuse;
+pub mod inspect;
+pub mod meta;
+pub mod mount;
+pub mod store;
+pub mod volume;

@@ -1,0 +1,333 @@
+//! The life of a mount process: open the volume into the cache directory, serve it through
+//! FUSE, replicate metadata on an interval, and on SIGTERM/SIGINT (or an external unmount)
+//! flush everything into the store before exiting. Also `unmount`, which asks a mount process
+//! to do exactly that and waits for it.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use fuser::{Config, MountOption, SessionACL};
+
+use crate::cas::{BlockCache, BlockStore};
+use crate::fs::{Fs, FsConfig, FsError, MetadataSync};
+use crate::fuse::FuseFs;
+use crate::store::{ObjectStore, StoreError, StoreUrl};
+use crate::volume::{self, Replicator, VolumeError, VolumeSync};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("mountpoint {0} does not exist or is not a directory")]
+    NoMountpoint(PathBuf),
+    #[error("{0} is already a mountpoint")]
+    AlreadyMounted(PathBuf),
+    #[error("{0} is not a cloudfs mount")]
+    NotMounted(PathBuf),
+    #[error("cache directory {0} is in use by another mount")]
+    CacheInUse(PathBuf),
+    #[error("mount process {pid} did not exit within {secs}s")]
+    StuckUnmount { pid: i32, secs: u64 },
+    #[error(transparent)]
+    Volume(#[from] VolumeError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Fs(#[from] FsError),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> MountError {
+    let context = context.into();
+    move |source| MountError::Io { context, source }
+}
+
+/// Everything a mount needs.
+#[derive(Debug, Clone)]
+pub struct MountConfig {
+    pub store: StoreUrl,
+    pub volume: String,
+    pub mountpoint: PathBuf,
+    pub engine: EngineConfig,
+    /// How often changed metadata is replicated when nobody calls `fsync`.
+    pub sync_interval: Duration,
+    pub fuse_threads: usize,
+    pub run_dir: PathBuf,
+}
+
+/// Where a mount process announces its pid, keyed by mountpoint.
+pub fn pid_file(run_dir: &Path, mountpoint: &Path) -> PathBuf {
+    let digest = blake3::hash(mountpoint.as_os_str().as_encoded_bytes());
+    run_dir.join(format!("{}.pid", &digest.to_hex()[..16]))
+}
+
+/// The default directory for pid files.
+pub fn default_run_dir() -> PathBuf {
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    if uid == 0 {
+        PathBuf::from("/run/cloudfs")
+    } else if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR") {
+        PathBuf::from(dir).join("cloudfs")
+    } else {
+        std::env::temp_dir().join(format!("cloudfs-{uid}"))
+    }
+}
+
+fn unescape_mountinfo(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 3 < bytes.len() {
+            if let Ok(v) = u8::from_str_radix(&field[i + 1..i + 4], 8) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// What is mounted at a path: file-system type and source, from `/proc/self/mountinfo`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountedFs {
+    pub fs_type: String,
+    pub source: String,
+}
+
+impl MountedFs {
+    /// Whether this is a cloudfs FUSE mount (the subtype is only recorded when mounted
+    /// through fusermount, so the source name decides).
+    pub fn is_cloudfs(&self) -> bool {
+        self.fs_type.starts_with("fuse") && self.source.starts_with("cloudfs:")
+    }
+}
+
+/// The file system mounted at `path`, if `path` is a mountpoint.
+pub fn mounted_at(path: &Path) -> Option<MountedFs> {
+    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let wanted = path.to_string_lossy();
+    info.lines().rev().find_map(|line| {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let sep = fields.iter().position(|f| *f == "-")?;
+        if unescape_mountinfo(fields.get(4)?) != wanted {
+            return None;
+        }
+        Some(MountedFs {
+            fs_type: fields.get(sep + 1)?.to_string(),
+            source: unescape_mountinfo(fields.get(sep + 2)?),
+        })
+    })
+}
+
+/// Holds an exclusive lock on the cache directory for the life of the mount.
+fn lock_cache_dir(dir: &Path) -> Result<File, MountError> {
+    fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("lock"))
+        .map_err(io_err("opening the cache lock"))?;
+    // SAFETY: flock on a valid, owned descriptor.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(MountError::CacheInUse(dir.to_path_buf()));
+    }
+    Ok(file)
+}
+
+/// Where and how an engine keeps its local state.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub cache_dir: PathBuf,
+    /// Disk budget of the cache directory (read cache plus write-back staging).
+    pub cache_size: u64,
+    pub store_timeout: Duration,
+    pub read_only: bool,
+}
+
+/// Opens a volume of `store` as a file system: rebuilds the metadata working copy in the
+/// cache directory and wires up the block cache, staging and (read-write) replication.
+/// Must not be called from inside the `rt` runtime.
+pub fn open_fs(
+    store: Arc<dyn ObjectStore>,
+    volume_name: &str,
+    config: &EngineConfig,
+    rt: &tokio::runtime::Handle,
+) -> Result<Arc<Fs>, MountError> {
+    let cache = BlockCache::open(&config.cache_dir.join("blocks"), config.cache_size / 2)
+        .map_err(io_err("opening the block cache"))?;
+    let blocks = Arc::new(BlockStore::new(store.clone(), cache, config.store_timeout));
+    let db_path = config.cache_dir.join("meta").join("volume.db");
+    let opened = rt.block_on(volume::open(
+        store.as_ref(),
+        &blocks,
+        volume_name,
+        &db_path,
+        config.read_only,
+    ))?;
+    let sync: Option<Arc<dyn MetadataSync>> = (!config.read_only).then(|| {
+        Arc::new(VolumeSync {
+            replicator: Replicator::new(
+                store.clone(),
+                volume_name,
+                opened.epoch + 1,
+                0,
+                opened.chunks.clone(),
+            ),
+            meta: opened.meta.clone(),
+            blocks: blocks.clone(),
+            rt: rt.clone(),
+        }) as Arc<dyn MetadataSync>
+    });
+    let staging = config.cache_dir.join("staging");
+    let _ = fs::remove_dir_all(&staging);
+    let block_size = opened.config.block_size;
+    let fs_config = FsConfig {
+        block_size,
+        read_only: config.read_only,
+        dirty_budget: (config.cache_size / 4).max(2 * block_size),
+        max_readahead_blocks: (config.cache_size / 4 / block_size).clamp(1, 8),
+    };
+    Ok(Arc::new(Fs::new(
+        opened.meta.clone(),
+        blocks,
+        rt.clone(),
+        staging,
+        fs_config,
+        sync,
+    )?))
+}
+
+/// Mounts and serves until unmounted or signalled. `ready` runs once the mount is usable.
+pub fn run(config: MountConfig, ready: impl FnOnce()) -> Result<(), MountError> {
+    let mountpoint =
+        std::path::absolute(&config.mountpoint).map_err(io_err("resolving the mountpoint"))?;
+    if !mountpoint.is_dir() {
+        return Err(MountError::NoMountpoint(mountpoint));
+    }
+    if mounted_at(&mountpoint).is_some() {
+        return Err(MountError::AlreadyMounted(mountpoint));
+    }
+    let _cache_lock = lock_cache_dir(&config.engine.cache_dir)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("cloudfs-io")
+        .enable_all()
+        .build()
+        .map_err(io_err("starting the I/O runtime"))?;
+    let store = config.store.open()?;
+    let fs = open_fs(store, &config.volume, &config.engine, rt.handle())?;
+    let mut options = vec![
+        MountOption::FSName(format!("cloudfs:{}", config.volume)),
+        MountOption::Subtype("cloudfs".into()),
+        MountOption::DefaultPermissions,
+        MountOption::NoAtime,
+    ];
+    if config.engine.read_only {
+        options.push(MountOption::RO);
+    }
+    let mut fuse_config = Config::default();
+    fuse_config.mount_options = options;
+    // SAFETY: geteuid has no preconditions.
+    fuse_config.acl = if unsafe { libc::geteuid() } == 0 {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    fuse_config.n_threads = Some(config.fuse_threads.max(1));
+    let session = fuser::Session::new(FuseFs::new(fs.clone()), &mountpoint, &fuse_config)
+        .and_then(fuser::Session::spawn)
+        .map_err(io_err(format!("mounting {}", mountpoint.display())))?;
+    fs::create_dir_all(&config.run_dir).map_err(io_err("creating the run directory"))?;
+    let pid_path = pid_file(&config.run_dir, &mountpoint);
+    fs::write(&pid_path, std::process::id().to_string()).map_err(io_err("writing the pid file"))?;
+    tracing::info!(volume = %config.volume, mountpoint = %mountpoint.display(), "mounted");
+    ready();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(signal, stop.clone())
+            .map_err(io_err("installing signal handlers"))?;
+    }
+    let mut last_sync = Instant::now();
+    while !stop.load(Ordering::Acquire) && !session.guard.is_finished() {
+        std::thread::sleep(Duration::from_millis(100));
+        if last_sync.elapsed() >= config.sync_interval {
+            if let Err(e) = fs.sync_metadata() {
+                tracing::error!(error = %e, "periodic metadata sync failed; will retry");
+            }
+            last_sync = Instant::now();
+        }
+    }
+    tracing::info!("unmounting: flushing to the store");
+    let flushed = fs.sync_all();
+    if !session.guard.is_finished() {
+        if let Err(e) = session.umount_and_join() {
+            tracing::warn!(error = %e, "unmount failed; detaching the mount");
+            lazy_unmount(&mountpoint);
+        }
+    }
+    let _ = fs::remove_file(&pid_path);
+    flushed?;
+    fs.sync_all()?;
+    tracing::info!("unmounted cleanly");
+    Ok(())
+}
+
+fn lazy_unmount(mountpoint: &Path) {
+    let Ok(path) = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes()) else {
+        return;
+    };
+    // SAFETY: a valid NUL-terminated path; MNT_DETACH needs no other argument.
+    unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+}
+
+fn process_alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks for existence.
+    unsafe { libc::kill(pid, 0) == 0 }
+}
+
+/// Asks the mount process serving `mountpoint` to flush and unmount, and waits until it has.
+pub fn unmount(mountpoint: &Path, run_dir: &Path, timeout: Duration) -> Result<(), MountError> {
+    let mountpoint = std::path::absolute(mountpoint).map_err(io_err("resolving the mountpoint"))?;
+    let pid_path = pid_file(run_dir, &mountpoint);
+    let pid = fs::read_to_string(&pid_path)
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+        .filter(|pid| process_alive(*pid));
+    let Some(pid) = pid else {
+        if mounted_at(&mountpoint).is_some_and(|m| m.is_cloudfs()) {
+            // No process serves it any more (it was killed): just detach the dead mount.
+            lazy_unmount(&mountpoint);
+            let _ = fs::remove_file(&pid_path);
+            return Ok(());
+        }
+        return Err(MountError::NotMounted(mountpoint));
+    };
+    // SAFETY: sending SIGTERM to a pid we read from our own pid file.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let start = Instant::now();
+    while process_alive(pid) {
+        if start.elapsed() > timeout {
+            return Err(MountError::StuckUnmount {
+                pid,
+                secs: timeout.as_secs(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}

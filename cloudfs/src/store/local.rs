@@ -1,0 +1,420 @@
+//! `LocalStore`: the embedded object store, one file per object under a directory.
+//!
+//! Writes go to a temporary file in `<root>/.tmp`, are fsynced, then renamed (or hard-linked,
+//! for create-only writes) into place and the parent directory is fsynced, so an object is either
+//! absent or complete, even with several processes writing the same directory at once.
+
+use std::fs::{self, File};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::UNIX_EPOCH;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use super::{ListPage, ObjectMeta, ObjectStore, StoreError, StoreResult, validate_key};
+
+const TMP_DIR: &str = ".tmp";
+
+#[derive(Debug)]
+pub struct LocalStore {
+    root: PathBuf,
+    tmp_counter: AtomicU64,
+}
+
+impl LocalStore {
+    /// Opens a store rooted at an existing directory.
+    pub fn open(root: &Path) -> StoreResult<LocalStore> {
+        let meta = fs::metadata(root).map_err(|e| {
+            StoreError::Unavailable(format!("store directory {}: {e}", root.display()))
+        })?;
+        if !meta.is_dir() {
+            return Err(StoreError::Unavailable(format!(
+                "store path {} is not a directory",
+                root.display()
+            )));
+        }
+        fs::create_dir_all(root.join(TMP_DIR)).map_err(|e| StoreError::io(TMP_DIR, e))?;
+        Ok(LocalStore {
+            root: root.to_path_buf(),
+            tmp_counter: AtomicU64::new(0),
+        })
+    }
+
+    fn path_of(&self, key: &str) -> StoreResult<PathBuf> {
+        validate_key(key)?;
+        if key == TMP_DIR || key.starts_with(".tmp/") {
+            return Err(StoreError::InvalidKey(key.to_owned()));
+        }
+        Ok(self.root.join(key))
+    }
+
+    fn temp_path(&self) -> PathBuf {
+        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
+        let nonce: u64 = rand_nonce();
+        self.root
+            .join(TMP_DIR)
+            .join(format!("{}-{n}-{nonce:016x}", std::process::id()))
+    }
+
+    /// Writes `data` to a fresh fsynced temp file and hands it to `place`, which moves it to
+    /// its final name; the temp file is removed whatever happens.
+    fn write_via_temp(
+        &self,
+        key: &str,
+        data: &[u8],
+        place: impl FnOnce(&Path, &Path) -> io::Result<bool>,
+    ) -> StoreResult<bool> {
+        let dest = self.path_of(key)?;
+        let tmp = self.temp_path();
+        let result = (|| {
+            let mut file = File::create(&tmp)?;
+            file.write_all(data)?;
+            file.sync_all()?;
+            let parent = dest.parent().unwrap_or(&self.root);
+            fs::create_dir_all(parent)?;
+            let placed = place(&tmp, &dest)?;
+            File::open(parent)?.sync_all()?;
+            Ok(placed)
+        })();
+        let _ = fs::remove_file(&tmp);
+        result.map_err(|e| StoreError::io(key, e))
+    }
+
+    fn list_sync(&self, prefix: &str, marker: Option<&str>, limit: usize) -> StoreResult<ListPage> {
+        let mut objects = Vec::new();
+        let mut walk = Walk {
+            prefix,
+            marker: marker.unwrap_or(""),
+            limit,
+            out: &mut objects,
+            truncated: false,
+        };
+        walk.dir(&self.root, "")
+            .map_err(|e| StoreError::io(prefix, e))?;
+        let next_marker = if walk.truncated {
+            objects.last().map(|o| o.key.clone())
+        } else {
+            None
+        };
+        Ok(ListPage {
+            objects,
+            next_marker,
+        })
+    }
+}
+
+fn rand_nonce() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
+}
+
+fn modified_secs(meta: &fs::Metadata) -> i64 {
+    meta.modified()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// A depth-first walk that yields keys in lexicographic order and stops after `limit`.
+struct Walk<'a> {
+    prefix: &'a str,
+    marker: &'a str,
+    limit: usize,
+    out: &'a mut Vec<ObjectMeta>,
+    truncated: bool,
+}
+
+impl Walk<'_> {
+    fn dir(&mut self, path: &Path, key_prefix: &str) -> io::Result<()> {
+        let entries = match fs::read_dir(path) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        // Sort as keys sort: a directory `a` holds keys `a/…`, which sort after `a-b`.
+        let mut children = Vec::new();
+        for entry in entries {
+            let entry = entry?;
+            let Ok(name) = entry.file_name().into_string() else {
+                continue;
+            };
+            if key_prefix.is_empty() && name == TMP_DIR {
+                continue;
+            }
+            let is_dir = entry.file_type()?.is_dir();
+            let key = if is_dir {
+                format!("{key_prefix}{name}/")
+            } else {
+                format!("{key_prefix}{name}")
+            };
+            children.push((key, is_dir, entry.path()));
+        }
+        children.sort();
+        for (key, is_dir, child) in children {
+            if self.truncated {
+                return Ok(());
+            }
+            if is_dir {
+                let relevant = key.starts_with(self.prefix) || self.prefix.starts_with(&key);
+                let before_marker = key.as_str() < self.marker && !self.marker.starts_with(&key);
+                if relevant && !before_marker {
+                    self.dir(&child, &key)?;
+                }
+            } else if key.starts_with(self.prefix) && key.as_str() > self.marker {
+                if self.out.len() == self.limit {
+                    self.truncated = true;
+                    return Ok(());
+                }
+                let meta = fs::metadata(&child)?;
+                self.out.push(ObjectMeta {
+                    key,
+                    size: meta.len(),
+                    modified: modified_secs(&meta),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+fn not_found_as(key: &str, e: io::Error) -> StoreError {
+    if e.kind() == io::ErrorKind::NotFound {
+        StoreError::NotFound(key.to_owned())
+    } else {
+        StoreError::io(key, e)
+    }
+}
+
+/// Runs blocking file work off the async worker threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> StoreResult<T> + Send + 'static,
+) -> StoreResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("store worker failed: {e}")))?
+}
+
+#[async_trait]
+impl ObjectStore for LocalStore {
+    async fn get(&self, key: &str, range: Option<Range<u64>>) -> StoreResult<Bytes> {
+        let path = self.path_of(key)?;
+        let key = key.to_owned();
+        blocking(move || {
+            let mut file = File::open(&path).map_err(|e| not_found_as(&key, e))?;
+            let mut buf = Vec::new();
+            match range {
+                Some(r) => {
+                    file.seek(SeekFrom::Start(r.start))
+                        .map_err(|e| StoreError::io(&key, e))?;
+                    file.take(r.end.saturating_sub(r.start))
+                        .read_to_end(&mut buf)
+                        .map_err(|e| StoreError::io(&key, e))?;
+                }
+                None => {
+                    file.read_to_end(&mut buf)
+                        .map_err(|e| StoreError::io(&key, e))?;
+                }
+            }
+            Ok(Bytes::from(buf))
+        })
+        .await
+    }
+
+    async fn put(&self, key: &str, data: Bytes) -> StoreResult<()> {
+        let this = self.clone_handle();
+        let key = key.to_owned();
+        blocking(move || {
+            this.write_via_temp(&key, &data, |tmp, dest| {
+                fs::rename(tmp, dest).map(|()| true)
+            })
+            .map(|_| ())
+        })
+        .await
+    }
+
+    async fn put_if_absent(&self, key: &str, data: Bytes) -> StoreResult<bool> {
+        let this = self.clone_handle();
+        let key = key.to_owned();
+        blocking(move || {
+            this.write_via_temp(&key, &data, |tmp, dest| match fs::hard_link(tmp, dest) {
+                Ok(()) => Ok(true),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+                Err(e) => Err(e),
+            })
+        })
+        .await
+    }
+
+    async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>> {
+        let path = self.path_of(key)?;
+        let key = key.to_owned();
+        blocking(move || match fs::metadata(&path) {
+            Ok(meta) if meta.is_file() => Ok(Some(ObjectMeta {
+                key,
+                size: meta.len(),
+                modified: modified_secs(&meta),
+            })),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StoreError::io(&key, e)),
+        })
+        .await
+    }
+
+    async fn delete(&self, key: &str) -> StoreResult<()> {
+        let path = self.path_of(key)?;
+        let key = key.to_owned();
+        blocking(move || match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(StoreError::io(&key, e)),
+        })
+        .await
+    }
+
+    async fn list(
+        &self,
+        prefix: &str,
+        marker: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<ListPage> {
+        let this = self.clone_handle();
+        let prefix = prefix.to_owned();
+        let marker = marker.map(str::to_owned);
+        blocking(move || this.list_sync(&prefix, marker.as_deref(), limit.max(1))).await
+    }
+}
+
+impl LocalStore {
+    /// A second handle on the same directory, for moving into blocking tasks.
+    fn clone_handle(&self) -> LocalStore {
+        LocalStore {
+            root: self.root.clone(),
+            tmp_counter: AtomicU64::new(self.tmp_counter.fetch_add(1 << 32, Ordering::Relaxed)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+    }
+
+    #[test]
+    fn put_get_range_head_delete() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = LocalStore::open(dir.path()).expect("open");
+        rt().block_on(async {
+            store
+                .put("a/b/c", Bytes::from_static(b"hello world"))
+                .await
+                .expect("put");
+            assert_eq!(
+                &store.get("a/b/c", None).await.expect("get")[..],
+                b"hello world"
+            );
+            assert_eq!(
+                &store.get("a/b/c", Some(6..100)).await.expect("get")[..],
+                b"world"
+            );
+            assert_eq!(
+                store.head("a/b/c").await.expect("head").map(|m| m.size),
+                Some(11)
+            );
+            assert!(matches!(
+                store.get("nope", None).await,
+                Err(StoreError::NotFound(_))
+            ));
+            store.delete("a/b/c").await.expect("delete");
+            store.delete("a/b/c").await.expect("delete twice");
+            assert!(store.head("a/b/c").await.expect("head").is_none());
+        });
+    }
+
+    #[test]
+    fn create_only_writes_exactly_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = LocalStore::open(dir.path()).expect("open");
+        rt().block_on(async {
+            assert!(
+                store
+                    .put_if_absent("k", Bytes::from_static(b"1"))
+                    .await
+                    .expect("put")
+            );
+            assert!(
+                !store
+                    .put_if_absent("k", Bytes::from_static(b"2"))
+                    .await
+                    .expect("put")
+            );
+            assert_eq!(&store.get("k", None).await.expect("get")[..], b"1");
+        });
+        let leftovers = fs::read_dir(dir.path().join(TMP_DIR)).expect("tmp").count();
+        assert_eq!(leftovers, 0);
+    }
+
+    #[test]
+    fn listing_is_sorted_and_pages() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = LocalStore::open(dir.path()).expect("open");
+        let keys = ["a-b", "a/b", "a/c/d", "b", "a/c-e", "ab"];
+        rt().block_on(async {
+            for k in keys {
+                store.put(k, Bytes::from_static(b"x")).await.expect("put");
+            }
+            let mut expected: Vec<&str> = keys.to_vec();
+            expected.sort();
+            let mut got = Vec::new();
+            let mut marker = None;
+            loop {
+                let page = store.list("", marker.as_deref(), 2).await.expect("list");
+                got.extend(page.objects.into_iter().map(|o| o.key));
+                match page.next_marker {
+                    Some(m) => marker = Some(m),
+                    None => break,
+                }
+            }
+            assert_eq!(got, expected);
+            let under_a = store.list("a/", None, 100).await.expect("list");
+            let keys: Vec<_> = under_a.objects.iter().map(|o| o.key.as_str()).collect();
+            assert_eq!(keys, ["a/b", "a/c-e", "a/c/d"]);
+        });
+    }
+
+    #[test]
+    fn concurrent_writers_of_one_key_leave_a_whole_object() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = std::sync::Arc::new(LocalStore::open(dir.path()).expect("open"));
+        rt().block_on(async {
+            let mut tasks = Vec::new();
+            for i in 0..16u8 {
+                let store = store.clone();
+                tasks.push(tokio::spawn(async move {
+                    store.put("same", Bytes::from(vec![i; 100_000])).await
+                }));
+            }
+            for t in tasks {
+                t.await.expect("join").expect("put");
+            }
+            let data = store.get("same", None).await.expect("get");
+            assert_eq!(data.len(), 100_000);
+            assert!(data.iter().all(|b| *b == data[0]));
+        });
+    }
+}

@@ -1,0 +1,181 @@
+//! The object-store seam: everything the engine persists goes through [`ObjectStore`].
+//!
+//! Keys are `/`-separated UTF-8 paths (`blocks/ab/cd/<hash>`, `volumes/<vol>/…`). Objects are
+//! immutable once written by convention of the callers: the engine never overwrites a key with
+//! different content, which keeps it safe on eventually consistent stores.
+
+mod local;
+mod mem;
+
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+pub use local::LocalStore;
+pub use mem::{Fault, MemStore};
+
+/// Errors of the object-store layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("object {0} not found")]
+    NotFound(String),
+    #[error("invalid object key {0:?}")]
+    InvalidKey(String),
+    #[error("store I/O error on {key}: {source}")]
+    Io {
+        key: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("invalid store URL {url:?}: {reason}")]
+    InvalidUrl { url: String, reason: String },
+}
+
+impl StoreError {
+    pub(crate) fn io(key: &str, source: std::io::Error) -> Self {
+        StoreError::Io {
+            key: key.to_owned(),
+            source,
+        }
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// What `head` and `list` say of one object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectMeta {
+    pub key: String,
+    pub size: u64,
+    /// Seconds since the Unix epoch of the last write.
+    pub modified: i64,
+}
+
+/// One page of a listing, in lexicographic key order.
+#[derive(Debug, Clone, Default)]
+pub struct ListPage {
+    pub objects: Vec<ObjectMeta>,
+    /// Pass as `marker` to get the next page; `None` when the listing is complete.
+    pub next_marker: Option<String>,
+}
+
+/// An object store: a flat namespace of immutable byte objects.
+#[async_trait]
+pub trait ObjectStore: Send + Sync + std::fmt::Debug {
+    /// Read an object, or the byte `range` of it (clamped to the object's end).
+    async fn get(&self, key: &str, range: Option<Range<u64>>) -> StoreResult<Bytes>;
+    /// Write an object durably (it survives a crash of this process once this returns).
+    async fn put(&self, key: &str, data: Bytes) -> StoreResult<()>;
+    /// Write an object only if no object has that key; `Ok(false)` when one already exists.
+    async fn put_if_absent(&self, key: &str, data: Bytes) -> StoreResult<bool>;
+    /// Size and age of an object, `None` when it does not exist.
+    async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>>;
+    /// Delete an object; deleting a missing object is not an error.
+    async fn delete(&self, key: &str) -> StoreResult<()>;
+    /// Keys starting with `prefix` and greater than `marker`, at most `limit` of them.
+    async fn list(&self, prefix: &str, marker: Option<&str>, limit: usize)
+    -> StoreResult<ListPage>;
+}
+
+/// Every object under `prefix`, following pages.
+pub async fn list_all(store: &dyn ObjectStore, prefix: &str) -> StoreResult<Vec<ObjectMeta>> {
+    let mut all = Vec::new();
+    let mut marker: Option<String> = None;
+    loop {
+        let page = store.list(prefix, marker.as_deref(), 1000).await?;
+        all.extend(page.objects);
+        match page.next_marker {
+            Some(next) => marker = Some(next),
+            None => return Ok(all),
+        }
+    }
+}
+
+/// Rejects keys that could escape a directory-backed store or confuse listings.
+pub(crate) fn validate_key(key: &str) -> StoreResult<()> {
+    let bad = key.is_empty()
+        || key.starts_with('/')
+        || key.ends_with('/')
+        || key.contains('\0')
+        || key
+            .split('/')
+            .any(|c| c.is_empty() || c == "." || c == "..");
+    if bad {
+        Err(StoreError::InvalidKey(key.to_owned()))
+    } else {
+        Ok(())
+    }
+}
+
+/// Where a store lives, parsed from the `<STORE>` URL of the CLI.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreUrl {
+    /// `file:///abs/path`: the embedded local-directory store.
+    Local(PathBuf),
+}
+
+impl StoreUrl {
+    pub fn parse(url: &str) -> StoreResult<StoreUrl> {
+        let invalid = |reason: &str| StoreError::InvalidUrl {
+            url: url.to_owned(),
+            reason: reason.to_owned(),
+        };
+        if let Some(path) = url.strip_prefix("file://") {
+            if !path.starts_with('/') {
+                return Err(invalid(
+                    "a file:// URL needs an absolute path (file:///abs/path)",
+                ));
+            }
+            return Ok(StoreUrl::Local(PathBuf::from(path)));
+        }
+        if url.starts_with("swift://") {
+            return Err(invalid(
+                "the Swift store is not available in this build yet",
+            ));
+        }
+        Err(invalid("expected file:///abs/path"))
+    }
+
+    /// Opens the store; a local store's directory must already exist.
+    pub fn open(&self) -> StoreResult<Arc<dyn ObjectStore>> {
+        match self {
+            StoreUrl::Local(path) => Ok(Arc::new(LocalStore::open(path)?)),
+        }
+    }
+}
+
+impl std::fmt::Display for StoreUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreUrl::Local(path) => write!(f, "file://{}", path.display()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_validated() {
+        assert!(validate_key("blocks/ab/cd/abcd").is_ok());
+        for bad in ["", "/a", "a/", "a//b", "a/../b", "./a", "a\0b"] {
+            assert!(validate_key(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn urls_parse() {
+        assert_eq!(
+            StoreUrl::parse("file:///tmp/x").ok(),
+            Some(StoreUrl::Local("/tmp/x".into()))
+        );
+        assert!(StoreUrl::parse("file://rel").is_err());
+        assert!(StoreUrl::parse("s3://x").is_err());
+    }
+}

@@ -1,0 +1,457 @@
+//! Volumes: `format`, `open` (rebuild the SQLite working copy from the store), and the
+//! replication of that working copy back into the store.
+//!
+//! Store layout of a volume (see the design): `volumes/<volume>/config.json` (written once,
+//! create-only) and `volumes/<volume>/meta/gen-<epoch>-<seq>` generation manifests. A
+//! generation lists the BLAKE3 hashes of the database file cut into 1 MiB chunks; the chunks are
+//! ordinary CAS blocks, so an unchanged chunk is never uploaded twice. Manifest names are never
+//! reused (the epoch grows with every read-write open, the sequence with every sync), so an
+//! eventually consistent store can never serve a stale copy under a current name.
+
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::runtime::Handle;
+
+use crate::cas::{BlockStore, CasError, hash_block};
+use crate::fs::{FsError, FsResult, MetadataSync, now_ns};
+use crate::meta::{Hash, MetaError, MetaStore};
+use crate::store::{ObjectStore, StoreError, list_all};
+
+pub const FORMAT_VERSION: u32 = 1;
+pub const DEFAULT_BLOCK_SIZE: u64 = 8 << 20;
+const MIN_BLOCK_SIZE: u64 = 4 << 10;
+const MAX_BLOCK_SIZE: u64 = 64 << 20;
+const CHUNK_SIZE: u64 = 1 << 20;
+/// Generations kept besides the newest (older ones are deleted after each sync).
+const KEEP_GENERATIONS: usize = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    #[error(
+        "invalid volume name {0:?}: use 1-128 letters, digits, '.', '_' or '-', not starting with '.'"
+    )]
+    InvalidName(String),
+    #[error("invalid block size {0}: must be a power of two from 4 KiB to 64 MiB")]
+    InvalidBlockSize(u64),
+    #[error("volume {0} already exists")]
+    Exists(String),
+    #[error("volume {0} does not exist")]
+    NotFound(String),
+    #[error("volume {volume} is damaged: {reason}")]
+    Corrupt { volume: String, reason: String },
+    #[error("volume {volume} was formatted by a newer cloudfs (format {found})")]
+    TooNew { volume: String, found: u32 },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Blocks(#[from] CasError),
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    #[error("local cache I/O error: {0}")]
+    Io(#[from] io::Error),
+}
+
+pub type VolumeResult<T> = Result<T, VolumeError>;
+
+/// `volumes/<volume>/config.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VolumeConfig {
+    pub format_version: u32,
+    pub name: String,
+    pub block_size: u64,
+    /// Seconds since the Unix epoch.
+    pub created_at: i64,
+}
+
+/// A generation manifest.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Generation {
+    epoch: u64,
+    seq: u64,
+    db_size: u64,
+    chunk_size: u64,
+    chunks: Vec<String>,
+    created_at_ns: i64,
+}
+
+pub fn validate_name(name: &str) -> VolumeResult<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(VolumeError::InvalidName(name.to_owned()))
+    }
+}
+
+fn config_key(volume: &str) -> String {
+    format!("volumes/{volume}/config.json")
+}
+
+fn generations_prefix(volume: &str) -> String {
+    format!("volumes/{volume}/meta/gen-")
+}
+
+fn generation_key(volume: &str, epoch: u64, seq: u64) -> String {
+    format!("{}{epoch:020}-{seq:020}", generations_prefix(volume))
+}
+
+fn parse_generation_key(volume: &str, key: &str) -> Option<(u64, u64)> {
+    let rest = key.strip_prefix(&generations_prefix(volume))?;
+    let (epoch, seq) = rest.split_once('-')?;
+    Some((epoch.parse().ok()?, seq.parse().ok()?))
+}
+
+fn corrupt(volume: &str, reason: impl Into<String>) -> VolumeError {
+    VolumeError::Corrupt {
+        volume: volume.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+pub async fn read_config(store: &dyn ObjectStore, volume: &str) -> VolumeResult<VolumeConfig> {
+    validate_name(volume)?;
+    let raw = match store.get(&config_key(volume), None).await {
+        Ok(raw) => raw,
+        Err(StoreError::NotFound(_)) => return Err(VolumeError::NotFound(volume.to_owned())),
+        Err(e) => return Err(e.into()),
+    };
+    let config: VolumeConfig =
+        serde_json::from_slice(&raw).map_err(|e| corrupt(volume, format!("config.json: {e}")))?;
+    if config.format_version > FORMAT_VERSION {
+        return Err(VolumeError::TooNew {
+            volume: volume.to_owned(),
+            found: config.format_version,
+        });
+    }
+    Ok(config)
+}
+
+/// Every volume in the pool, by name.
+pub async fn list_volumes(store: &dyn ObjectStore) -> VolumeResult<Vec<String>> {
+    let mut names: Vec<String> = list_all(store, "volumes/")
+        .await?
+        .into_iter()
+        .filter_map(|o| {
+            let rest = o.key.strip_prefix("volumes/")?;
+            let (name, file) = rest.split_once('/')?;
+            (file == "config.json").then(|| name.to_owned())
+        })
+        .collect();
+    names.dedup();
+    Ok(names)
+}
+
+/// Creates a volume: its config and a first generation holding an empty root directory.
+pub async fn format(
+    store: &Arc<dyn ObjectStore>,
+    blocks: &BlockStore,
+    volume: &str,
+    block_size: u64,
+    uid: u32,
+    gid: u32,
+) -> VolumeResult<VolumeConfig> {
+    validate_name(volume)?;
+    if !block_size.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size) {
+        return Err(VolumeError::InvalidBlockSize(block_size));
+    }
+    let config = VolumeConfig {
+        format_version: FORMAT_VERSION,
+        name: volume.to_owned(),
+        block_size,
+        created_at: now_ns() / 1_000_000_000,
+    };
+    let scratch = tempfile::tempdir()?;
+    let db_path = scratch.path().join("meta.db");
+    let meta = MetaStore::create(&db_path, uid, gid, now_ns())?;
+    let json = serde_json::to_vec_pretty(&config).map_err(io::Error::other)?;
+    if !store
+        .put_if_absent(&config_key(volume), Bytes::from(json))
+        .await?
+    {
+        return Err(VolumeError::Exists(volume.to_owned()));
+    }
+    let replica = Replicator::new(store.clone(), volume, 0, 0, Vec::new());
+    replica.push(&meta, blocks).await?;
+    Ok(config)
+}
+
+/// The newest generation of a volume.
+async fn latest_generation(
+    store: &dyn ObjectStore,
+    volume: &str,
+) -> VolumeResult<Option<(u64, u64, String)>> {
+    let objects = list_all(store, &generations_prefix(volume)).await?;
+    Ok(objects
+        .into_iter()
+        .filter_map(|o| {
+            let (epoch, seq) = parse_generation_key(volume, &o.key)?;
+            Some((epoch, seq, o.key))
+        })
+        .max())
+}
+
+/// The metadata chunks of every generation of a volume still in the store.
+pub async fn generation_chunks(store: &dyn ObjectStore, volume: &str) -> VolumeResult<Vec<Hash>> {
+    let mut chunks = Vec::new();
+    for object in list_all(store, &generations_prefix(volume)).await? {
+        let raw = match store.get(&object.key, None).await {
+            Ok(raw) => raw,
+            Err(StoreError::NotFound(_)) => continue, // pruned meanwhile
+            Err(e) => return Err(e.into()),
+        };
+        let generation: Generation = serde_json::from_slice(&raw)
+            .map_err(|e| corrupt(volume, format!("generation {}: {e}", object.key)))?;
+        for hex_hash in generation.chunks {
+            let mut hash = [0u8; 32];
+            if hex::decode_to_slice(&hex_hash, &mut hash).is_ok() {
+                chunks.push(hash);
+            }
+        }
+    }
+    Ok(chunks)
+}
+
+/// A volume's metadata working copy, rebuilt from the store.
+#[derive(Debug)]
+pub struct OpenedVolume {
+    pub config: VolumeConfig,
+    pub meta: Arc<MetaStore>,
+    /// Epoch of the generation it was rebuilt from.
+    pub epoch: u64,
+    pub chunks: Vec<Hash>,
+}
+
+/// Downloads the newest generation of `volume` into `db_path` and opens it.
+pub async fn open(
+    store: &dyn ObjectStore,
+    blocks: &BlockStore,
+    volume: &str,
+    db_path: &Path,
+    read_only: bool,
+) -> VolumeResult<OpenedVolume> {
+    let config = read_config(store, volume).await?;
+    let (epoch, _, key) = latest_generation(store, volume)
+        .await?
+        .ok_or_else(|| corrupt(volume, "no metadata generation in the store"))?;
+    let raw = store.get(&key, None).await?;
+    let generation: Generation = serde_json::from_slice(&raw)
+        .map_err(|e| corrupt(volume, format!("generation {key}: {e}")))?;
+    if let Some(dir) = db_path.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    for suffix in ["", "-wal", "-shm"] {
+        let mut path = db_path.as_os_str().to_owned();
+        path.push(suffix);
+        match fs::remove_file(PathBuf::from(path)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e.into()),
+            _ => {}
+        }
+    }
+    let mut file = File::create(db_path)?;
+    let mut chunks = Vec::with_capacity(generation.chunks.len());
+    let mut written = 0u64;
+    for hex_hash in &generation.chunks {
+        let mut hash = [0u8; 32];
+        hex::decode_to_slice(hex_hash, &mut hash)
+            .map_err(|_| corrupt(volume, format!("generation {key} names a bad chunk")))?;
+        let len = CHUNK_SIZE.min(generation.db_size - written);
+        let data = blocks.fetch(&hash, len).await.map_err(|e| match e {
+            CasError::Store(StoreError::NotFound(k)) => {
+                corrupt(volume, format!("metadata chunk {k} is missing"))
+            }
+            CasError::Corrupt { key } => {
+                corrupt(volume, format!("metadata chunk {key} is damaged"))
+            }
+            other => other.into(),
+        })?;
+        file.write_all(&data)?;
+        written += data.len() as u64;
+        chunks.push(hash);
+    }
+    if written != generation.db_size {
+        return Err(corrupt(volume, format!("generation {key} is short")));
+    }
+    file.sync_all()?;
+    drop(file);
+    let meta = MetaStore::open(db_path, read_only).map_err(|e| match e {
+        MetaError::Corrupt(reason) => corrupt(volume, reason),
+        other => other.into(),
+    })?;
+    Ok(OpenedVolume {
+        config,
+        meta: Arc::new(meta),
+        epoch,
+        chunks,
+    })
+}
+
+#[derive(Debug)]
+struct ReplicaState {
+    seq: u64,
+    chunks: Vec<Hash>,
+    synced_commits: Option<u64>,
+    written: Vec<String>,
+    pruned_old_epochs: bool,
+}
+
+/// Pushes the working copy of a volume's database into the store as new generations.
+#[derive(Debug)]
+pub struct Replicator {
+    store: Arc<dyn ObjectStore>,
+    volume: String,
+    epoch: u64,
+    state: tokio::sync::Mutex<ReplicaState>,
+}
+
+impl Replicator {
+    /// `chunks` are those of the generation the working copy was rebuilt from.
+    pub fn new(
+        store: Arc<dyn ObjectStore>,
+        volume: &str,
+        epoch: u64,
+        first_seq: u64,
+        chunks: Vec<Hash>,
+    ) -> Replicator {
+        Replicator {
+            store,
+            volume: volume.to_owned(),
+            epoch,
+            state: tokio::sync::Mutex::new(ReplicaState {
+                seq: first_seq,
+                chunks,
+                synced_commits: None,
+                written: Vec::new(),
+                pruned_old_epochs: epoch == 0,
+            }),
+        }
+    }
+
+    /// Writes a new generation if anything committed since the last one.
+    pub async fn push(&self, meta: &MetaStore, blocks: &BlockStore) -> VolumeResult<()> {
+        let mut state = self.state.lock().await;
+        if state.synced_commits == Some(meta.commits()) {
+            return Ok(());
+        }
+        let snapshot = tempfile::NamedTempFile::new_in(
+            meta.path().parent().unwrap_or_else(|| Path::new(".")),
+        )?;
+        let commits = meta
+            .with_quiesced_file(|path, commits| fs::copy(path, snapshot.path()).map(|_| commits))?
+            .map_err(VolumeError::Io)?;
+        let mut file = File::open(snapshot.path())?;
+        let db_size = file.metadata()?.len();
+        let mut chunks = Vec::new();
+        let mut buf = vec![0u8; CHUNK_SIZE as usize];
+        loop {
+            let mut filled = 0;
+            while filled < buf.len() {
+                match file.read(&mut buf[filled..])? {
+                    0 => break,
+                    n => filled += n,
+                }
+            }
+            if filled == 0 {
+                break;
+            }
+            let data = &buf[..filled];
+            let hash = hash_block(data);
+            if state.chunks.get(chunks.len()) != Some(&hash) {
+                blocks
+                    .upload(hash, Bytes::copy_from_slice(data), false)
+                    .await?;
+            }
+            chunks.push(hash);
+            if filled < buf.len() {
+                break;
+            }
+        }
+        let generation = Generation {
+            epoch: self.epoch,
+            seq: state.seq,
+            db_size,
+            chunk_size: CHUNK_SIZE,
+            chunks: chunks.iter().map(hex::encode).collect(),
+            created_at_ns: now_ns(),
+        };
+        let key = generation_key(&self.volume, self.epoch, state.seq);
+        let json = serde_json::to_vec(&generation).map_err(io::Error::other)?;
+        blocks
+            .timed(&key, self.store.put(&key, Bytes::from(json)))
+            .await?;
+        state.seq += 1;
+        state.chunks = chunks;
+        state.synced_commits = Some(commits);
+        state.written.push(key);
+        self.prune(&mut state).await?;
+        Ok(())
+    }
+
+    /// Deletes generations beyond the newest few (older epochs' ones once per open).
+    async fn prune(&self, state: &mut ReplicaState) -> VolumeResult<()> {
+        if !state.pruned_old_epochs {
+            let current = generation_key(&self.volume, self.epoch, 0);
+            for old in list_all(self.store.as_ref(), &generations_prefix(&self.volume)).await? {
+                if old.key < current {
+                    self.store.delete(&old.key).await?;
+                }
+            }
+            state.pruned_old_epochs = true;
+        }
+        while state.written.len() > KEEP_GENERATIONS + 1 {
+            let old = state.written.remove(0);
+            self.store.delete(&old).await?;
+        }
+        Ok(())
+    }
+}
+
+/// What the file system calls to make its metadata durable: the replicator of its volume.
+#[derive(Debug)]
+pub struct VolumeSync {
+    pub replicator: Replicator,
+    pub meta: Arc<MetaStore>,
+    pub blocks: Arc<BlockStore>,
+    pub rt: Handle,
+}
+
+impl MetadataSync for VolumeSync {
+    fn sync(&self) -> FsResult<()> {
+        self.rt
+            .block_on(self.replicator.push(&self.meta, &self.blocks))
+            .map_err(|e| FsError::Replication(Box::new(e)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        for good in ["a", "vol-1", "A.b_c"] {
+            assert!(validate_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", ".hidden", "a/b", "a b", &"x".repeat(129)] {
+            assert!(validate_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn generation_keys_sort_numerically() {
+        let a = generation_key("v", 2, 9);
+        let b = generation_key("v", 2, 10);
+        let c = generation_key("v", 10, 0);
+        assert!(a < b && b < c);
+        assert_eq!(parse_generation_key("v", &b), Some((2, 10)));
+    }
+}

@@ -1,0 +1,235 @@
+//! The `fs` layer driven without the kernel, on the in-memory store.
+
+mod common;
+
+use cloudfs::fs::{FsError, RenameMode, SetAttr, XattrMode};
+use common::{ME, ROOT, TestFs};
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+#[test]
+fn files_round_trip_through_a_remount() {
+    let mut t = TestFs::new(64 << 10);
+    let data = pattern(300_000, 1);
+    let ino = t.write_file(ROOT, "f", &data);
+    assert_eq!(t.read_all(ino), data);
+    t.remount();
+    let ino = t.fs.lookup(ROOT, b"f").expect("lookup").ino;
+    assert_eq!(t.read_all(ino), data);
+}
+
+#[test]
+fn random_writes_reupload_only_touched_blocks() {
+    let t = TestFs::new(64 << 10);
+    let mut data = pattern(10 * 65536, 2);
+    let ino = t.write_file(ROOT, "f", &data);
+    let before = t.store.put_count();
+    t.write_at(ino, 3 * 65536 + 100, b"patch");
+    data[3 * 65536 + 100..3 * 65536 + 105].copy_from_slice(b"patch");
+    assert_eq!(t.store.put_count() - before, 1, "one block re-uploaded");
+    assert_eq!(t.read_all(ino), data);
+}
+
+#[test]
+fn identical_content_is_stored_once() {
+    let t = TestFs::new(64 << 10);
+    let data = pattern(5 * 65536, 3);
+    t.write_file(ROOT, "a", &data);
+    let before = t.store.put_count();
+    t.write_file(ROOT, "b", &data);
+    assert_eq!(
+        t.store.put_count(),
+        before,
+        "no block uploaded for the copy"
+    );
+}
+
+#[test]
+fn sparse_files_and_truncate() {
+    let t = TestFs::new(64 << 10);
+    let ino = t.create(ROOT, "sparse");
+    t.write_at(ino, 10 << 20, b"tail");
+    let attr = t.fs.getattr(ino).expect("getattr");
+    assert_eq!(attr.size, (10 << 20) + 4);
+    let fh = t.fs.open(ino, libc::O_RDONLY).expect("open");
+    assert_eq!(t.fs.read(ino, fh, 5 << 20, 8).expect("read"), vec![0u8; 8]);
+    assert_eq!(t.fs.read(ino, fh, 10 << 20, 100).expect("read"), b"tail");
+    t.fs.release(ino, fh).expect("release");
+
+    // Cut inside a block, grow again: the cut-off bytes read back as zeros.
+    let data = pattern(200_000, 4);
+    let f = t.write_file(ROOT, "t", &data);
+    t.fs.setattr(
+        f,
+        SetAttr {
+            size: Some(70_000),
+            ..SetAttr::default()
+        },
+    )
+    .expect("truncate down");
+    t.fs.setattr(
+        f,
+        SetAttr {
+            size: Some(150_000),
+            ..SetAttr::default()
+        },
+    )
+    .expect("truncate up");
+    let mut expected = data[..70_000].to_vec();
+    expected.resize(150_000, 0);
+    assert_eq!(t.read_all(f), expected);
+}
+
+#[test]
+fn namespace_operations() {
+    let t = TestFs::new(64 << 10);
+    let d = t.fs.mkdir(ME, ROOT, b"d", 0o755, 0).expect("mkdir").ino;
+    let f = t.write_file(d, "f", b"x");
+    assert!(matches!(t.fs.rmdir(ROOT, b"d"), Err(FsError::NotEmpty)));
+    assert!(matches!(t.fs.unlink(ROOT, b"d"), Err(FsError::IsDir)));
+    t.fs.link(f, ROOT, b"hard").expect("link");
+    assert_eq!(t.fs.getattr(f).expect("attr").nlink, 2);
+    t.fs.symlink(ME, ROOT, b"sym", b"d/f").expect("symlink");
+    let sym = t.fs.lookup(ROOT, b"sym").expect("lookup").ino;
+    assert_eq!(t.fs.readlink(sym).expect("readlink"), b"d/f");
+    assert_eq!(t.fs.getattr(ROOT).expect("attr").nlink, 3);
+
+    // Directory into itself.
+    let sub = t.fs.mkdir(ME, d, b"sub", 0o755, 0).expect("mkdir").ino;
+    assert!(matches!(
+        t.fs.rename(ROOT, b"d", sub, b"x", RenameMode::Replace),
+        Err(FsError::Invalid(_))
+    ));
+    // Replace, no-replace, exchange.
+    t.write_file(ROOT, "other", b"y");
+    assert!(matches!(
+        t.fs.rename(ROOT, b"other", ROOT, b"hard", RenameMode::NoReplace),
+        Err(FsError::Exists)
+    ));
+    t.fs.rename(ROOT, b"other", d, b"f", RenameMode::Exchange)
+        .expect("exchange");
+    assert_eq!(
+        t.read_all(t.fs.lookup(ROOT, b"other").expect("l").ino),
+        b"x"
+    );
+    // Renaming a name onto another name of the same inode changes nothing.
+    t.fs.rename(ROOT, b"other", ROOT, b"hard", RenameMode::Replace)
+        .expect("same inode");
+    assert_eq!(t.fs.getattr(f).expect("attr").nlink, 2);
+    t.fs.rename(d, b"f", ROOT, b"hard", RenameMode::Replace)
+        .expect("replace");
+    assert_eq!(t.fs.getattr(f).expect("attr").nlink, 1);
+    assert_eq!(t.read_all(t.fs.lookup(ROOT, b"hard").expect("l").ino), b"y");
+    t.fs.rename(d, b"sub", ROOT, b"sub2", RenameMode::Replace)
+        .expect("move dir");
+    assert_eq!(t.fs.getattr(d).expect("attr").nlink, 2);
+    assert_eq!(t.fs.lookup(sub, b"..").expect("dotdot").ino, ROOT);
+    assert_eq!(t.names(ROOT), ["d", "hard", "other", "sub2", "sym"]);
+}
+
+#[test]
+fn unlinked_open_files_stay_readable_until_released() {
+    let t = TestFs::new(64 << 10);
+    let ino = t.write_file(ROOT, "f", b"still here");
+    let fh = t.fs.open(ino, libc::O_RDONLY).expect("open");
+    t.fs.unlink(ROOT, b"f").expect("unlink");
+    assert_eq!(t.fs.read(ino, fh, 0, 100).expect("read"), b"still here");
+    t.fs.release(ino, fh).expect("release");
+    assert!(matches!(t.fs.getattr(ino), Err(FsError::NotFound)));
+}
+
+#[test]
+fn xattrs() {
+    let t = TestFs::new(64 << 10);
+    let ino = t.create(ROOT, "f");
+    t.fs.setxattr(ino, b"user.a", b"1", XattrMode::Create)
+        .expect("set");
+    assert!(matches!(
+        t.fs.setxattr(ino, b"user.a", b"2", XattrMode::Create),
+        Err(FsError::Exists)
+    ));
+    assert!(matches!(
+        t.fs.setxattr(ino, b"user.b", b"2", XattrMode::Replace),
+        Err(FsError::NoAttribute)
+    ));
+    t.fs.setxattr(ino, b"user.b", b"2", XattrMode::Any)
+        .expect("set");
+    assert_eq!(t.fs.getxattr(ino, b"user.a").expect("get"), b"1");
+    assert_eq!(
+        t.fs.listxattr(ino).expect("list"),
+        [b"user.a".to_vec(), b"user.b".to_vec()]
+    );
+    t.fs.removexattr(ino, b"user.a").expect("remove");
+    assert!(matches!(
+        t.fs.getxattr(ino, b"user.a"),
+        Err(FsError::NoAttribute)
+    ));
+}
+
+#[test]
+fn readdir_offsets_are_stable_while_entries_change() {
+    let t = TestFs::new(64 << 10);
+    for i in 0..50 {
+        t.create(ROOT, &format!("f{i:02}"));
+    }
+    let first = t.fs.readdir(ROOT, 0, 12).expect("readdir");
+    let resume = first.last().expect("entries").offset;
+    t.fs.unlink(ROOT, b"f00").expect("unlink");
+    t.create(ROOT, "new");
+    let mut seen: Vec<String> = first
+        .iter()
+        .map(|e| String::from_utf8_lossy(&e.name).into_owned())
+        .collect();
+    let mut offset = resume;
+    loop {
+        let batch = t.fs.readdir(ROOT, offset, 7).expect("readdir");
+        let Some(last) = batch.last() else { break };
+        offset = last.offset;
+        seen.extend(
+            batch
+                .iter()
+                .map(|e| String::from_utf8_lossy(&e.name).into_owned()),
+        );
+    }
+    for i in 1..50 {
+        let name = format!("f{i:02}");
+        assert_eq!(seen.iter().filter(|n| **n == name).count(), 1, "{name}");
+    }
+}
+
+#[test]
+fn bad_input_is_refused_not_panicked_on() {
+    let t = TestFs::new(64 << 10);
+    let long = vec![b'a'; 300];
+    assert!(matches!(
+        t.fs.mkdir(ME, ROOT, &long, 0o755, 0),
+        Err(FsError::NameTooLong)
+    ));
+    assert!(matches!(
+        t.fs.lookup(ROOT, &long),
+        Err(FsError::NameTooLong)
+    ));
+    assert!(matches!(
+        t.fs.mkdir(ME, 999, b"x", 0o755, 0),
+        Err(FsError::NotFound)
+    ));
+    assert!(matches!(
+        t.fs.read(ROOT, 12345, 0, 10),
+        Err(FsError::BadHandle)
+    ));
+    let f = t.create(ROOT, "f");
+    assert!(matches!(
+        t.fs.mkdir(ME, f, b"x", 0o755, 0),
+        Err(FsError::NotDir)
+    ));
+    assert!(matches!(t.fs.readlink(f), Err(FsError::Invalid(_))));
+    assert!(matches!(
+        t.fs.open(ROOT, libc::O_RDONLY),
+        Err(FsError::IsDir)
+    ));
+    assert_eq!(FsError::NotFound.errno(), libc::ENOENT);
+}
