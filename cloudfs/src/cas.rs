@@ -284,11 +284,25 @@ impl BlockStore {
         result
     }
 
-    /// `len` bytes at `offset` of a block, without fetching the whole block when it is not
-    /// cached (a ranged GET, for random reads).
-    pub async fn read_range(&self, hash: &Hash, offset: u64, len: u64) -> CasResult<Bytes> {
+    /// `len` bytes at `offset` of a block of `block_len` bytes: from the cache when it holds
+    /// the block, else by fetching (and caching) the whole verified block when `whole`, else by
+    /// a ranged GET of just those bytes (for random reads).
+    pub async fn read(
+        &self,
+        hash: &Hash,
+        block_len: u64,
+        offset: u64,
+        len: u64,
+        whole: bool,
+    ) -> CasResult<Bytes> {
         if let Some(data) = self.cache.read(hash, offset, len as usize) {
             return Ok(Bytes::from(data));
+        }
+        if whole {
+            let block = self.fetch(hash, block_len).await?;
+            let start = (offset as usize).min(block.len());
+            let end = (offset + len).min(block.len() as u64) as usize;
+            return Ok(block.slice(start..end));
         }
         let key = block_key(hash);
         self.timed(&key, self.store.get(&key, Some(offset..offset + len)))

@@ -222,6 +222,7 @@ pub fn run(config: MountConfig, ready: impl FnOnce()) -> Result<(), MountError> 
         return Err(MountError::AlreadyMounted(mountpoint));
     }
     let _cache_lock = lock_cache_dir(&config.engine.cache_dir)?;
+    limit_allocator_caching();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("cloudfs-io")
@@ -285,6 +286,16 @@ pub fn run(config: MountConfig, ready: impl FnOnce()) -> Result<(), MountError> 
     fs.sync_all()?;
     tracing::info!("unmounted cleanly");
     Ok(())
+}
+
+/// Keeps freed block buffers from piling up in glibc's per-thread arenas: large buffers are
+/// always mapped and unmapped, and a few arenas serve the many FUSE threads.
+fn limit_allocator_caching() {
+    // SAFETY: mallopt only tunes allocator parameters; called before the FUSE threads start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
+        libc::mallopt(libc::M_ARENA_MAX, 4);
+    }
 }
 
 fn lazy_unmount(mountpoint: &Path) {

@@ -3,7 +3,7 @@
 //!
 //! Store layout of a volume (see the design): `volumes/<volume>/config.json` (written once,
 //! create-only) and `volumes/<volume>/meta/gen-<epoch>-<seq>` generation manifests. A
-//! generation lists the BLAKE3 hashes of the database file cut into 1 MiB chunks; the chunks are
+//! generation lists the BLAKE3 hashes of the database file cut into 256 KiB chunks; the chunks are
 //! ordinary CAS blocks, so an unchanged chunk is never uploaded twice. Manifest names are never
 //! reused (the epoch grows with every read-write open, the sequence with every sync), so an
 //! eventually consistent store can never serve a stale copy under a current name.
@@ -26,7 +26,7 @@ pub const FORMAT_VERSION: u32 = 1;
 pub const DEFAULT_BLOCK_SIZE: u64 = 8 << 20;
 const MIN_BLOCK_SIZE: u64 = 4 << 10;
 const MAX_BLOCK_SIZE: u64 = 64 << 20;
-const CHUNK_SIZE: u64 = 1 << 20;
+const CHUNK_SIZE: u64 = 256 << 10;
 /// Generations kept besides the newest (older ones are deleted after each sync).
 const KEEP_GENERATIONS: usize = 3;
 

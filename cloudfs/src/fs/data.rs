@@ -33,6 +33,23 @@ const MAX_FILE_SIZE: u64 = i64::MAX as u64;
 struct Staged {
     file: File,
     extent: u64,
+    /// Changes with every write into the block (unique across the file system).
+    version: u64,
+    /// A background upload of the block as it was at some version.
+    uploaded: Option<Uploaded>,
+}
+
+/// The stored form of a staged block: `None` hash for a hole.
+#[derive(Debug, Clone, Copy)]
+struct Uploaded {
+    version: u64,
+    len: u64,
+    hash: Option<Hash>,
+}
+
+/// The content of a block: a hash, or `None` for an all-zero block (a hole).
+fn content_hash(data: &[u8]) -> Option<Hash> {
+    (!data.iter().all(|b| *b == 0)).then(|| hash_block(data))
 }
 
 /// Per-inode state while a file is open or has unflushed writes.
@@ -248,15 +265,13 @@ impl Fs {
             }
             let n = piece.len.min(block.len - piece.start);
             let whole = sequential || n * 4 >= block.len;
-            let data = if whole {
-                let data = self
-                    .rt
-                    .block_on(self.blocks.fetch(&block.hash, block.len))?;
-                data.slice(piece.start as usize..(piece.start + n) as usize)
-            } else {
-                self.rt
-                    .block_on(self.blocks.read_range(&block.hash, piece.start, n))?
-            };
+            let data = self.rt.block_on(self.blocks.read(
+                &block.hash,
+                block.len,
+                piece.start,
+                n,
+                whole,
+            ))?;
             out[..data.len()].copy_from_slice(&data);
         }
         drop(staged);
@@ -336,6 +351,10 @@ impl Fs {
             self.staged_bytes
                 .fetch_add(new_extent - block.extent, Ordering::AcqRel);
             block.extent = new_extent;
+            block.version = self.next_version.fetch_add(1, Ordering::Relaxed);
+            if piece.start + piece.len == self.config.block_size {
+                self.upload_behind(&state, block, piece.idx)?;
+            }
         }
         state.mtime_ns.store(now_ns(), Ordering::Release);
         state.size.store(size.max(end), Ordering::Release);
@@ -343,6 +362,45 @@ impl Fs {
             self.flush_locked(ino, &state, &mut staged)?;
         }
         Ok(data.len() as u32)
+    }
+
+    /// Starts uploading a block a writer just filled, so a sequential writer's blocks stream
+    /// to the store while it writes the next ones. Skipped when the upload slots are busy (the
+    /// flush uploads it then); the result is used only if the block has not changed since.
+    fn upload_behind(&self, state: &Arc<FileState>, block: &Staged, idx: u64) -> FsResult<()> {
+        let Ok(permit) = self.upload_slots.clone().try_acquire_owned() else {
+            return Ok(());
+        };
+        let mut data = vec![0u8; block.extent as usize];
+        read_exact_at(&block.file, &mut data, 0)?;
+        let version = block.version;
+        let (state, meta, blocks) = (state.clone(), self.meta.clone(), self.blocks.clone());
+        self.rt.spawn(async move {
+            let data = Bytes::from(data);
+            let len = data.len() as u64;
+            let hashing = data.clone();
+            let Ok(hash) = tokio::task::spawn_blocking(move || content_hash(&hashing)).await else {
+                return;
+            };
+            if let Some(hash) = hash {
+                let referenced = meta
+                    .read(|c| meta::hash_referenced(c, &hash))
+                    .unwrap_or(false);
+                if let Err(e) = blocks.upload(hash, data, referenced).await {
+                    tracing::debug!(error = %e, "write-behind upload failed; flush retries");
+                    return;
+                }
+            }
+            drop(permit);
+            // Never wait for the lock on an I/O thread: a flush holding it waits for I/O.
+            // Without it the flush simply uploads the block itself.
+            if let Ok(mut staged) = state.staged.try_lock() {
+                if let Some(block) = staged.get_mut(&idx).filter(|b| b.version == version) {
+                    block.uploaded = Some(Uploaded { version, len, hash });
+                }
+            }
+        });
+        Ok(())
     }
 
     /// The staging copy of block `idx`, created from the stored block unless the write that
@@ -377,7 +435,12 @@ impl Fs {
                     self.staged_bytes.fetch_add(live, Ordering::AcqRel);
                 }
             }
-            Ok(slot.insert(Staged { file, extent }))
+            Ok(slot.insert(Staged {
+                file,
+                extent,
+                version: self.next_version.fetch_add(1, Ordering::Relaxed),
+                uploaded: None,
+            }))
         }
     }
 
@@ -412,15 +475,22 @@ impl Fs {
         for batch in dirty.chunks(UPLOAD_PARALLELISM) {
             let mut uploads = Vec::new();
             for &(idx, len) in batch {
-                let mut buf = vec![0u8; len as usize];
-                if let Some(block) = staged.get(&idx) {
-                    read_exact_at(&block.file, &mut buf, 0)?;
-                }
-                if buf.iter().all(|b| *b == 0) {
-                    results.push((idx, None));
+                let Some(block) = staged.get(&idx) else {
+                    continue;
+                };
+                let current = block
+                    .uploaded
+                    .filter(|u| u.version == block.version && u.len == len);
+                if let Some(done) = current {
+                    results.push((idx, done.hash.map(|h| (h, len))));
                     continue;
                 }
-                let hash = hash_block(&buf);
+                let mut buf = vec![0u8; len as usize];
+                read_exact_at(&block.file, &mut buf, 0)?;
+                let Some(hash) = content_hash(&buf) else {
+                    results.push((idx, None));
+                    continue;
+                };
                 let referenced = self.meta.read(|c| meta::hash_referenced(c, &hash))?;
                 results.push((idx, Some((hash, len))));
                 uploads.push(self.blocks.upload(hash, Bytes::from(buf), referenced));
@@ -479,6 +549,7 @@ impl Fs {
         if new_size < inode.size && cut != 0 {
             let block = self.stage(ino, &mut staged, new_size / bs, inode.size, false, 0)?;
             block.file.set_len(cut)?;
+            block.version = self.next_version.fetch_add(1, Ordering::Relaxed);
             let kept = block.extent.min(cut);
             self.staged_bytes
                 .fetch_sub(block.extent - kept, Ordering::AcqRel);

@@ -115,6 +115,8 @@ pub struct Fs {
     handles: Mutex<HashMap<u64, Arc<data::OpenHandle>>>,
     next_handle: AtomicU64,
     prefetch_slots: Arc<tokio::sync::Semaphore>,
+    upload_slots: Arc<tokio::sync::Semaphore>,
+    next_version: AtomicU64,
     sync: Option<Arc<dyn MetadataSync>>,
 }
 
@@ -198,6 +200,8 @@ impl Fs {
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
             prefetch_slots: Arc::new(tokio::sync::Semaphore::new(4)),
+            upload_slots: Arc::new(tokio::sync::Semaphore::new(4)),
+            next_version: AtomicU64::new(1),
             sync,
         })
     }
