@@ -198,18 +198,57 @@ pub struct BlockStore {
     /// Hashes known to be in the store, so dedup costs no round trip for them.
     known: Mutex<HashSet<Hash>>,
     inflight: Mutex<HashMap<Hash, Arc<OnceCell<Bytes>>>>,
+    hot: Mutex<HotBlocks>,
     timeout: Duration,
 }
 
 const KNOWN_LIMIT: usize = 1 << 20;
+/// Most memory the recently read whole blocks may hold.
+const HOT_BUDGET: u64 = 64 << 20;
+
+/// The few whole blocks read last, in memory, so that a sequential reader's many requests
+/// into one block cost no file I/O. Bounded in bytes.
+#[derive(Debug, Default)]
+struct HotBlocks {
+    entries: std::collections::VecDeque<(Hash, Bytes)>,
+    bytes: u64,
+    budget: u64,
+}
+
+impl HotBlocks {
+    fn get(&self, hash: &Hash) -> Option<Bytes> {
+        self.entries
+            .iter()
+            .find(|(h, _)| h == hash)
+            .map(|(_, data)| data.clone())
+    }
+
+    fn insert(&mut self, hash: Hash, data: Bytes) {
+        if data.len() as u64 > self.budget || self.get(&hash).is_some() {
+            return;
+        }
+        self.bytes += data.len() as u64;
+        self.entries.push_back((hash, data));
+        while self.bytes > self.budget {
+            match self.entries.pop_front() {
+                Some((_, old)) => self.bytes -= old.len() as u64,
+                None => break,
+            }
+        }
+    }
+}
 
 impl BlockStore {
     pub fn new(store: Arc<dyn ObjectStore>, cache: BlockCache, timeout: Duration) -> BlockStore {
         BlockStore {
             store,
-            cache,
             known: Mutex::new(HashSet::new()),
             inflight: Mutex::new(HashMap::new()),
+            hot: Mutex::new(HotBlocks {
+                budget: (cache.budget / 8).min(HOT_BUDGET),
+                ..HotBlocks::default()
+            }),
+            cache,
             timeout,
         }
     }
@@ -263,8 +302,13 @@ impl BlockStore {
     /// A whole block, verified against its hash, from the cache or the store (one download
     /// per block however many readers want it at once).
     pub async fn fetch(&self, hash: &Hash, len: u64) -> CasResult<Bytes> {
+        if let Some(data) = lock(&self.hot).get(hash) {
+            return Ok(data);
+        }
         if let Some(data) = self.cache.read(hash, 0, len as usize) {
-            return Ok(Bytes::from(data));
+            let data = Bytes::from(data);
+            lock(&self.hot).insert(*hash, data.clone());
+            return Ok(data);
         }
         let cell = lock(&self.inflight).entry(*hash).or_default().clone();
         let result = cell
@@ -276,6 +320,7 @@ impl BlockStore {
                 }
                 self.mark_known(hash);
                 self.cache.insert(hash, &data)?;
+                lock(&self.hot).insert(*hash, data.clone());
                 Ok(data)
             })
             .await
@@ -295,14 +340,18 @@ impl BlockStore {
         len: u64,
         whole: bool,
     ) -> CasResult<Bytes> {
-        if let Some(data) = self.cache.read(hash, offset, len as usize) {
-            return Ok(Bytes::from(data));
-        }
-        if whole {
-            let block = self.fetch(hash, block_len).await?;
+        let hot = lock(&self.hot).get(hash);
+        if whole || hot.is_some() {
+            let block = match hot {
+                Some(block) => block,
+                None => self.fetch(hash, block_len).await?,
+            };
             let start = (offset as usize).min(block.len());
             let end = (offset + len).min(block.len() as u64) as usize;
             return Ok(block.slice(start..end));
+        }
+        if let Some(data) = self.cache.read(hash, offset, len as usize) {
+            return Ok(Bytes::from(data));
         }
         let key = block_key(hash);
         self.timed(&key, self.store.get(&key, Some(offset..offset + len)))

@@ -1,0 +1,1510 @@
+//! Real FUSE mounts of the `cloudfs` binary, driven through the kernel with `std::fs` and
+//! `libc`: every POSIX operation a user does (with the errno of each refusal), a directory of
+//! 10,000 files, a 10 GiB sparse file, mmap, concurrent writers, persistence through a remount
+//! from the store alone, read-only mounts, CLI errors and a `kill -9` of the mount process.
+//!
+//! Needs root (or `fusermount3`) and `/dev/fuse`. Every test formats its own volume in its own
+//! temp dir and keeps its pid files in its own run dir, so the tests run in parallel.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::CString;
+use std::fs::{self, File, FileTimes, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rand::{RngCore, SeedableRng};
+
+const CLOUDFS: &str = env!("CARGO_BIN_EXE_cloudfs");
+const VOLUME: &str = "vol";
+/// The longest any single wait of these tests may take.
+const WAIT: Duration = Duration::from_secs(60);
+const KIB: u64 = 1 << 10;
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+
+// ---------------------------------------------------------------------------------------------
+// Harness
+// ---------------------------------------------------------------------------------------------
+
+/// Runs a command to completion and collects its output; kills it if it outlives two `WAIT`s.
+/// Never panics, so `Drop` can use it.
+fn run(command: &mut Command) -> io::Result<Output> {
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let pid = child.id() as i32;
+    let (done, output) = std::sync::mpsc::channel();
+    // A thread drains the pipes, so a chatty child cannot block on a full one.
+    std::thread::spawn(move || done.send(child.wait_with_output()));
+    output.recv_timeout(2 * WAIT).unwrap_or_else(|_| {
+        sigkill(pid);
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("{command:?} did not finish"),
+        ))
+    })
+}
+
+/// Polls `probe` until it yields a value; panics after `WAIT`.
+fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        assert!(start.elapsed() < WAIT, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn utf8(path: &Path) -> &str {
+    path.to_str().expect("temp paths are UTF-8")
+}
+
+/// Whether anything is mounted at `path` (from `/proc/self/mountinfo`).
+fn is_mountpoint(path: &Path) -> bool {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let wanted = path.to_string_lossy();
+    info.lines()
+        .any(|line| line.split(' ').nth(4) == Some(wanted.as_ref()))
+}
+
+/// Whether process `pid` is still running (a zombie counts as dead).
+fn alive(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        let state = stat.rsplit(')').next().unwrap_or_default().trim_start();
+        !state.starts_with('Z')
+    })
+}
+
+fn sigkill(pid: i32) {
+    // SAFETY: sending a signal has no memory-safety preconditions.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+}
+
+/// One formatted volume in a private temp dir (`store/`, `mnt/`, `cache/`, `run/`) and at
+/// most one mount of it. Dropping it unmounts and kills whatever is left, even mid-panic.
+struct Harness {
+    dir: tempfile::TempDir,
+    /// Mounts so far; each gets a fresh cache directory `cache/<n>`.
+    mounts: usize,
+    /// The process serving the current mount.
+    pid: Option<i32>,
+}
+
+impl Harness {
+    /// A volume with 64 KiB blocks, so that small files already span several blocks.
+    fn new() -> Harness {
+        Harness::with_block_size("64KiB")
+    }
+
+    fn with_block_size(block_size: &str) -> Harness {
+        let dir = tempfile::tempdir().expect("creating the test's temp dir");
+        for sub in ["store", "mnt", "cache", "run"] {
+            fs::create_dir(dir.path().join(sub)).expect("creating a harness directory");
+        }
+        let harness = Harness {
+            dir,
+            mounts: 0,
+            pid: None,
+        };
+        let store = harness.store_url();
+        harness.cloudfs_ok(&["format", &store, VOLUME, "--block-size", block_size]);
+        harness
+    }
+
+    fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn store_url(&self) -> String {
+        format!("file://{}", utf8(&self.root().join("store")))
+    }
+
+    fn mnt(&self) -> PathBuf {
+        self.root().join("mnt")
+    }
+
+    fn run_dir(&self) -> PathBuf {
+        self.root().join("run")
+    }
+
+    /// A path inside the mount.
+    fn at(&self, rel: &str) -> PathBuf {
+        self.mnt().join(rel)
+    }
+
+    fn try_cloudfs(&self, args: &[&str]) -> io::Result<Output> {
+        run(Command::new(CLOUDFS)
+            .args(args)
+            .env("CLOUDFS_RUN_DIR", self.run_dir())
+            .env("RUST_BACKTRACE", "1"))
+    }
+
+    fn cloudfs(&self, args: &[&str]) -> Output {
+        self.try_cloudfs(args).expect("running the cloudfs binary")
+    }
+
+    /// Runs `cloudfs args`, which must succeed; returns its stdout.
+    fn cloudfs_ok(&self, args: &[&str]) -> String {
+        let out = self.cloudfs(args);
+        assert!(
+            out.status.success(),
+            "cloudfs {args:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Mounts the volume with a fresh, empty cache directory (so everything comes from the
+    /// store) and `extra` flags.
+    fn mount(&mut self, extra: &[&str]) {
+        assert!(self.pid.is_none(), "already mounted");
+        self.mounts += 1;
+        let cache = self.root().join("cache").join(self.mounts.to_string());
+        let (store, mnt) = (self.store_url(), self.mnt());
+        let mut args = vec![
+            "mount",
+            &store,
+            VOLUME,
+            utf8(&mnt),
+            "--cache-dir",
+            utf8(&cache),
+        ];
+        args.extend_from_slice(extra);
+        self.cloudfs_ok(&args);
+        assert!(
+            is_mountpoint(&mnt),
+            "cloudfs mount returned but nothing is mounted"
+        );
+        // The mount is visible a moment before its process writes the pid file.
+        self.pid = Some(wait_for("the mount's pid file", || self.pid_from_file()));
+    }
+
+    fn pid_files(&self) -> Vec<PathBuf> {
+        fs::read_dir(self.run_dir())
+            .map(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|ext| ext == "pid"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn pid_from_file(&self) -> Option<i32> {
+        self.pid_files()
+            .iter()
+            .find_map(|p| fs::read_to_string(p).ok()?.trim().parse().ok())
+    }
+
+    /// `cloudfs umount`: flushes everything to the store and waits for the process to exit.
+    fn umount(&mut self) {
+        let mnt = self.mnt();
+        self.cloudfs_ok(&["umount", "--timeout", "60", utf8(&mnt)]);
+        self.pid = None;
+        assert!(!is_mountpoint(&mnt), "still mounted after cloudfs umount");
+    }
+
+    /// `kill -9` of the mount process, then detaches the dead mount.
+    fn kill_mount(&mut self) {
+        let pid = self.pid.take().expect("a running mount to kill");
+        sigkill(pid);
+        wait_for("the killed mount process to exit", || {
+            (!alive(pid)).then_some(())
+        });
+        let out = run(Command::new("umount").arg("-l").arg(self.mnt())).expect("running umount");
+        assert!(out.status.success(), "umount -l failed: {out:?}");
+        // The stale pid file would otherwise be mistaken for the next mount's.
+        for stale in self.pid_files() {
+            fs::remove_file(stale).expect("removing a stale pid file");
+        }
+    }
+
+    fn fsck_is_clean(&self) {
+        let stdout = self.cloudfs_ok(&["fsck", &self.store_url(), VOLUME]);
+        assert!(stdout.contains("clean"), "fsck output: {stdout}");
+    }
+
+    fn stat(&self) -> serde_json::Value {
+        let stdout = self.cloudfs_ok(&["stat", &self.store_url(), VOLUME, "--json"]);
+        serde_json::from_str(&stdout).expect("cloudfs stat --json prints one JSON object")
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        let mnt = self.mnt();
+        if self.pid.is_none() && !is_mountpoint(&mnt) {
+            return;
+        }
+        let unmounted = self
+            .try_cloudfs(&["umount", "--timeout", "60", utf8(&mnt)])
+            .is_ok_and(|out| out.status.success());
+        if !unmounted || is_mountpoint(&mnt) {
+            let _ = run(Command::new("umount").arg("-l").arg(&mnt));
+        }
+        if let Some(pid) = self.pid.take().filter(|pid| alive(*pid)) {
+            sigkill(pid);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers: data, assertions, libc wrappers
+// ---------------------------------------------------------------------------------------------
+
+/// `len` pseudo-random bytes, the same for the same seed.
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut data = vec![0u8; len];
+    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut data);
+    data
+}
+
+fn assert_same(got: &[u8], want: &[u8], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    if let Some(at) = got.iter().zip(want).position(|(a, b)| a != b) {
+        panic!("{what}: first wrong byte at offset {at}");
+    }
+}
+
+fn assert_content(path: &Path, want: &[u8]) {
+    let got = fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    assert_same(&got, want, &path.display().to_string());
+}
+
+fn assert_zeros(got: &[u8], what: &str) {
+    if let Some(at) = got.iter().position(|b| *b != 0) {
+        panic!("{what}: non-zero byte at offset {at}");
+    }
+}
+
+/// Asserts that `result` failed with `errno`.
+fn assert_errno<T: std::fmt::Debug>(result: io::Result<T>, errno: i32, what: &str) {
+    match result {
+        Ok(value) => panic!("{what}: succeeded ({value:?}), expected errno {errno}"),
+        Err(e) => assert_eq!(e.raw_os_error(), Some(errno), "{what}: got {e}"),
+    }
+}
+
+fn read_at(file: &File, offset: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    file.read_exact_at(&mut buf, offset)
+        .unwrap_or_else(|e| panic!("pread of {len} bytes at {offset}: {e}"));
+    buf
+}
+
+/// The names `readdir` lists in `dir`, sorted, duplicates kept.
+fn names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .expect("read_dir")
+        .map(|e| {
+            e.expect("directory entry")
+                .file_name()
+                .into_string()
+                .expect("UTF-8 name")
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+fn c_path(path: &Path) -> CString {
+    CString::new(path.as_os_str().as_bytes()).expect("path without NUL")
+}
+
+fn c_str(s: &str) -> CString {
+    CString::new(s).expect("string without NUL")
+}
+
+/// A libc return value: `-1` means `errno`.
+fn cvt<T: PartialEq + From<i8>>(ret: T) -> io::Result<T> {
+    if ret == T::from(-1) {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn renameat2(from: &Path, to: &Path, flags: libc::c_uint) -> io::Result<()> {
+    let (from, to) = (c_path(from), c_path(to));
+    // SAFETY: two valid NUL-terminated paths, resolved relative to the working directory.
+    cvt(unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            flags,
+        )
+    })
+    .map(drop)
+}
+
+fn set_xattr(path: &Path, name: &str, value: &[u8], flags: libc::c_int) -> io::Result<()> {
+    let (path, name) = (c_path(path), c_str(name));
+    // SAFETY: valid C strings and a value buffer of the given length.
+    cvt(unsafe {
+        libc::setxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            flags,
+        )
+    })
+    .map(drop)
+}
+
+/// `getxattr` into a buffer of `capacity` bytes.
+fn get_xattr_with(path: &Path, name: &str, capacity: usize) -> io::Result<Vec<u8>> {
+    let (path, name) = (c_path(path), c_str(name));
+    let mut buf = vec![0u8; capacity];
+    // SAFETY: valid C strings and a writable buffer of `capacity` bytes.
+    let len = cvt(unsafe {
+        libc::getxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    })?;
+    buf.truncate(len as usize);
+    Ok(buf)
+}
+
+fn get_xattr(path: &Path, name: &str) -> io::Result<Vec<u8>> {
+    get_xattr_with(path, name, 64 * KIB as usize)
+}
+
+fn list_xattr(path: &Path) -> io::Result<BTreeSet<String>> {
+    let path = c_path(path);
+    let mut buf = vec![0u8; 64 * KIB as usize];
+    // SAFETY: a valid C string and a writable buffer of the given length.
+    let len = cvt(unsafe { libc::listxattr(path.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) })?;
+    Ok(buf[..len as usize]
+        .split(|b| *b == 0)
+        .filter(|name| !name.is_empty())
+        .map(|name| String::from_utf8_lossy(name).into_owned())
+        .collect())
+}
+
+fn remove_xattr(path: &Path, name: &str) -> io::Result<()> {
+    let (path, name) = (c_path(path), c_str(name));
+    // SAFETY: valid C strings.
+    cvt(unsafe { libc::removexattr(path.as_ptr(), name.as_ptr()) }).map(drop)
+}
+
+fn access(path: &Path, mode: libc::c_int) -> io::Result<()> {
+    let path = c_path(path);
+    // SAFETY: a valid C string.
+    cvt(unsafe { libc::access(path.as_ptr(), mode) }).map(drop)
+}
+
+fn mkfifo(path: &Path, mode: libc::mode_t) -> io::Result<()> {
+    let path = c_path(path);
+    // SAFETY: a valid C string.
+    cvt(unsafe { libc::mkfifo(path.as_ptr(), mode) }).map(drop)
+}
+
+fn truncate(path: &Path, len: i64) -> io::Result<()> {
+    let path = c_path(path);
+    // SAFETY: a valid C string.
+    cvt(unsafe { libc::truncate(path.as_ptr(), len) }).map(drop)
+}
+
+fn statvfs(path: &Path) -> libc::statvfs {
+    let path = c_path(path);
+    // SAFETY: statvfs is plain old data, and is fully written on success.
+    let mut out: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C string and a writable statvfs.
+    cvt(unsafe { libc::statvfs(path.as_ptr(), &mut out) }).expect("statvfs");
+    out
+}
+
+/// `utimensat` with explicit `(seconds, nanoseconds)` or `UTIME_NOW` / `UTIME_OMIT` in the
+/// nanoseconds.
+fn utimensat(path: &Path, atime: (i64, i64), mtime: (i64, i64)) -> io::Result<()> {
+    let path = c_path(path);
+    let spec = |(sec, nsec): (i64, i64)| libc::timespec {
+        tv_sec: sec,
+        tv_nsec: nsec,
+    };
+    let times = [spec(atime), spec(mtime)];
+    // SAFETY: a valid C string and an array of two timespecs.
+    cvt(unsafe { libc::utimensat(libc::AT_FDCWD, path.as_ptr(), times.as_ptr(), 0) }).map(drop)
+}
+
+fn set_mode(path: &Path, mode: u32) {
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|e| panic!("chmod {mode:o} {}: {e}", path.display()));
+}
+
+fn mode_of(path: &Path) -> u32 {
+    fs::symlink_metadata(path).expect("lstat").mode() & 0o7777
+}
+
+fn system_time(sec: u64, nsec: u32) -> SystemTime {
+    UNIX_EPOCH + Duration::new(sec, nsec)
+}
+
+fn epoch_seconds_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs() as i64
+}
+
+/// A shared memory mapping of the start of a file, unmapped on drop.
+struct Mapping {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+impl Mapping {
+    fn new(file: &File, len: usize, writable: bool) -> io::Result<Mapping> {
+        let prot = libc::PROT_READ | if writable { libc::PROT_WRITE } else { 0 };
+        // SAFETY: a new shared mapping of an open descriptor; MAP_FAILED is checked below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                prot,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Mapping { ptr, len })
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: the mapping is `len` readable bytes for as long as `self` lives.
+        unsafe { std::slice::from_raw_parts(self.ptr.cast(), self.len) }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as `bytes`, and `&mut self` makes this the only view (mapped writable).
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.cast(), self.len) }
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        // SAFETY: the range is exactly this live mapping.
+        cvt(unsafe { libc::msync(self.ptr, self.len, libc::MS_SYNC) }).map(drop)
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping this value owns; no slice of it outlives `self`.
+        unsafe { libc::munmap(self.ptr, self.len) };
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A tree of every kind of object, and a comparable snapshot of a tree
+// ---------------------------------------------------------------------------------------------
+
+const BIG_LEN: usize = 3 * MIB as usize + 12_345;
+const SPARSE_TAIL_AT: u64 = 5 * MIB;
+
+/// Fills `root` with directories, files (small, multi-block, empty, sparse), a hard link, a
+/// symlink, a FIFO, xattrs, modes, owners and explicit times. Returns the number of regular
+/// files and their total size.
+fn populate(root: &Path) -> (u64, u64) {
+    let docs = root.join("docs");
+    fs::create_dir_all(docs.join("nested/deep")).expect("mkdir -p");
+    let readme = docs.join("readme.txt");
+    fs::write(&readme, b"cloudfs keeps this\n").expect("write readme");
+    let big = docs.join("nested/big.bin");
+    fs::write(&big, pattern(7, BIG_LEN)).expect("write big.bin");
+    let empty = root.join("empty");
+    File::create(&empty).expect("create empty");
+    File::create(root.join("sparse"))
+        .and_then(|f| f.write_all_at(b"tail", SPARSE_TAIL_AT))
+        .expect("write sparse");
+    fs::hard_link(&readme, docs.join("readme-link.txt")).expect("link");
+    std::os::unix::fs::symlink("docs/nested/big.bin", root.join("latest")).expect("symlink");
+    mkfifo(&docs.join("pipe"), 0o640).expect("mkfifo");
+    set_xattr(&big, "user.origin", b"persistence\0test", 0).expect("setxattr on a file");
+    set_xattr(&docs, "user.dir", b"yes", 0).expect("setxattr on a directory");
+    std::os::unix::fs::chown(&empty, Some(1000), Some(1001)).expect("chown");
+    set_mode(&readme, 0o600);
+    set_mode(&docs, 0o750);
+    File::options()
+        .write(true)
+        .open(&big)
+        .and_then(|f| {
+            f.set_times(
+                FileTimes::new()
+                    .set_accessed(system_time(1_500_000_000, 111))
+                    .set_modified(system_time(1_600_000_000, 222)),
+            )
+        })
+        .expect("set_times");
+    let readme_len = fs::metadata(&readme).expect("stat readme").len();
+    (4, readme_len + BIG_LEN as u64 + SPARSE_TAIL_AT + 4)
+}
+
+/// Everything observable about one path.
+#[derive(Debug, PartialEq, Eq)]
+struct Node {
+    ino: u64,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    nlink: u64,
+    size: u64,
+    mtime: (i64, i64),
+    atime: (i64, i64),
+    /// BLAKE3 of a regular file's bytes.
+    content: Option<String>,
+    target: Option<PathBuf>,
+    xattrs: BTreeMap<String, Vec<u8>>,
+}
+
+fn snapshot(root: &Path) -> BTreeMap<PathBuf, Node> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, Node>) {
+        for entry in fs::read_dir(dir).expect("read_dir") {
+            let path = entry.expect("directory entry").path();
+            let meta = fs::symlink_metadata(&path).expect("lstat");
+            let kind = meta.file_type();
+            let xattrs = if kind.is_file() || kind.is_dir() {
+                list_xattr(&path)
+                    .expect("listxattr")
+                    .into_iter()
+                    .map(|name| {
+                        let value = get_xattr(&path, &name).expect("getxattr");
+                        (name, value)
+                    })
+                    .collect()
+            } else {
+                BTreeMap::new()
+            };
+            let node = Node {
+                ino: meta.ino(),
+                mode: meta.mode(),
+                uid: meta.uid(),
+                gid: meta.gid(),
+                nlink: meta.nlink(),
+                size: meta.len(),
+                mtime: (meta.mtime(), meta.mtime_nsec()),
+                atime: (meta.atime(), meta.atime_nsec()),
+                content: kind.is_file().then(|| {
+                    blake3::hash(&fs::read(&path).expect("read"))
+                        .to_hex()
+                        .to_string()
+                }),
+                target: kind
+                    .is_symlink()
+                    .then(|| fs::read_link(&path).expect("readlink")),
+                xattrs,
+            };
+            if kind.is_dir() {
+                walk(root, &path, out);
+            }
+            let rel = path.strip_prefix(root).expect("under root").to_path_buf();
+            out.insert(rel, node);
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// POSIX operations
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn open_flags_offsets_and_truncate() {
+    let mut h = Harness::new();
+    h.mount(&[]);
+    let path = h.at("file.txt");
+
+    File::create(&path)
+        .and_then(|mut f| f.write_all(b"hello world"))
+        .expect("create + write");
+    assert_content(&path, b"hello world");
+    assert_eq!(fs::metadata(&path).expect("stat").len(), 11);
+    assert_errno(
+        OpenOptions::new().write(true).create_new(true).open(&path),
+        libc::EEXIST,
+        "O_CREAT|O_EXCL on an existing file",
+    );
+    assert_errno(
+        File::open(h.at("missing")),
+        libc::ENOENT,
+        "open of a missing file",
+    );
+    assert_errno(
+        OpenOptions::new().write(true).open(h.mnt()),
+        libc::EISDIR,
+        "opening a directory for writing",
+    );
+
+    let mut kept = String::new();
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .and_then(|mut f| f.read_to_string(&mut kept))
+        .expect("O_CREAT on an existing file");
+    assert_eq!(
+        kept, "hello world",
+        "O_CREAT without O_TRUNC keeps the content"
+    );
+
+    OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| f.write_all(b", again"))
+        .expect("O_APPEND");
+    assert_content(&path, b"hello world, again");
+
+    let mut f = OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&path)
+        .expect("O_TRUNC");
+    assert_eq!(f.metadata().expect("fstat").len(), 0, "O_TRUNC empties");
+    f.write_all(b"fresh").expect("write after O_TRUNC");
+    drop(f);
+    assert_content(&path, b"fresh");
+
+    // pwrite/pread across 64 KiB block boundaries, leaving a hole at the front.
+    let path = h.at("offsets.bin");
+    let data = pattern(1, 300_000);
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .expect("create offsets.bin");
+    f.write_all_at(&data, 100_000).expect("pwrite at 100000");
+    f.write_all_at(b"head", 0).expect("pwrite at 0");
+    f.write_all_at(b"PATCH", 200_000).expect("pwrite over data");
+    let mut want = vec![0u8; 400_000];
+    want[..4].copy_from_slice(b"head");
+    want[100_000..].copy_from_slice(&data);
+    want[200_000..200_005].copy_from_slice(b"PATCH");
+    assert_eq!(f.metadata().expect("fstat").len(), 400_000);
+    assert_same(
+        &read_at(&f, 165_000, 1000),
+        &want[165_000..166_000],
+        "pread",
+    );
+    assert_zeros(&read_at(&f, 4, 99_996), "the hole before the data");
+    drop(f);
+    assert_content(&path, &want);
+
+    // Cut inside a block, grow again: the cut-off bytes come back as zeros.
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .expect("reopen");
+    f.set_len(150_000).expect("truncate down");
+    assert_eq!(f.metadata().expect("fstat").len(), 150_000);
+    f.set_len(250_000).expect("truncate up");
+    want.truncate(150_000);
+    want.resize(250_000, 0);
+    assert_same(&read_at(&f, 0, 250_000), &want, "after cut and grow");
+    f.write_all_at(b"end", 249_997)
+        .expect("write after truncate");
+    want[249_997..].copy_from_slice(b"end");
+    drop(f);
+    assert_content(&path, &want);
+    truncate(&path, 70_000).expect("truncate(2) by path");
+    want.truncate(70_000);
+    assert_content(&path, &want);
+
+    // The same on one descriptor whose writes are not flushed yet.
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .expect("reopen");
+    let tail = pattern(2, 100_000);
+    f.write_all_at(&tail, 70_000).expect("append with pwrite");
+    f.set_len(120_000).expect("cut unflushed data");
+    f.set_len(180_000).expect("grow again");
+    want.extend_from_slice(&tail[..50_000]);
+    want.resize(180_000, 0);
+    assert_same(
+        &read_at(&f, 0, 180_000),
+        &want,
+        "cut and grow of unflushed data",
+    );
+    drop(f);
+    assert_content(&path, &want);
+}
+
+#[test]
+fn directories_and_renames() {
+    let mut h = Harness::new();
+    h.mount(&[]);
+    let p = |rel: &str| h.at(rel);
+
+    fs::create_dir_all(p("a/b")).expect("mkdir a/b");
+    fs::write(p("a/b/f"), b"file f").expect("create a/b/f");
+    assert_eq!(
+        fs::metadata(p("a")).expect("stat").nlink(),
+        3,
+        "a: ., .. and b/.."
+    );
+    assert_errno(
+        fs::create_dir(p("a")),
+        libc::EEXIST,
+        "mkdir of an existing name",
+    );
+    assert_errno(
+        fs::remove_dir(p("a")),
+        libc::ENOTEMPTY,
+        "rmdir of a non-empty dir",
+    );
+    assert_errno(fs::remove_dir(p("a/b/f")), libc::ENOTDIR, "rmdir of a file");
+    assert_errno(
+        fs::remove_file(p("a")),
+        libc::EISDIR,
+        "unlink of a directory",
+    );
+    assert_errno(
+        File::create(p("a/b/f/x")),
+        libc::ENOTDIR,
+        "file under a file",
+    );
+    assert_eq!(names(&p("a")), ["b"]);
+    assert_errno(
+        File::create(p(&"n".repeat(256))),
+        libc::ENAMETOOLONG,
+        "a 256-byte name",
+    );
+    File::create(p(&"n".repeat(255))).expect("a 255-byte name");
+    fs::remove_file(p(&"n".repeat(255))).expect("unlink the 255-byte name");
+
+    // Files: plain rename, then replacing an existing file (which keeps the source inode).
+    fs::rename(p("a/b/f"), p("a/g")).expect("rename a file");
+    assert_errno(
+        fs::metadata(p("a/b/f")),
+        libc::ENOENT,
+        "old name after rename",
+    );
+    assert_content(&p("a/g"), b"file f");
+    fs::write(p("a/h"), b"old h").expect("create a/h");
+    let g_ino = fs::metadata(p("a/g")).expect("stat g").ino();
+    fs::rename(p("a/g"), p("a/h")).expect("rename over an existing file");
+    assert_content(&p("a/h"), b"file f");
+    assert_eq!(fs::metadata(p("a/h")).expect("stat h").ino(), g_ino);
+    assert_eq!(names(&p("a")), ["b", "h"]);
+
+    // Directories: rename in place, then move under another directory with its contents.
+    fs::rename(p("a/b"), p("a/c")).expect("rename a directory");
+    fs::write(p("a/c/inner"), b"inner").expect("create a/c/inner");
+    fs::create_dir(p("d")).expect("mkdir d");
+    fs::rename(p("a/c"), p("d/c")).expect("move a directory under another");
+    assert_content(&p("d/c/inner"), b"inner");
+    assert_eq!(fs::metadata(p("a")).expect("stat a").nlink(), 2);
+    assert_eq!(fs::metadata(p("d")).expect("stat d").nlink(), 3);
+    assert_errno(
+        fs::rename(p("d"), p("d/c/x")),
+        libc::EINVAL,
+        "moving a directory into its own subdirectory",
+    );
+    fs::create_dir_all(p("e/x")).expect("mkdir e/x");
+    assert_errno(
+        fs::rename(p("d/c"), p("e")),
+        libc::ENOTEMPTY,
+        "dir over non-empty dir",
+    );
+    assert_errno(
+        fs::rename(p("d/c"), p("a/h")),
+        libc::ENOTDIR,
+        "dir over a file",
+    );
+    assert_errno(
+        fs::rename(p("a/h"), p("e")),
+        libc::EISDIR,
+        "file over a dir",
+    );
+    fs::create_dir(p("empty")).expect("mkdir empty");
+    fs::rename(p("e"), p("empty")).expect("dir over an empty dir");
+    assert!(
+        p("empty/x").is_dir(),
+        "the moved directory keeps its contents"
+    );
+    assert_errno(
+        fs::metadata(p("e")),
+        libc::ENOENT,
+        "old name of a moved dir",
+    );
+
+    // renameat2: RENAME_NOREPLACE and RENAME_EXCHANGE.
+    fs::write(p("p"), b"P").expect("create p");
+    fs::write(p("q"), b"Q").expect("create q");
+    assert_errno(
+        renameat2(&p("p"), &p("q"), libc::RENAME_NOREPLACE),
+        libc::EEXIST,
+        "RENAME_NOREPLACE onto an existing name",
+    );
+    assert_content(&p("p"), b"P");
+    assert_content(&p("q"), b"Q");
+    renameat2(&p("p"), &p("r"), libc::RENAME_NOREPLACE).expect("RENAME_NOREPLACE to a new name");
+    renameat2(&p("r"), &p("q"), libc::RENAME_EXCHANGE).expect("RENAME_EXCHANGE of two files");
+    assert_content(&p("r"), b"Q");
+    assert_content(&p("q"), b"P");
+    renameat2(&p("q"), &p("d"), libc::RENAME_EXCHANGE).expect("RENAME_EXCHANGE file <-> dir");
+    assert_content(&p("d"), b"P");
+    assert_content(&p("q/c/inner"), b"inner");
+    assert_errno(
+        renameat2(&p("r"), &p("nothing"), libc::RENAME_EXCHANGE),
+        libc::ENOENT,
+        "RENAME_EXCHANGE with a missing target",
+    );
+
+    fs::remove_dir_all(p("q")).expect("rm -r q");
+    fs::remove_dir_all(p("empty")).expect("rm -r empty");
+    for file in ["a/h", "d", "r"] {
+        fs::remove_file(p(file)).expect("unlink");
+    }
+    fs::remove_dir(p("a")).expect("rmdir a");
+    assert_eq!(names(&h.mnt()), Vec::<String>::new(), "everything removed");
+}
+
+#[test]
+fn links_symlinks_modes_owners_and_times() {
+    let mut h = Harness::new();
+    h.mount(&[]);
+    let (orig, alias) = (h.at("orig"), h.at("alias"));
+
+    fs::write(&orig, b"data").expect("create orig");
+    fs::hard_link(&orig, &alias).expect("link");
+    let (m1, m2) = (
+        fs::metadata(&orig).expect("stat"),
+        fs::metadata(&alias).expect("stat"),
+    );
+    assert_eq!((m1.nlink(), m2.nlink()), (2, 2));
+    assert_eq!(m1.ino(), m2.ino(), "a hard link is the same inode");
+    OpenOptions::new()
+        .append(true)
+        .open(&alias)
+        .and_then(|mut f| f.write_all(b" via alias"))
+        .expect("write through the link");
+    assert_content(&orig, b"data via alias");
+    fs::remove_file(&orig).expect("unlink orig");
+    assert_eq!(fs::metadata(&alias).expect("stat").nlink(), 1);
+    assert_content(&alias, b"data via alias");
+    let open = h.at("open-then-unlinked");
+    let mut held = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&open)
+        .expect("create");
+    held.write_all(b"still here").expect("write");
+    fs::remove_file(&open).expect("unlink an open file");
+    assert_errno(
+        fs::metadata(&open),
+        libc::ENOENT,
+        "stat of the unlinked name",
+    );
+    held.write_all(b", after unlink")
+        .expect("write after unlink");
+    assert_eq!(held.metadata().expect("fstat").nlink(), 0);
+    assert_same(
+        &read_at(&held, 0, 24),
+        b"still here, after unlink",
+        "read after unlink",
+    );
+    drop(held);
+    fs::create_dir(h.at("dir")).expect("mkdir");
+    assert_errno(
+        fs::hard_link(&alias, &alias),
+        libc::EEXIST,
+        "link onto an existing name",
+    );
+    assert_errno(
+        fs::hard_link(h.at("dir"), h.at("dirlink")),
+        libc::EPERM,
+        "link of a dir",
+    );
+
+    let sym = h.at("sym");
+    std::os::unix::fs::symlink("alias", &sym).expect("symlink");
+    assert_eq!(fs::read_link(&sym).expect("readlink"), Path::new("alias"));
+    assert!(
+        fs::symlink_metadata(&sym)
+            .expect("lstat")
+            .file_type()
+            .is_symlink()
+    );
+    assert_eq!(fs::metadata(&sym).expect("stat through").ino(), m2.ino());
+    assert_content(&sym, b"data via alias");
+    let dangling = h.at("dangling");
+    std::os::unix::fs::symlink("nowhere", &dangling).expect("dangling symlink");
+    assert_eq!(
+        fs::read_link(&dangling).expect("readlink"),
+        Path::new("nowhere")
+    );
+    assert_errno(
+        fs::metadata(&dangling),
+        libc::ENOENT,
+        "following a dangling symlink",
+    );
+    assert_errno(
+        std::os::unix::fs::symlink("x", &sym),
+        libc::EEXIST,
+        "symlink onto an existing name",
+    );
+
+    std::os::unix::fs::chown(&alias, Some(1234), Some(5678)).expect("chown");
+    let meta = fs::metadata(&alias).expect("stat");
+    assert_eq!((meta.uid(), meta.gid()), (1234, 5678));
+    set_mode(&alias, 0o640);
+    assert_eq!(mode_of(&alias), 0o640);
+    set_mode(&alias, 0o4755);
+    assert_eq!(mode_of(&alias), 0o4755);
+    set_mode(&h.at("dir"), 0o700);
+    assert_eq!(mode_of(&h.at("dir")), 0o700);
+    assert!(fs::metadata(h.at("dir")).expect("stat").is_dir());
+
+    // Explicit times with nanoseconds, then UTIME_OMIT / UTIME_NOW.
+    File::options()
+        .write(true)
+        .open(&alias)
+        .and_then(|f| {
+            f.set_times(
+                FileTimes::new()
+                    .set_accessed(system_time(1_500_000_000, 123_456_789))
+                    .set_modified(system_time(1_600_000_000, 987_654_321)),
+            )
+        })
+        .expect("futimens");
+    let meta = fs::metadata(&alias).expect("stat");
+    assert_eq!(
+        (meta.atime(), meta.atime_nsec()),
+        (1_500_000_000, 123_456_789)
+    );
+    assert_eq!(
+        (meta.mtime(), meta.mtime_nsec()),
+        (1_600_000_000, 987_654_321)
+    );
+    let before = epoch_seconds_now();
+    utimensat(&alias, (0, libc::UTIME_OMIT), (0, libc::UTIME_NOW)).expect("utimensat");
+    let meta = fs::metadata(&alias).expect("stat");
+    assert_eq!(
+        (meta.atime(), meta.atime_nsec()),
+        (1_500_000_000, 123_456_789)
+    );
+    assert!(
+        (before - 1..=epoch_seconds_now() + 1).contains(&meta.mtime()),
+        "UTIME_NOW set mtime to {}",
+        meta.mtime()
+    );
+    // An explicit mtime set on a descriptor with unflushed writes (cp -p, tar) is the last word.
+    let mut f = OpenOptions::new().write(true).open(&alias).expect("open");
+    f.write_all(b"copied").expect("write");
+    f.set_times(FileTimes::new().set_modified(system_time(1_700_000_000, 42)))
+        .expect("futimens after a write");
+    drop(f);
+    let meta = fs::metadata(&alias).expect("stat");
+    assert_eq!((meta.mtime(), meta.mtime_nsec()), (1_700_000_000, 42));
+    utimensat(&alias, (1_000, 5), (2_000, 6)).expect("utimensat explicit");
+    fs::write(&alias, b"rewritten").expect("rewrite");
+    let meta = fs::metadata(&alias).expect("stat");
+    assert!(meta.mtime() >= before, "a write moves mtime to now");
+    assert_eq!(meta.atime(), 1_000, "writing does not touch atime");
+}
+
+#[test]
+fn statfs_xattrs_access_and_fifos() {
+    let mut h = Harness::new();
+    h.mount(&[]);
+
+    let before = statvfs(&h.mnt());
+    assert_eq!(before.f_namemax, 255);
+    assert!(before.f_bsize > 0 && before.f_frsize > 0);
+    assert!(before.f_blocks > 0 && before.f_bfree <= before.f_blocks);
+    assert!(before.f_files > 0 && before.f_ffree <= before.f_files);
+    fs::write(h.at("mib"), pattern(2, MIB as usize)).expect("write 1 MiB");
+    let after = statvfs(&h.mnt());
+    let used = |s: &libc::statvfs| (s.f_blocks - s.f_bfree) * s.f_frsize;
+    assert!(
+        used(&after) >= used(&before) + MIB,
+        "statfs shows the new MiB as used"
+    );
+    assert!(
+        after.f_ffree < before.f_ffree,
+        "statfs counts the new inode"
+    );
+
+    let file = h.at("mib");
+    assert_errno(
+        get_xattr(&file, "user.color"),
+        libc::ENODATA,
+        "getxattr missing",
+    );
+    set_xattr(&file, "user.color", b"blue", 0).expect("setxattr");
+    assert_eq!(get_xattr(&file, "user.color").expect("getxattr"), b"blue");
+    assert_errno(
+        set_xattr(&file, "user.color", b"green", libc::XATTR_CREATE),
+        libc::EEXIST,
+        "XATTR_CREATE of an existing attribute",
+    );
+    assert_errno(
+        set_xattr(&file, "user.size", b"1", libc::XATTR_REPLACE),
+        libc::ENODATA,
+        "XATTR_REPLACE of a missing attribute",
+    );
+    set_xattr(&file, "user.color", b"red", libc::XATTR_REPLACE).expect("XATTR_REPLACE");
+    set_xattr(&file, "user.size", b"\0\x01\xff", libc::XATTR_CREATE).expect("XATTR_CREATE");
+    assert_eq!(get_xattr(&file, "user.color").expect("getxattr"), b"red");
+    assert_eq!(
+        get_xattr(&file, "user.size").expect("getxattr"),
+        b"\0\x01\xff"
+    );
+    assert_errno(
+        get_xattr_with(&file, "user.color", 2),
+        libc::ERANGE,
+        "getxattr into a too small buffer",
+    );
+    assert_eq!(
+        list_xattr(&file).expect("listxattr"),
+        BTreeSet::from(["user.color".into(), "user.size".into()])
+    );
+    remove_xattr(&file, "user.color").expect("removexattr");
+    assert_errno(
+        get_xattr(&file, "user.color"),
+        libc::ENODATA,
+        "getxattr removed",
+    );
+    assert_errno(
+        remove_xattr(&file, "user.color"),
+        libc::ENODATA,
+        "removexattr twice",
+    );
+    assert_eq!(
+        list_xattr(&file).expect("listxattr"),
+        BTreeSet::from(["user.size".into()])
+    );
+    set_xattr(&h.mnt(), "user.on-root", b"dir", 0).expect("setxattr on a directory");
+    assert_eq!(
+        get_xattr(&h.mnt(), "user.on-root").expect("getxattr"),
+        b"dir"
+    );
+
+    access(&file, libc::F_OK).expect("access F_OK");
+    access(&file, libc::R_OK | libc::W_OK).expect("access R_OK|W_OK");
+    assert_errno(
+        access(&h.at("nope"), libc::F_OK),
+        libc::ENOENT,
+        "access missing",
+    );
+    set_mode(&file, 0o644);
+    assert_errno(
+        access(&file, libc::X_OK),
+        libc::EACCES,
+        "X_OK without any x bit",
+    );
+    set_mode(&file, 0o755);
+    access(&file, libc::X_OK).expect("access X_OK");
+
+    let fifo = h.at("pipe");
+    mkfifo(&fifo, 0o600).expect("mkfifo");
+    let meta = fs::symlink_metadata(&fifo).expect("lstat fifo");
+    assert!(meta.file_type().is_fifo(), "mkfifo makes a FIFO");
+    assert_eq!(meta.mode() & 0o7777, 0o600);
+    assert_errno(
+        mkfifo(&fifo, 0o600),
+        libc::EEXIST,
+        "mkfifo of an existing name",
+    );
+    let mut pipe = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+        .expect("open the FIFO");
+    pipe.write_all(b"through the pipe")
+        .expect("write to the FIFO");
+    let mut buf = [0u8; 16];
+    pipe.read_exact(&mut buf).expect("read from the FIFO");
+    assert_eq!(&buf, b"through the pipe");
+}
+
+#[test]
+fn readdir_of_ten_thousand_files() {
+    const COUNT: usize = 10_000;
+    let mut h = Harness::new();
+    h.mount(&[]);
+    let dir = h.at("many");
+    fs::create_dir(&dir).expect("mkdir");
+    let name = |i: usize| format!("f{i:05}");
+    let want: BTreeSet<String> = (0..COUNT).map(name).collect();
+    for (i, n) in want.iter().enumerate() {
+        let mut f = File::create(dir.join(n)).expect("create");
+        if i % 1000 == 7 {
+            f.write_all(n.as_bytes()).expect("write");
+        }
+    }
+    let listed = names(&dir);
+    assert_eq!(listed.len(), COUNT, "readdir lists each file exactly once");
+    assert!(
+        listed.iter().eq(want.iter()),
+        "readdir lists exactly the created names"
+    );
+    for i in [0, 7, 4007, 9999] {
+        let meta = fs::metadata(dir.join(name(i))).expect("stat");
+        assert!(meta.is_file());
+        assert_eq!(meta.len(), if i % 1000 == 7 { 6 } else { 0 });
+    }
+    assert_content(&dir.join(name(4007)), b"f04007");
+    for n in &want {
+        fs::remove_file(dir.join(n)).expect("unlink");
+    }
+    assert!(names(&dir).is_empty(), "all deleted");
+    fs::remove_dir(&dir).expect("rmdir of the emptied dir");
+}
+
+#[test]
+fn sparse_ten_gib_file() {
+    const SIZE: u64 = 10 * GIB;
+    let mut h = Harness::with_block_size("1MiB");
+    h.mount(&[]);
+    let path = h.at("sparse.img");
+    // 15 writes spread over the file at unaligned offsets, and one that ends exactly at 10 GiB.
+    let mut regions: Vec<(u64, Vec<u8>)> = (0..15u64)
+        .map(|i| {
+            (
+                i * (SIZE / 16) + i * 12_345,
+                pattern(100 + i, 3000 + i as usize * 100),
+            )
+        })
+        .collect();
+    regions.push((SIZE - 4 * KIB, pattern(200, 4 * KIB as usize)));
+
+    let f = File::create(&path).expect("create");
+    for (offset, data) in &regions {
+        f.write_all_at(data, *offset).expect("scattered pwrite");
+    }
+    drop(f);
+
+    let f = File::open(&path).expect("reopen");
+    assert_eq!(f.metadata().expect("fstat").len(), SIZE);
+    for (offset, data) in &regions {
+        assert_same(
+            &read_at(&f, *offset, data.len()),
+            data,
+            "a scattered region",
+        );
+    }
+    for pair in regions.windows(2) {
+        let ((start, data), (next, _)) = (&pair[0], &pair[1]);
+        let end = start + data.len() as u64;
+        assert_zeros(&read_at(&f, end, 512), "just after a region");
+        assert_zeros(&read_at(&f, next - 512, 512), "just before a region");
+        assert_zeros(
+            &read_at(&f, (end + next) / 2, 64 * KIB as usize),
+            "between regions",
+        );
+    }
+    let mut tail = [0u8; 16];
+    assert_eq!(f.read_at(&mut tail, SIZE).expect("read at EOF"), 0);
+}
+
+#[test]
+fn mmap_writes_and_reads() {
+    let mut h = Harness::new();
+    h.mount(&[]);
+    let open_rw = |path: &Path| {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .expect("open read-write")
+    };
+
+    // Write a whole new file through a shared mapping.
+    let path = h.at("mapped.bin");
+    let mut want = pattern(11, 300_000);
+    let file = open_rw(&path);
+    file.set_len(want.len() as u64).expect("size the file");
+    let mut map = Mapping::new(&file, want.len(), true).expect("mmap read-write");
+    map.bytes_mut().copy_from_slice(&want);
+    map.sync().expect("msync");
+    drop(map);
+    drop(file);
+    assert_content(&path, &want);
+
+    // Patch the middle of an existing file through a mapping.
+    let file = open_rw(&path);
+    let mut map = Mapping::new(&file, want.len(), true).expect("mmap read-write");
+    map.bytes_mut()[70_000..70_010].copy_from_slice(b"0123456789");
+    map.sync().expect("msync");
+    drop(map);
+    drop(file);
+    want[70_000..70_010].copy_from_slice(b"0123456789");
+    assert_content(&path, &want);
+
+    // Read a file written with write(2) through a mapping.
+    let path = h.at("source.bin");
+    let data = pattern(12, 200_000);
+    fs::write(&path, &data).expect("write source");
+    let file = File::open(&path).expect("open");
+    let map = Mapping::new(&file, data.len(), false).expect("mmap read-only");
+    assert_same(map.bytes(), &data, "read through a mapping");
+}
+
+#[test]
+fn concurrent_writers() {
+    const WRITERS: u64 = 8;
+    const LEN: usize = 8 * MIB as usize;
+    let mut h = Harness::with_block_size("8MiB");
+    h.mount(&[]);
+    let path = |i: u64| h.at(&format!("writer-{i}.bin"));
+    std::thread::scope(|scope| {
+        for i in 0..WRITERS {
+            let path = path(i);
+            scope.spawn(move || {
+                let data = pattern(1000 + i, LEN);
+                let mut f = File::create(&path).expect("create");
+                for chunk in data.chunks(MIB as usize) {
+                    f.write_all(chunk).expect("write");
+                }
+            });
+        }
+    });
+    for i in 0..WRITERS {
+        assert_content(&path(i), &pattern(1000 + i, LEN));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Persistence, read-only mounts, the CLI, crashes
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn everything_persists_through_a_remount_from_the_store() {
+    let mut h = Harness::with_block_size("1MiB");
+    h.mount(&[]);
+    let (files, bytes) = populate(&h.mnt());
+    let before = snapshot(&h.mnt());
+    h.umount();
+
+    h.mount(&[]);
+    let after = snapshot(&h.mnt());
+    assert_eq!(
+        after, before,
+        "the tree after a remount from the store alone"
+    );
+    assert_content(&h.at("docs/nested/big.bin"), &pattern(7, BIG_LEN));
+    h.umount();
+
+    h.fsck_is_clean();
+    let stat = h.stat();
+    assert_eq!(stat["files"], files, "cloudfs stat: files ({stat})");
+    assert_eq!(
+        stat["logical_bytes"], bytes,
+        "cloudfs stat: logical bytes ({stat})"
+    );
+}
+
+#[test]
+fn read_only_mount_serves_reads_and_refuses_writes() {
+    let mut h = Harness::new();
+    h.mount(&[]);
+    populate(&h.mnt());
+    let before = snapshot(&h.mnt());
+    h.umount();
+
+    h.mount(&["--read-only"]);
+    assert_eq!(
+        snapshot(&h.mnt()),
+        before,
+        "a read-only mount shows the volume"
+    );
+    let readme = h.at("docs/readme.txt");
+    assert_content(&readme, b"cloudfs keeps this\n");
+    let erofs = libc::EROFS;
+    assert_errno(File::create(h.at("new")), erofs, "create");
+    assert_errno(
+        OpenOptions::new().write(true).open(&readme),
+        erofs,
+        "open for write",
+    );
+    assert_errno(fs::create_dir(h.at("newdir")), erofs, "mkdir");
+    assert_errno(fs::remove_file(&readme), erofs, "unlink");
+    assert_errno(fs::rename(&readme, h.at("moved")), erofs, "rename");
+    assert_errno(
+        std::os::unix::fs::symlink("x", h.at("newlink")),
+        erofs,
+        "symlink",
+    );
+    assert_errno(
+        fs::set_permissions(&readme, fs::Permissions::from_mode(0o644)),
+        erofs,
+        "chmod",
+    );
+    assert_errno(truncate(&readme, 0), erofs, "truncate");
+    assert_errno(set_xattr(&readme, "user.x", b"1", 0), erofs, "setxattr");
+    assert_errno(access(&readme, libc::W_OK), erofs, "access W_OK");
+    h.umount();
+    h.fsck_is_clean();
+}
+
+/// Runs `cloudfs args`, which must fail with exactly one `cloudfs: ...` line on stderr that
+/// mentions `needle`, and no panic or backtrace.
+fn assert_cli_error(h: &Harness, args: &[&str], needle: &str) {
+    let out = h.cloudfs(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "cloudfs {args:?} should fail");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "cloudfs {args:?}: one stderr line, got {stderr:?}"
+    );
+    assert!(
+        lines[0].starts_with("cloudfs: ") && lines[0].contains(needle),
+        "cloudfs {args:?}: expected a message mentioning {needle:?}, got {stderr:?}"
+    );
+    for noise in ["panicked", "backtrace", "RUST_BACKTRACE"] {
+        assert!(!stderr.contains(noise), "cloudfs {args:?}: {stderr:?}");
+    }
+}
+
+#[test]
+fn cli_errors_are_one_line_messages() {
+    let mut h = Harness::new();
+    let store = h.store_url();
+    let root = h.root().to_path_buf();
+    let (mnt_path, cache_path) = (h.mnt(), root.join("cache/cli"));
+    let (mnt, cache) = (utf8(&mnt_path), utf8(&cache_path));
+    let missing_mnt = root.join("no-such-dir");
+    let missing_store = format!("file://{}", utf8(&root.join("no-such-store")));
+
+    assert_cli_error(
+        &h,
+        &[
+            "mount",
+            &store,
+            VOLUME,
+            utf8(&missing_mnt),
+            "--cache-dir",
+            cache,
+        ],
+        "does not exist",
+    );
+    assert_cli_error(
+        &h,
+        &["mount", &store, "nosuchvol", mnt, "--cache-dir", cache],
+        "volume nosuchvol does not exist",
+    );
+    assert!(
+        !is_mountpoint(&h.mnt()),
+        "a failed mount leaves nothing mounted"
+    );
+    assert_cli_error(&h, &["format", &store, VOLUME], "already exists");
+    assert_cli_error(&h, &["format", &missing_store, "other"], "no-such-store");
+    assert_cli_error(
+        &h,
+        &["mount", &missing_store, VOLUME, mnt, "--cache-dir", cache],
+        "no-such-store",
+    );
+    assert_cli_error(
+        &h,
+        &["fsck", &store, "nosuchvol"],
+        "volume nosuchvol does not exist",
+    );
+    assert_cli_error(&h, &["umount", mnt], "not a cloudfs mount");
+
+    h.mount(&[]);
+    assert_cli_error(
+        &h,
+        &["mount", &store, VOLUME, mnt, "--cache-dir", cache],
+        "already a mountpoint",
+    );
+    fs::write(h.at("still-works"), b"yes").expect("the first mount still works");
+    assert_content(&h.at("still-works"), b"yes");
+}
+
+/// The size of crash-test file `i`: 64..256 KiB.
+fn crash_len(i: u64) -> usize {
+    (64 * KIB + (i * 37 * KIB) % (192 * KIB)) as usize
+}
+
+/// Writes crash-test files `0..200` into `dir` and fsyncs each, recording in `durable` the
+/// ones whose fsync returned; stops at the first error (the mount dies under it).
+fn write_fsynced_files(dir: &Path, durable: &Mutex<Vec<u64>>) {
+    for i in 0..200 {
+        let written = File::create(dir.join(format!("c{i:03}"))).and_then(|mut f| {
+            f.write_all(&pattern(5000 + i, crash_len(i)))?;
+            f.sync_all()
+        });
+        if written.is_err() {
+            return;
+        }
+        durable.lock().expect("durable list").push(i);
+    }
+}
+
+#[test]
+fn fsynced_files_survive_kill_9() {
+    let mut h = Harness::new();
+    h.mount(&[]);
+    let dir = h.at("crash");
+    fs::create_dir(&dir).expect("mkdir");
+    std::os::unix::fs::symlink("c000", dir.join("first")).expect("symlink");
+    File::open(&dir)
+        .and_then(|d| d.sync_all())
+        .expect("fsync of the directory");
+    let durable = Arc::new(Mutex::new(Vec::new()));
+    let writer = {
+        let (dir, durable) = (dir.clone(), durable.clone());
+        std::thread::spawn(move || write_fsynced_files(&dir, &durable))
+    };
+    wait_for("20 fsynced files", || {
+        (durable.lock().expect("durable list").len() >= 20 || writer.is_finished()).then_some(())
+    });
+    h.kill_mount();
+    writer.join().expect("writer thread");
+    let durable = durable.lock().expect("durable list").clone();
+    assert!(
+        durable.len() >= 20,
+        "only {} files were fsynced",
+        durable.len()
+    );
+
+    h.mount(&[]);
+    assert_eq!(
+        fs::read_link(dir.join("first")).expect("the fsynced directory entry"),
+        Path::new("c000")
+    );
+    for &i in &durable {
+        assert_content(
+            &dir.join(format!("c{i:03}")),
+            &pattern(5000 + i, crash_len(i)),
+        );
+    }
+    h.umount();
+    h.fsck_is_clean();
+}
