@@ -18,7 +18,8 @@ use cloudfs::volume;
 /// blocks and whose inode table is SQLite.
 ///
 /// <STORE> is a URL: file:///abs/path for the embedded local-directory store (the directory
-/// must exist). A store is a pool that can hold many volumes; identical blocks are stored once
+/// must exist), or swift://<container> for an OpenStack Swift container (created by `format`
+/// if missing; credentials from --credentials or the OpenStack environment variables). A store is a pool that can hold many volumes; identical blocks are stored once
 /// across all of them.
 #[derive(Debug, Parser)]
 #[command(name = "cloudfs", version, max_term_width = 100)]
@@ -26,6 +27,12 @@ pub struct Cli {
     /// Directory for the pid files of running mounts.
     #[arg(long, global = true, env = "CLOUDFS_RUN_DIR", value_name = "DIR")]
     run_dir: Option<PathBuf>,
+    /// Swift credentials file: KEY=value lines with the keys the OpenStack tools use
+    /// (ST_AUTH/ST_USER/ST_KEY; OS_AUTH_URL, OS_USERNAME, OS_PASSWORD, OS_PROJECT_NAME,
+    /// OS_USER_DOMAIN_NAME, OS_PROJECT_DOMAIN_NAME; OS_APPLICATION_CREDENTIAL_ID/_SECRET;
+    /// OS_STORAGE_URL + OS_AUTH_TOKEN). Without it those environment variables are used.
+    #[arg(long, global = true, env = "CLOUDFS_CREDENTIALS", value_name = "FILE")]
+    credentials: Option<PathBuf>,
     #[command(subcommand)]
     command: Commands,
 }
@@ -106,9 +113,21 @@ fn parse_size(s: &str) -> Result<u64, String> {
     parse_size::parse_size(s).map_err(|e| format!("{e} (examples: 8MiB, 1GiB, 65536)"))
 }
 
-fn open_store(url: &str) -> Result<(StoreUrl, Arc<dyn ObjectStore>)> {
+/// Opens a store URL with credentials from `file` (when given) or the environment.
+fn open_store(url: &str, file: Option<&Path>) -> Result<(StoreUrl, Arc<dyn ObjectStore>)> {
     let parsed = StoreUrl::parse(url)?;
-    let store = parsed.open()?;
+    let from_file = match file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading credentials file {}", path.display()))?;
+            Some(cloudfs_swift::parse_credentials_file(&text)?)
+        }
+        None => None,
+    };
+    let store = parsed.open(|key| match &from_file {
+        Some(map) => map.get(key).cloned(),
+        None => std::env::var(key).ok(),
+    })?;
     Ok((parsed, store))
 }
 
@@ -144,13 +163,14 @@ fn default_cache_dir(store: &StoreUrl, volume: &str) -> PathBuf {
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
     let run_dir = cli.run_dir.unwrap_or_else(mount::default_run_dir);
+    let credentials = cli.credentials.as_deref();
     match cli.command {
         Commands::Format {
             store,
             volume,
             block_size,
         } => {
-            let (_, store) = open_store(&store)?;
+            let (_, store) = open_store(&store, credentials)?;
             let scratch = tempfile::tempdir()?;
             let blocks = scratch_blocks(store.clone(), scratch.path())?;
             // SAFETY: getuid/getgid have no preconditions.
@@ -164,7 +184,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Commands::Mount(args) => mount_command(args, run_dir),
+        Commands::Mount(args) => mount_command(args, run_dir, credentials),
         Commands::Umount {
             mountpoint,
             timeout,
@@ -178,7 +198,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             volume,
             json,
         } => {
-            let (_, store) = open_store(&store)?;
+            let (_, store) = open_store(&store, credentials)?;
             let scratch = tempfile::tempdir()?;
             let blocks = scratch_blocks(store.clone(), scratch.path())?;
             let stats = runtime()?.block_on(inspect::stats(
@@ -206,7 +226,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             volume,
             json,
         } => {
-            let (_, store) = open_store(&store)?;
+            let (_, store) = open_store(&store, credentials)?;
             let scratch = tempfile::tempdir()?;
             let blocks = scratch_blocks(store.clone(), scratch.path())?;
             let report = runtime()?.block_on(inspect::fsck(
@@ -248,8 +268,12 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-fn mount_command(args: MountArgs, run_dir: PathBuf) -> Result<ExitCode> {
-    let store = StoreUrl::parse(&args.store)?;
+fn mount_command(
+    args: MountArgs,
+    run_dir: PathBuf,
+    credentials: Option<&Path>,
+) -> Result<ExitCode> {
+    let (store, opened) = open_store(&args.store, credentials)?;
     let mountpoint = std::path::absolute(&args.mountpoint)?;
     if !mountpoint.is_dir() {
         bail!(
@@ -279,28 +303,28 @@ fn mount_command(args: MountArgs, run_dir: PathBuf) -> Result<ExitCode> {
             fuse_threads: args.threads,
             run_dir,
         };
-        mount::run(config, || {})?;
+        mount::run(config, opened, || {})?;
         return Ok(ExitCode::SUCCESS);
     }
+    let credentials = credentials.map(std::path::absolute).transpose()?;
     daemonize(
-        &args.store,
-        &args.volume,
         &mountpoint,
         &cache_dir,
         &run_dir,
+        credentials.as_deref(),
         &args,
     )
 }
 
 /// Starts the mount process in the background and waits until the mount is usable.
 fn daemonize(
-    store: &str,
-    volume: &str,
     mountpoint: &Path,
     cache_dir: &Path,
     run_dir: &Path,
+    credentials: Option<&Path>,
     args: &MountArgs,
 ) -> Result<ExitCode> {
+    let (store, volume) = (&args.store, &args.volume);
     std::fs::create_dir_all(cache_dir)
         .with_context(|| format!("creating cache directory {}", cache_dir.display()))?;
     let log_path = cache_dir.join("mount.log");
@@ -313,7 +337,7 @@ fn daemonize(
     command
         .arg("--run-dir")
         .arg(run_dir)
-        .args(["mount", store, volume])
+        .args(["mount", store.as_str(), volume.as_str()])
         .arg(mountpoint)
         .arg("--foreground")
         .arg("--cache-dir")
@@ -327,6 +351,9 @@ fn daemonize(
         .stderr(log);
     if args.read_only {
         command.arg("--read-only");
+    }
+    if let Some(file) = credentials {
+        command.arg("--credentials").arg(file);
     }
     // SAFETY: setsid is async-signal-safe; it detaches the mount from our session.
     unsafe {

@@ -53,6 +53,7 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> MountError {
 /// Everything a mount needs.
 #[derive(Debug, Clone)]
 pub struct MountConfig {
+    /// Where the volume lives (for messages; the store itself is passed to [`run`]).
     pub store: StoreUrl,
     pub volume: String,
     pub mountpoint: PathBuf,
@@ -212,7 +213,11 @@ pub fn open_fs(
 }
 
 /// Mounts and serves until unmounted or signalled. `ready` runs once the mount is usable.
-pub fn run(config: MountConfig, ready: impl FnOnce()) -> Result<(), MountError> {
+pub fn run(
+    config: MountConfig,
+    store: Arc<dyn ObjectStore>,
+    ready: impl FnOnce(),
+) -> Result<(), MountError> {
     let mountpoint =
         std::path::absolute(&config.mountpoint).map_err(io_err("resolving the mountpoint"))?;
     if !mountpoint.is_dir() {
@@ -229,7 +234,6 @@ pub fn run(config: MountConfig, ready: impl FnOnce()) -> Result<(), MountError> 
         .enable_all()
         .build()
         .map_err(io_err("starting the I/O runtime"))?;
-    let store = config.store.open()?;
     let fs = open_fs(store, &config.volume, &config.engine, rt.handle())?;
     let mut options = vec![
         MountOption::FSName(format!("cloudfs:{}", config.volume)),
@@ -255,7 +259,12 @@ pub fn run(config: MountConfig, ready: impl FnOnce()) -> Result<(), MountError> 
     fs::create_dir_all(&config.run_dir).map_err(io_err("creating the run directory"))?;
     let pid_path = pid_file(&config.run_dir, &mountpoint);
     fs::write(&pid_path, std::process::id().to_string()).map_err(io_err("writing the pid file"))?;
-    tracing::info!(volume = %config.volume, mountpoint = %mountpoint.display(), "mounted");
+    tracing::info!(
+        store = %config.store,
+        volume = %config.volume,
+        mountpoint = %mountpoint.display(),
+        "mounted"
+    );
     ready();
 
     let stop = Arc::new(AtomicBool::new(false));

@@ -173,6 +173,7 @@ pub async fn format(
     let scratch = tempfile::tempdir()?;
     let db_path = scratch.path().join("meta.db");
     let meta = MetaStore::create(&db_path, uid, gid, now_ns())?;
+    store.prepare().await?;
     let json = serde_json::to_vec_pretty(&config).map_err(io::Error::other)?;
     if !store
         .put_if_absent(&config_key(volume), Bytes::from(json))

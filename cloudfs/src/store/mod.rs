@@ -6,6 +6,7 @@
 
 mod local;
 mod mem;
+mod swift;
 
 use std::ops::Range;
 use std::path::PathBuf;
@@ -16,6 +17,7 @@ use bytes::Bytes;
 
 pub use local::LocalStore;
 pub use mem::{Fault, MemStore};
+pub use swift::SwiftStore;
 
 /// Errors of the object-store layer.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +36,10 @@ pub enum StoreError {
     Unavailable(String),
     #[error("invalid store URL {url:?}: {reason}")]
     InvalidUrl { url: String, reason: String },
+    #[error("object store refused the credentials: {0}")]
+    Unauthorized(String),
+    #[error(transparent)]
+    Swift(cloudfs_swift::SwiftError),
 }
 
 impl StoreError {
@@ -80,6 +86,11 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
     /// Keys starting with `prefix` and greater than `marker`, at most `limit` of them.
     async fn list(&self, prefix: &str, marker: Option<&str>, limit: usize)
     -> StoreResult<ListPage>;
+    /// Creates the pool if it does not exist yet (a Swift container); a no-op where there is
+    /// nothing to create.
+    async fn prepare(&self) -> StoreResult<()> {
+        Ok(())
+    }
 }
 
 /// Every object under `prefix`, following pages.
@@ -117,6 +128,8 @@ pub(crate) fn validate_key(key: &str) -> StoreResult<()> {
 pub enum StoreUrl {
     /// `file:///abs/path`: the embedded local-directory store.
     Local(PathBuf),
+    /// `swift://<container>`: a Swift container, credentials from the environment.
+    Swift(String),
 }
 
 impl StoreUrl {
@@ -133,18 +146,25 @@ impl StoreUrl {
             }
             return Ok(StoreUrl::Local(PathBuf::from(path)));
         }
-        if url.starts_with("swift://") {
-            return Err(invalid(
-                "the Swift store is not available in this build yet",
-            ));
+        if let Some(container) = url.strip_prefix("swift://") {
+            let container = container.trim_end_matches('/');
+            if container.is_empty() || container.contains('/') || container.len() > 256 {
+                return Err(invalid("expected swift://<container>"));
+            }
+            return Ok(StoreUrl::Swift(container.to_owned()));
         }
-        Err(invalid("expected file:///abs/path"))
+        Err(invalid("expected file:///abs/path or swift://<container>"))
     }
 
-    /// Opens the store; a local store's directory must already exist.
-    pub fn open(&self) -> StoreResult<Arc<dyn ObjectStore>> {
+    /// Opens the store; a local store's directory must already exist. Swift credentials come
+    /// from `credentials` (the keys of `cloudfs_swift::Credentials::from_keys`).
+    pub fn open(
+        &self,
+        credentials: impl Fn(&str) -> Option<String>,
+    ) -> StoreResult<Arc<dyn ObjectStore>> {
         match self {
             StoreUrl::Local(path) => Ok(Arc::new(LocalStore::open(path)?)),
+            StoreUrl::Swift(container) => Ok(Arc::new(SwiftStore::open(container, credentials)?)),
         }
     }
 }
@@ -153,6 +173,7 @@ impl std::fmt::Display for StoreUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             StoreUrl::Local(path) => write!(f, "file://{}", path.display()),
+            StoreUrl::Swift(container) => write!(f, "swift://{container}"),
         }
     }
 }
@@ -176,6 +197,12 @@ mod tests {
             Some(StoreUrl::Local("/tmp/x".into()))
         );
         assert!(StoreUrl::parse("file://rel").is_err());
+        assert_eq!(
+            StoreUrl::parse("swift://pool").ok(),
+            Some(StoreUrl::Swift("pool".into()))
+        );
+        assert!(StoreUrl::parse("swift://").is_err());
+        assert!(StoreUrl::parse("swift://a/b").is_err());
         assert!(StoreUrl::parse("s3://x").is_err());
     }
 }

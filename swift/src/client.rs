@@ -1,0 +1,602 @@
+//! `SwiftClient`: requests against one account, with retries, token refresh and typed errors.
+
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use md5::{Digest, Md5};
+use rand::Rng;
+use reqwest::header::{HeaderMap, HeaderValue};
+use reqwest::{Method, StatusCode, Url};
+use serde::Deserialize;
+
+use crate::auth::{Authenticator, Credentials, Token};
+use crate::error::{SwiftError, SwiftResult};
+
+/// How hard a request tries before it fails.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included.
+    pub attempts: u32,
+    /// Backoff before the second attempt; doubles each time, with jitter.
+    pub base_backoff: Duration,
+    pub max_backoff: Duration,
+    /// Longest `Retry-After` honoured.
+    pub retry_after_cap: Duration,
+    /// Longest one attempt may take.
+    pub request_timeout: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            attempts: 6,
+            base_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(10),
+            retry_after_cap: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+impl RetryPolicy {
+    fn backoff(&self, attempt: u32) -> Duration {
+        let exp = self
+            .base_backoff
+            .saturating_mul(1u32 << attempt.min(16))
+            .min(self.max_backoff);
+        // Full jitter: anywhere between half and all of the exponential step.
+        let half = exp / 2;
+        half + Duration::from_micros(rand::rng().random_range(0..=half.as_micros() as u64))
+    }
+}
+
+/// What `head_object` reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub size: u64,
+    pub etag: Option<String>,
+    /// Seconds since the Unix epoch.
+    pub last_modified: i64,
+}
+
+/// What `head_container` reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerInfo {
+    pub object_count: u64,
+    pub bytes_used: u64,
+}
+
+/// One row of a container listing.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum ListEntry {
+    Object {
+        name: String,
+        bytes: u64,
+        hash: String,
+        last_modified: String,
+    },
+    /// A common prefix, when listing with a delimiter.
+    Subdir { subdir: String },
+}
+
+/// The outcome of a bulk delete.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BulkDeleteReport {
+    pub deleted: u64,
+    pub not_found: u64,
+    /// Paths that could not be deleted, with the status Swift gave.
+    pub errors: Vec<(String, String)>,
+}
+
+/// A client of one Swift account.
+#[derive(Debug)]
+pub struct SwiftClient {
+    http: reqwest::Client,
+    auth: Authenticator,
+    retry: RetryPolicy,
+}
+
+/// One request, rebuilt for every attempt.
+struct Call<'a> {
+    method: Method,
+    /// Path segments below the storage URL (container, then object name split on `/`).
+    segments: Vec<&'a str>,
+    query: Vec<(&'a str, String)>,
+    headers: HeaderMap,
+    body: Option<Bytes>,
+    what: String,
+}
+
+impl<'a> Call<'a> {
+    fn new(method: Method, container: &'a str, object: Option<&'a str>) -> Call<'a> {
+        let mut segments = Vec::new();
+        if !container.is_empty() {
+            segments.push(container);
+        }
+        if let Some(object) = object {
+            segments.extend(object.split('/'));
+        }
+        let what = match object {
+            Some(o) => format!("{method} {container}/{o}"),
+            None => format!("{method} {container}"),
+        };
+        Call {
+            method,
+            segments,
+            query: Vec::new(),
+            headers: HeaderMap::new(),
+            body: None,
+            what,
+        }
+    }
+
+    fn header(mut self, name: &'static str, value: &str) -> SwiftResult<Call<'a>> {
+        let value = HeaderValue::from_str(value)
+            .map_err(|_| SwiftError::Config(format!("bad header value for {name}")))?;
+        self.headers.insert(name, value);
+        Ok(self)
+    }
+
+    fn query(mut self, name: &'a str, value: impl Into<String>) -> Call<'a> {
+        self.query.push((name, value.into()));
+        self
+    }
+
+    fn body(mut self, body: Bytes) -> Call<'a> {
+        self.body = Some(body);
+        self
+    }
+}
+
+fn is_transient(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 408 | 429 | 498 | 500..=599)
+}
+
+fn retry_after(resp: &reqwest::Response) -> Option<Duration> {
+    let value = resp.headers().get("retry-after")?.to_str().ok()?;
+    if let Ok(secs) = value.trim().parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    httpdate::parse_http_date(value)
+        .ok()?
+        .duration_since(SystemTime::now())
+        .ok()
+}
+
+fn header_str(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {
+    header_str(headers, name).and_then(|v| v.parse().ok())
+}
+
+fn last_modified(headers: &HeaderMap) -> i64 {
+    header_str(headers, "x-timestamp")
+        .and_then(|t| t.split('.').next().and_then(|s| s.parse().ok()))
+        .or_else(|| {
+            let date = httpdate::parse_http_date(&header_str(headers, "last-modified")?).ok()?;
+            Some(date.duration_since(SystemTime::UNIX_EPOCH).ok()?.as_secs() as i64)
+        })
+        .unwrap_or(0)
+}
+
+/// `/container/object` with every segment percent-encoded, as bulk requests name objects.
+fn encoded_path(container: &str, object: &str) -> SwiftResult<String> {
+    let mut url = Url::parse("http://encoder.invalid/")
+        .map_err(|e| SwiftError::Config(format!("URL encoder: {e}")))?;
+    url.path_segments_mut()
+        .map_err(|()| SwiftError::Config("URL encoder".into()))?
+        .pop_if_empty()
+        .push(container)
+        .extend(object.split('/'));
+    Ok(url.path().to_owned())
+}
+
+/// MD5 hex of a body, which Swift checks on PUT (its ETag).
+pub(crate) fn md5_hex(data: &[u8]) -> String {
+    hex::encode(Md5::digest(data))
+}
+
+impl SwiftClient {
+    pub fn new(credentials: Credentials, retry: RetryPolicy) -> SwiftResult<SwiftClient> {
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(64)
+            .tcp_keepalive(Duration::from_secs(30))
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|source| SwiftError::Transport {
+                what: "building the HTTP client".into(),
+                source,
+            })?;
+        Ok(SwiftClient {
+            http,
+            auth: Authenticator::new(credentials),
+            retry,
+        })
+    }
+
+    fn url(token: &Token, call: &Call<'_>) -> SwiftResult<Url> {
+        let mut url = Url::parse(&token.storage_url).map_err(|e| {
+            SwiftError::Config(format!("bad storage URL {}: {e}", token.storage_url))
+        })?;
+        url.path_segments_mut()
+            .map_err(|()| SwiftError::Config("storage URL cannot have a path".into()))?
+            .pop_if_empty()
+            .extend(&call.segments);
+        if !call.query.is_empty() {
+            url.query_pairs_mut().extend_pairs(call.query.iter());
+        }
+        Ok(url)
+    }
+
+    /// Sends `call`, retrying transient failures and refreshing a rejected token once.
+    /// Returns any response that is not transient (the caller maps its status).
+    async fn send(&self, call: &Call<'_>) -> SwiftResult<reqwest::Response> {
+        let mut refreshed = false;
+        let mut attempt = 0;
+        loop {
+            let token = self.auth.token(&self.http).await?;
+            let url = Self::url(&token, call)?;
+            let mut request = self
+                .http
+                .request(call.method.clone(), url)
+                .headers(call.headers.clone())
+                .header("X-Auth-Token", &token.value)
+                .timeout(self.retry.request_timeout);
+            if let Some(body) = &call.body {
+                request = request.body(body.clone());
+            }
+            let last = attempt + 1 >= self.retry.attempts;
+            let wait = match request.send().await {
+                Ok(resp) if resp.status() == StatusCode::UNAUTHORIZED => {
+                    if refreshed || !self.auth.invalidate(&token).await {
+                        return Err(SwiftError::Unauthorized(call.what.clone()));
+                    }
+                    refreshed = true;
+                    continue;
+                }
+                Ok(resp) if is_transient(resp.status()) && !last => {
+                    tracing::debug!(what = %call.what, status = %resp.status(), "retrying");
+                    retry_after(&resp)
+                        .map(|d| d.min(self.retry.retry_after_cap))
+                        .unwrap_or_else(|| self.retry.backoff(attempt))
+                }
+                Ok(resp) if is_transient(resp.status()) => {
+                    if matches!(resp.status().as_u16(), 429 | 498) {
+                        return Err(SwiftError::Throttled {
+                            what: call.what.clone(),
+                        });
+                    }
+                    return Err(Self::http_error(call, resp).await);
+                }
+                Ok(resp) => return Ok(resp),
+                Err(e) if !last => {
+                    tracing::debug!(what = %call.what, error = %e, "retrying");
+                    self.retry.backoff(attempt)
+                }
+                Err(e) if e.is_timeout() => {
+                    return Err(SwiftError::TimedOut {
+                        what: call.what.clone(),
+                        limit: self.retry.request_timeout,
+                    });
+                }
+                Err(source) => {
+                    return Err(SwiftError::Transport {
+                        what: call.what.clone(),
+                        source,
+                    });
+                }
+            };
+            attempt += 1;
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    async fn http_error(call: &Call<'_>, resp: reqwest::Response) -> SwiftError {
+        let status = resp.status();
+        let body = resp.text().await.unwrap_or_default();
+        match status {
+            StatusCode::NOT_FOUND => SwiftError::NotFound(call.what.clone()),
+            StatusCode::PRECONDITION_FAILED => SwiftError::PreconditionFailed(call.what.clone()),
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                SwiftError::Unauthorized(call.what.clone())
+            }
+            _ => SwiftError::Http {
+                status: status.as_u16(),
+                what: call.what.clone(),
+                body: body.chars().take(300).collect(),
+            },
+        }
+    }
+
+    /// Sends `call` and fails on any status but 2xx.
+    async fn expect_success(&self, call: &Call<'_>) -> SwiftResult<reqwest::Response> {
+        let resp = self.send(call).await?;
+        if resp.status().is_success() {
+            Ok(resp)
+        } else {
+            Err(Self::http_error(call, resp).await)
+        }
+    }
+
+    async fn body_bytes(call: &Call<'_>, resp: reqwest::Response) -> SwiftResult<Bytes> {
+        resp.bytes().await.map_err(|source| SwiftError::Transport {
+            what: call.what.clone(),
+            source,
+        })
+    }
+
+    /// Reads an object, or the byte range `start..end` of it (clamped to its end).
+    pub async fn get_object(
+        &self,
+        container: &str,
+        object: &str,
+        range: Option<std::ops::Range<u64>>,
+    ) -> SwiftResult<Bytes> {
+        let mut call = Call::new(Method::GET, container, Some(object));
+        if let Some(r) = &range {
+            if r.end <= r.start {
+                return Ok(Bytes::new());
+            }
+            call = call.header("Range", &format!("bytes={}-{}", r.start, r.end - 1))?;
+        }
+        let resp = self.send(&call).await?;
+        match resp.status() {
+            StatusCode::RANGE_NOT_SATISFIABLE => Ok(Bytes::new()),
+            s if s.is_success() => Self::body_bytes(&call, resp).await,
+            _ => Err(Self::http_error(&call, resp).await),
+        }
+    }
+
+    /// Writes an object; Swift checks the body against its MD5.
+    pub async fn put_object(&self, container: &str, object: &str, data: Bytes) -> SwiftResult<()> {
+        let call = Call::new(Method::PUT, container, Some(object))
+            .header("ETag", &md5_hex(&data))?
+            .body(data);
+        self.expect_success(&call).await.map(|_| ())
+    }
+
+    /// Writes an object only if none exists under that name (`If-None-Match: *`); `Ok(false)`
+    /// when one does. A retried attempt that finds its own earlier write counts as success.
+    pub async fn put_object_if_absent(
+        &self,
+        container: &str,
+        object: &str,
+        data: Bytes,
+    ) -> SwiftResult<bool> {
+        let etag = md5_hex(&data);
+        let call = Call::new(Method::PUT, container, Some(object))
+            .header("ETag", &etag)?
+            .header("If-None-Match", "*")?
+            .body(data);
+        let resp = self.send(&call).await?;
+        match resp.status() {
+            s if s.is_success() => Ok(true),
+            StatusCode::PRECONDITION_FAILED => {
+                // Either someone else's object, or our own first attempt whose answer was lost.
+                // Identical bytes mean an identical object, so either way ours is in place.
+                let existing = self.head_object(container, object).await?;
+                Ok(existing.and_then(|o| o.etag).is_some_and(|e| e == etag))
+            }
+            _ => Err(Self::http_error(&call, resp).await),
+        }
+    }
+
+    /// Size, ETag and age of an object; `None` when it does not exist.
+    pub async fn head_object(
+        &self,
+        container: &str,
+        object: &str,
+    ) -> SwiftResult<Option<ObjectInfo>> {
+        let call = Call::new(Method::HEAD, container, Some(object));
+        let resp = self.send(&call).await?;
+        match resp.status() {
+            StatusCode::NOT_FOUND => Ok(None),
+            s if s.is_success() => {
+                let h = resp.headers();
+                Ok(Some(ObjectInfo {
+                    size: header_u64(h, "content-length").unwrap_or(0),
+                    etag: header_str(h, "etag").map(|e| e.trim_matches('"').to_owned()),
+                    last_modified: last_modified(h),
+                }))
+            }
+            _ => Err(Self::http_error(&call, resp).await),
+        }
+    }
+
+    /// Deletes an object; a missing object is not an error.
+    pub async fn delete_object(&self, container: &str, object: &str) -> SwiftResult<()> {
+        let call = Call::new(Method::DELETE, container, Some(object));
+        let resp = self.send(&call).await?;
+        match resp.status() {
+            StatusCode::NOT_FOUND => Ok(()),
+            s if s.is_success() => Ok(()),
+            _ => Err(Self::http_error(&call, resp).await),
+        }
+    }
+
+    /// Server-side copy of `container/object` to `dest_container/dest_object`.
+    pub async fn copy_object(
+        &self,
+        container: &str,
+        object: &str,
+        dest_container: &str,
+        dest_object: &str,
+    ) -> SwiftResult<()> {
+        let destination = format!("/{dest_container}/{dest_object}");
+        let call = Call::new(
+            Method::from_bytes(b"COPY").map_err(|_| SwiftError::Config("COPY method".into()))?,
+            container,
+            Some(object),
+        )
+        .header("Destination", &destination)?;
+        self.expect_success(&call).await.map(|_| ())
+    }
+
+    /// Creates a container (no error if it exists).
+    pub async fn create_container(&self, container: &str) -> SwiftResult<()> {
+        let call = Call::new(Method::PUT, container, None);
+        self.expect_success(&call).await.map(|_| ())
+    }
+
+    /// Object count and bytes of a container; `None` when it does not exist.
+    pub async fn head_container(&self, container: &str) -> SwiftResult<Option<ContainerInfo>> {
+        let call = Call::new(Method::HEAD, container, None);
+        let resp = self.send(&call).await?;
+        match resp.status() {
+            StatusCode::NOT_FOUND => Ok(None),
+            s if s.is_success() => Ok(Some(ContainerInfo {
+                object_count: header_u64(resp.headers(), "x-container-object-count").unwrap_or(0),
+                bytes_used: header_u64(resp.headers(), "x-container-bytes-used").unwrap_or(0),
+            })),
+            _ => Err(Self::http_error(&call, resp).await),
+        }
+    }
+
+    /// One page of a container listing: names after `marker` starting with `prefix`.
+    pub async fn list_objects(
+        &self,
+        container: &str,
+        prefix: &str,
+        marker: Option<&str>,
+        limit: usize,
+        delimiter: Option<char>,
+    ) -> SwiftResult<Vec<ListEntry>> {
+        let mut call = Call::new(Method::GET, container, None)
+            .query("format", "json")
+            .query("prefix", prefix)
+            .query("limit", limit.clamp(1, 10_000).to_string());
+        if let Some(marker) = marker {
+            call = call.query("marker", marker);
+        }
+        if let Some(d) = delimiter {
+            call = call.query("delimiter", d.to_string());
+        }
+        let resp = self.expect_success(&call).await?;
+        if resp.status() == StatusCode::NO_CONTENT {
+            return Ok(Vec::new());
+        }
+        let body = Self::body_bytes(&call, resp).await?;
+        serde_json::from_slice(&body).map_err(|e| SwiftError::BadResponse {
+            what: call.what.clone(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Deletes many objects in one request per 10,000 (the `bulk` middleware).
+    pub async fn bulk_delete(
+        &self,
+        container: &str,
+        objects: &[String],
+    ) -> SwiftResult<BulkDeleteReport> {
+        let mut report = BulkDeleteReport::default();
+        for chunk in objects.chunks(10_000) {
+            let mut body = String::new();
+            for object in chunk {
+                body.push_str(&encoded_path(container, object)?);
+                body.push('\n');
+            }
+            let call = Call::new(Method::POST, "", None)
+                .query("bulk-delete", "")
+                .header("Content-Type", "text/plain")?
+                .header("Accept", "application/json")?
+                .body(Bytes::from(body));
+            let resp = self.expect_success(&call).await?;
+            let raw = Self::body_bytes(&call, resp).await?;
+            let parsed: serde_json::Value =
+                serde_json::from_slice(&raw).map_err(|e| SwiftError::BadResponse {
+                    what: call.what.clone(),
+                    reason: e.to_string(),
+                })?;
+            report.deleted += parsed["Number Deleted"].as_u64().unwrap_or(0);
+            report.not_found += parsed["Number Not Found"].as_u64().unwrap_or(0);
+            for error in parsed["Errors"].as_array().into_iter().flatten() {
+                report.errors.push((
+                    error[0].as_str().unwrap_or_default().to_owned(),
+                    error[1].as_str().unwrap_or_default().to_owned(),
+                ));
+            }
+        }
+        Ok(report)
+    }
+
+    /// The cluster's capabilities (`GET /info` at the proxy's root).
+    pub async fn info(&self) -> SwiftResult<serde_json::Value> {
+        let token = self.auth.token(&self.http).await?;
+        let mut url = Url::parse(&token.storage_url)
+            .map_err(|e| SwiftError::Config(format!("bad storage URL: {e}")))?;
+        url.set_path("/info");
+        url.set_query(None);
+        let what = "GET /info".to_owned();
+        let resp = self
+            .http
+            .get(url)
+            .timeout(self.retry.request_timeout)
+            .send()
+            .await
+            .map_err(|source| SwiftError::Transport {
+                what: what.clone(),
+                source,
+            })?;
+        if !resp.status().is_success() {
+            return Err(SwiftError::Http {
+                status: resp.status().as_u16(),
+                what,
+                body: String::new(),
+            });
+        }
+        resp.json()
+            .await
+            .map_err(|source| SwiftError::Transport { what, source })
+    }
+
+    /// The storage URL (`…/v1/AUTH_account`) the client works against.
+    pub async fn storage_url(&self) -> SwiftResult<String> {
+        Ok(self.auth.token(&self.http).await?.storage_url)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_stays_capped() {
+        let policy = RetryPolicy::default();
+        for attempt in 0..20 {
+            let d = policy.backoff(attempt);
+            assert!(d <= policy.max_backoff, "{attempt}: {d:?}");
+            let floor = (policy.base_backoff * (1 << attempt.min(16))).min(policy.max_backoff) / 2;
+            assert!(d >= floor, "{attempt}: {d:?} < {floor:?}");
+        }
+    }
+
+    #[test]
+    fn bulk_paths_are_percent_encoded() {
+        assert_eq!(
+            encoded_path("c", "dir/a b%?.txt").expect("encode"),
+            "/c/dir/a%20b%25%3F.txt"
+        );
+    }
+
+    #[test]
+    fn listing_rows_parse() {
+        let rows: Vec<ListEntry> = serde_json::from_str(
+            r#"[{"name":"a/b","bytes":3,"hash":"x","last_modified":"2026-01-01T00:00:00.000000","content_type":"t"},
+                {"subdir":"c/"}]"#,
+        )
+        .expect("parse");
+        assert!(matches!(&rows[0], ListEntry::Object { name, bytes: 3, .. } if name == "a/b"));
+        assert_eq!(
+            rows[1],
+            ListEntry::Subdir {
+                subdir: "c/".into()
+            }
+        );
+    }
+}
