@@ -104,6 +104,10 @@ struct MountArgs {
     /// Seconds before an object-store request is abandoned and the operation fails with EIO.
     #[arg(long, default_value_t = 120)]
     store_timeout: u64,
+    /// Seconds a read-write mount's lease outlives its last renewal: after a crash, another
+    /// mount can take the volume over once this has passed (a clean unmount frees it at once).
+    #[arg(long, default_value_t = 30)]
+    lease_ttl: u64,
     /// Threads serving FUSE requests.
     #[arg(long, default_value_t = 16)]
     threads: usize,
@@ -298,6 +302,7 @@ fn mount_command(
                 cache_size: args.cache_size,
                 store_timeout: Duration::from_secs(args.store_timeout.max(1)),
                 read_only: args.read_only,
+                lease_ttl: Duration::from_secs(args.lease_ttl.max(1)),
             },
             sync_interval: Duration::from_secs(args.sync_interval.max(1)),
             fuse_threads: args.threads,
@@ -346,6 +351,7 @@ fn daemonize(
         .args(["--sync-interval", &args.sync_interval.to_string()])
         .args(["--store-timeout", &args.store_timeout.to_string()])
         .args(["--threads", &args.threads.to_string()])
+        .args(["--lease-ttl", &args.lease_ttl.to_string()])
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);

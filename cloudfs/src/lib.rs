@@ -3,13 +3,14 @@
 //!
 //! Layers, bottom up: [`store`] (the `ObjectStore` seam and its implementations), [`meta`]
 //! (the SQLite inode table), [`cas`] (blocks: naming, dedup, cache), [`fs`] (POSIX operations),
-//! [`fuse`] (the kernel adapter), [`volume`] (format, open, metadata replication), [`mount`]
+//! [`fuse`] (the kernel adapter), [`volume`] (format, open, metadata replication), [`lease`] (one writer per volume), [`mount`]
 //! (a mount process's life) and [`inspect`] (`stat`, `fsck`).
 
 pub mod cas;
 pub mod fs;
 pub mod fuse;
 pub mod inspect;
+pub mod lease;
 pub mod meta;
 pub mod mount;
 pub mod store;

@@ -16,6 +16,7 @@ use fuser::{Config, MountOption, SessionACL};
 use crate::cas::{BlockCache, BlockStore};
 use crate::fs::{Fs, FsConfig, FsError, MetadataSync};
 use crate::fuse::FuseFs;
+use crate::lease::{StoreLease, holder_id};
 use crate::store::{ObjectStore, StoreError, StoreUrl};
 use crate::volume::{self, Replicator, VolumeError, VolumeSync};
 
@@ -157,6 +158,8 @@ pub struct EngineConfig {
     pub cache_size: u64,
     pub store_timeout: Duration,
     pub read_only: bool,
+    /// How long a read-write mount's lease outlives its last renewal.
+    pub lease_ttl: Duration,
 }
 
 /// Opens a volume of `store` as a file system: rebuilds the metadata working copy in the
@@ -171,6 +174,16 @@ pub fn open_fs(
     let cache = BlockCache::open(&config.cache_dir.join("blocks"), config.cache_size / 2)
         .map_err(io_err("opening the block cache"))?;
     let blocks = Arc::new(BlockStore::new(store.clone(), cache, config.store_timeout));
+    let lease = if config.read_only {
+        None
+    } else {
+        Some(rt.block_on(StoreLease::acquire(
+            store.as_ref(),
+            volume_name,
+            &holder_id(),
+            config.lease_ttl,
+        ))?)
+    };
     let db_path = config.cache_dir.join("meta").join("volume.db");
     let opened = rt.block_on(volume::open(
         store.as_ref(),
@@ -179,18 +192,21 @@ pub fn open_fs(
         &db_path,
         config.read_only,
     ))?;
-    let sync: Option<Arc<dyn MetadataSync>> = (!config.read_only).then(|| {
+    let sync: Option<Arc<dyn MetadataSync>> = lease.map(|lease| {
         Arc::new(VolumeSync {
             replicator: Replicator::new(
                 store.clone(),
                 volume_name,
-                opened.epoch + 1,
+                lease.epoch(),
                 0,
                 opened.chunks.clone(),
             ),
+            lease,
+            store: store.clone(),
             meta: opened.meta.clone(),
             blocks: blocks.clone(),
             rt: rt.clone(),
+            last_renewal: std::sync::Mutex::new(Instant::now()),
         }) as Arc<dyn MetadataSync>
     });
     let staging = config.cache_dir.join("staging");
@@ -292,7 +308,7 @@ pub fn run(
     }
     let _ = fs::remove_file(&pid_path);
     flushed?;
-    fs.sync_all()?;
+    fs.shutdown()?;
     tracing::info!("unmounted cleanly");
     Ok(())
 }

@@ -19,6 +19,7 @@ use tokio::runtime::Handle;
 
 use crate::cas::{BlockStore, CasError, hash_block};
 use crate::fs::{FsError, FsResult, MetadataSync, now_ns};
+use crate::lease::StoreLease;
 use crate::meta::{Hash, MetaError, MetaStore};
 use crate::store::{ObjectStore, StoreError, list_all};
 
@@ -54,6 +55,17 @@ pub enum VolumeError {
     Meta(#[from] MetaError),
     #[error("local cache I/O error: {0}")]
     Io(#[from] io::Error),
+    #[error(
+        "volume {volume} is mounted read-write by {holder} (its lease expires in {expires_in_secs}s \
+         unless renewed); mount it --read-only, or unmount it there first"
+    )]
+    LeaseHeld {
+        volume: String,
+        holder: String,
+        expires_in_secs: u64,
+    },
+    #[error("lost the write lease of volume {volume} (epoch {epoch}) to another mount")]
+    LeaseLost { volume: String, epoch: u64 },
 }
 
 pub type VolumeResult<T> = Result<T, VolumeError>;
@@ -184,6 +196,16 @@ pub async fn format(
     let replica = Replicator::new(store.clone(), volume, 0, 0, Vec::new());
     replica.push(&meta, blocks).await?;
     Ok(config)
+}
+
+/// The epoch of the newest generation of a volume, if it has any.
+pub async fn latest_generation_epoch(
+    store: &dyn ObjectStore,
+    volume: &str,
+) -> VolumeResult<Option<u64>> {
+    Ok(latest_generation(store, volume)
+        .await?
+        .map(|(epoch, _, _)| epoch))
 }
 
 /// The newest generation of a volume.
@@ -416,19 +438,52 @@ impl Replicator {
     }
 }
 
-/// What the file system calls to make its metadata durable: the replicator of its volume.
+/// What the file system calls to make its metadata durable: the replicator of its volume,
+/// which keeps the volume's write lease alive and stops once it is lost.
 #[derive(Debug)]
 pub struct VolumeSync {
     pub replicator: Replicator,
+    pub lease: StoreLease,
+    pub store: Arc<dyn ObjectStore>,
     pub meta: Arc<MetaStore>,
     pub blocks: Arc<BlockStore>,
     pub rt: Handle,
+    pub last_renewal: std::sync::Mutex<std::time::Instant>,
+}
+
+impl VolumeSync {
+    async fn renew_if_due(&self) -> VolumeResult<()> {
+        let due = crate::fs::lock(&self.last_renewal).elapsed() >= self.lease.ttl() / 3;
+        if !due {
+            return Ok(());
+        }
+        match self.lease.renew(self.store.as_ref()).await {
+            Ok(()) => {
+                *crate::fs::lock(&self.last_renewal) = std::time::Instant::now();
+                Ok(())
+            }
+            Err(lost @ VolumeError::LeaseLost { .. }) => Err(lost),
+            Err(e) => {
+                tracing::warn!(error = %e, "lease renewal failed; retrying at the next sync");
+                Ok(())
+            }
+        }
+    }
 }
 
 impl MetadataSync for VolumeSync {
     fn sync(&self) -> FsResult<()> {
         self.rt
-            .block_on(self.replicator.push(&self.meta, &self.blocks))
+            .block_on(async {
+                self.renew_if_due().await?;
+                self.replicator.push(&self.meta, &self.blocks).await
+            })
+            .map_err(|e| FsError::Replication(Box::new(e)))
+    }
+
+    fn release(&self) -> FsResult<()> {
+        self.rt
+            .block_on(self.lease.release(self.store.as_ref()))
             .map_err(|e| FsError::Replication(Box::new(e)))
     }
 }

@@ -1448,6 +1448,26 @@ fn cli_errors_are_one_line_messages() {
 }
 
 /// The size of crash-test file `i`: 64..256 KiB.
+/// A read-write mount of the harness's volume on another mountpoint fails, naming the holder.
+fn assert_mount_refused(h: &Harness, name: &str) {
+    let mnt = h.root().join(format!("mnt-{name}"));
+    let cache = h.root().join("cache").join(name);
+    fs::create_dir_all(&mnt).expect("second mountpoint");
+    let store = h.store_url();
+    let out = h.cloudfs(&[
+        "mount",
+        &store,
+        VOLUME,
+        utf8(&mnt),
+        "--cache-dir",
+        utf8(&cache),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "second read-write mount succeeded");
+    assert!(stderr.contains("mounted read-write by"), "{stderr}");
+    assert!(!is_mountpoint(&mnt));
+}
+
 fn crash_len(i: u64) -> usize {
     (64 * KIB + (i * 37 * KIB) % (192 * KIB)) as usize
 }
@@ -1470,7 +1490,9 @@ fn write_fsynced_files(dir: &Path, durable: &Mutex<Vec<u64>>) {
 #[test]
 fn fsynced_files_survive_kill_9() {
     let mut h = Harness::new();
-    h.mount(&[]);
+    h.mount(&["--lease-ttl", "2"]);
+    // While the volume is mounted read-write, a second read-write mount is refused.
+    assert_mount_refused(&h, "second");
     let dir = h.at("crash");
     fs::create_dir(&dir).expect("mkdir");
     std::os::unix::fs::symlink("c000", dir.join("first")).expect("symlink");
@@ -1494,6 +1516,9 @@ fn fsynced_files_survive_kill_9() {
         durable.len()
     );
 
+    // The dead mount's lease holds the volume until its TTL has passed.
+    assert_mount_refused(&h, "after-crash");
+    std::thread::sleep(Duration::from_secs(3));
     h.mount(&[]);
     assert_eq!(
         fs::read_link(dir.join("first")).expect("the fsynced directory entry"),

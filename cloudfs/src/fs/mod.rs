@@ -31,6 +31,8 @@ const XATTR_SIZE_MAX: usize = 64 * 1024;
 /// Makes the volume's metadata durable in the object store (implemented by the volume layer).
 pub trait MetadataSync: Send + Sync {
     fn sync(&self) -> FsResult<()>;
+    /// Called once at a clean unmount, after the last `sync`.
+    fn release(&self) -> FsResult<()>;
 }
 
 /// Who is asking: the owner of anything created.
@@ -683,6 +685,15 @@ impl Fs {
             self.flush_file(ino)?;
         }
         self.sync_metadata()
+    }
+
+    /// The end of a mount: everything flushed and replicated, the write lease given up.
+    pub fn shutdown(&self) -> FsResult<()> {
+        self.sync_all()?;
+        match &self.sync {
+            Some(sync) if !self.config.read_only => sync.release(),
+            _ => Ok(()),
+        }
     }
 
     /// Replicates the metadata committed so far into the store.

@@ -12,6 +12,8 @@ use cloudfs::store::{MemStore, ObjectStore};
 use cloudfs::volume;
 
 pub const ROOT: u64 = 1;
+/// Short, so that crash tests can take a dead mount's volume over quickly.
+pub const TEST_LEASE_TTL: Duration = Duration::from_secs(1);
 pub const ME: Caller = Caller { uid: 0, gid: 0 };
 
 pub struct TestFs {
@@ -36,6 +38,7 @@ fn engine(dir: &std::path::Path, name: &str, store_timeout: Duration) -> EngineC
         cache_size: 64 << 20,
         store_timeout,
         read_only: false,
+        lease_ttl: TEST_LEASE_TTL,
     }
 }
 
@@ -78,12 +81,18 @@ impl TestFs {
     /// Flushes everything, then opens the volume again from the store alone (fresh cache),
     /// as another machine would.
     pub fn remount(&mut self) {
-        self.fs.sync_all().expect("sync");
-        self.remount_without_sync();
+        self.fs.shutdown().expect("shutdown");
+        self.open_again();
     }
 
-    /// Opens the volume again from what the store holds now (as after a crash).
+    /// Opens the volume again from what the store holds now, as after a crash: the old
+    /// mount's lease is left to expire first.
     pub fn remount_without_sync(&mut self) {
+        std::thread::sleep(TEST_LEASE_TTL + Duration::from_millis(100));
+        self.open_again();
+    }
+
+    fn open_again(&mut self) {
         let n = std::fs::read_dir(self.dir.path()).expect("dir").count();
         let dyn_store: Arc<dyn ObjectStore> = self.store.clone();
         self.fs = open_fs(
@@ -156,5 +165,55 @@ impl TestFs {
         }
         names.sort();
         names
+    }
+}
+
+/// Deterministic pseudo-random bytes: `len` of them, varied by `seed`. Unlike a short
+/// repeating pattern, the blocks of a file made of them differ from each other.
+pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len as u64)
+        .map(|i| ((i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8 ^ seed)
+        .collect()
+}
+
+impl TestFs {
+    /// Every entry of `dir` but `.` and `..`, in listing order, with the attributes `readdir`
+    /// reports for it.
+    pub fn entries(&self, dir: u64) -> Vec<(String, cloudfs::meta::Inode)> {
+        let mut entries = Vec::new();
+        let mut offset = 0;
+        loop {
+            let batch = self.fs.readdir(dir, offset, 100).expect("readdir");
+            let Some(last) = batch.last() else { break };
+            offset = last.offset;
+            entries.extend(
+                batch
+                    .into_iter()
+                    .filter(|e| e.name != b"." && e.name != b"..")
+                    .map(|e| (String::from_utf8_lossy(&e.name).into_owned(), e.inode)),
+            );
+        }
+        entries
+    }
+
+    /// Reads a file to its end through a fresh handle, returning errors instead of panicking
+    /// (the handle is released either way, which flushes the file).
+    pub fn try_read_all(&self, ino: u64) -> cloudfs::fs::FsResult<Vec<u8>> {
+        let fh = self.fs.open(ino, libc::O_RDONLY)?;
+        let read = self.read_handle(ino, fh);
+        let released = self.fs.release(ino, fh);
+        released.and(read)
+    }
+
+    /// Reads a file from its start to its end through the open handle `fh`.
+    pub fn read_handle(&self, ino: u64, fh: u64) -> cloudfs::fs::FsResult<Vec<u8>> {
+        let mut out = Vec::new();
+        loop {
+            let chunk = self.fs.read(ino, fh, out.len() as u64, 1 << 20)?;
+            if chunk.is_empty() {
+                return Ok(out);
+            }
+            out.extend_from_slice(&chunk);
+        }
     }
 }
