@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs everything the test suite needs on a fresh Debian machine, then runs all of it:
-# formatting, lints, unit tests, engine tests on the in-memory store, real FUSE mount tests,
-# the crash test and the quick-start smoke test. Ends with one summary line.
+# formatting, lints, unit tests, engine tests on the in-memory store, a real local OpenStack
+# Swift (tests/swift/swift.sh) for the Swift client and store tests, real FUSE mount tests on
+# the local store and again on Swift, the crash tests and the quick-start smoke test. Ends
+# with one summary line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +21,12 @@ fi
 [ -e /dev/fuse ] || { echo "tests/run.sh: /dev/fuse is missing; FUSE tests cannot run" >&2; exit 1; }
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt
 
+log "starting the local Swift"
+export SWIFT_STATE_DIR=${SWIFT_STATE_DIR:-/var/tmp/cloudfs-swift}
+bash tests/swift/swift.sh start
+trap 'bash tests/swift/swift.sh stop >/dev/null 2>&1 || true' EXIT
+eval "$(bash tests/swift/swift.sh env)"
+
 log "cargo fmt --check"
 cargo fmt --all -- --check
 
@@ -30,6 +38,10 @@ mkdir -p target
 set +e
 cargo test --workspace --no-fail-fast 2>&1 | tee target/test-output.log
 status=${PIPESTATUS[0]}
+
+log "FUSE mount tests over Swift"
+CLOUDFS_TEST_STORE=swift cargo test -p cloudfs --test fuse_mount 2>&1 | tee -a target/test-output.log
+swift_status=${PIPESTATUS[0]}
 set -e
 
 log "quick start (README)"
@@ -43,4 +55,4 @@ passed=$((passed + quick))
 if [ "$quick" -eq 0 ]; then failed=$((failed + 1)); fi
 echo
 echo "summary: ${passed} passed, ${failed} failed"
-[ "$status" -eq 0 ] && [ "$failed" -eq 0 ]
+[ "$status" -eq 0 ] && [ "$swift_status" -eq 0 ] && [ "$failed" -eq 0 ]

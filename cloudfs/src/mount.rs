@@ -162,6 +162,63 @@ pub struct EngineConfig {
     pub lease_ttl: Duration,
 }
 
+/// An opened volume: its file system and, for a read-only mount, what follows the writer.
+#[derive(Debug)]
+pub struct Engine {
+    pub fs: Arc<Fs>,
+    follower: Option<Follower>,
+}
+
+/// Keeps a read-only mount on the newest generation the writer has published.
+#[derive(Debug)]
+struct Follower {
+    store: Arc<dyn ObjectStore>,
+    blocks: Arc<BlockStore>,
+    volume: String,
+    db_dir: PathBuf,
+    generation: std::sync::Mutex<String>,
+    opened: std::sync::atomic::AtomicU64,
+}
+
+impl Engine {
+    /// For a read-only mount: switches to a newer generation if the writer published one.
+    /// Returns whether it did.
+    pub fn refresh(&self, rt: &tokio::runtime::Handle) -> Result<bool, MountError> {
+        let Some(follower) = &self.follower else {
+            return Ok(false);
+        };
+        let latest = rt.block_on(volume::latest_generation_key(
+            follower.store.as_ref(),
+            &follower.volume,
+        ))?;
+        let current = crate::fs::lock(&follower.generation).clone();
+        if latest.is_none_or(|key| key == current) {
+            return Ok(false);
+        }
+        let n = follower.opened.fetch_add(1, Ordering::Relaxed) + 1;
+        let path = follower.db_dir.join(format!("volume.{n}.db"));
+        let opened = rt.block_on(volume::open(
+            follower.store.as_ref(),
+            &follower.blocks,
+            &follower.volume,
+            &path,
+            true,
+        ))?;
+        self.fs.replace_meta(opened.meta)?;
+        tracing::info!(generation = %opened.generation, "read-only mount now serves a newer generation");
+        *crate::fs::lock(&follower.generation) = opened.generation;
+        // Earlier copies are unlinked; operations still using one keep it open until done.
+        let keep = format!("volume.{n}.db");
+        for entry in fs::read_dir(&follower.db_dir).map_err(io_err("listing the metadata dir"))? {
+            let entry = entry.map_err(io_err("listing the metadata dir"))?;
+            if !entry.file_name().to_string_lossy().starts_with(&keep) {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+        Ok(true)
+    }
+}
+
 /// Opens a volume of `store` as a file system: rebuilds the metadata working copy in the
 /// cache directory and wires up the block cache, staging and (read-write) replication.
 /// Must not be called from inside the `rt` runtime.
@@ -171,6 +228,16 @@ pub fn open_fs(
     config: &EngineConfig,
     rt: &tokio::runtime::Handle,
 ) -> Result<Arc<Fs>, MountError> {
+    Ok(open_engine(store, volume_name, config, rt)?.fs)
+}
+
+/// [`open_fs`], keeping what a read-only mount needs to follow the writer.
+pub fn open_engine(
+    store: Arc<dyn ObjectStore>,
+    volume_name: &str,
+    config: &EngineConfig,
+    rt: &tokio::runtime::Handle,
+) -> Result<Engine, MountError> {
     let cache = BlockCache::open(&config.cache_dir.join("blocks"), config.cache_size / 2)
         .map_err(io_err("opening the block cache"))?;
     let blocks = Arc::new(BlockStore::new(store.clone(), cache, config.store_timeout));
@@ -218,14 +285,23 @@ pub fn open_fs(
         dirty_budget: (config.cache_size / 4).max(2 * block_size),
         max_readahead_blocks: (config.cache_size / 4 / block_size).clamp(1, 8),
     };
-    Ok(Arc::new(Fs::new(
+    let follower = config.read_only.then(|| Follower {
+        store: store.clone(),
+        blocks: blocks.clone(),
+        volume: volume_name.to_owned(),
+        db_dir: config.cache_dir.join("meta"),
+        generation: std::sync::Mutex::new(opened.generation.clone()),
+        opened: std::sync::atomic::AtomicU64::new(0),
+    });
+    let fs = Arc::new(Fs::new(
         opened.meta.clone(),
         blocks,
         rt.clone(),
         staging,
         fs_config,
         sync,
-    )?))
+    )?);
+    Ok(Engine { fs, follower })
 }
 
 /// Mounts and serves until unmounted or signalled. `ready` runs once the mount is usable.
@@ -250,7 +326,8 @@ pub fn run(
         .enable_all()
         .build()
         .map_err(io_err("starting the I/O runtime"))?;
-    let fs = open_fs(store, &config.volume, &config.engine, rt.handle())?;
+    let engine = open_engine(store, &config.volume, &config.engine, rt.handle())?;
+    let fs = engine.fs.clone();
     let mut options = vec![
         MountOption::FSName(format!("cloudfs:{}", config.volume)),
         MountOption::Subtype("cloudfs".into()),
@@ -292,7 +369,11 @@ pub fn run(
     while !stop.load(Ordering::Acquire) && !session.guard.is_finished() {
         std::thread::sleep(Duration::from_millis(100));
         if last_sync.elapsed() >= config.sync_interval {
-            if let Err(e) = fs.sync_metadata() {
+            if config.engine.read_only {
+                if let Err(e) = engine.refresh(rt.handle()) {
+                    tracing::warn!(error = %e, "could not follow a newer generation; will retry");
+                }
+            } else if let Err(e) = fs.sync_metadata() {
                 tracing::error!(error = %e, "periodic metadata sync failed; will retry");
             }
             last_sync = Instant::now();

@@ -198,6 +198,16 @@ pub async fn format(
     Ok(config)
 }
 
+/// The object key of the newest generation of a volume, if it has any.
+pub async fn latest_generation_key(
+    store: &dyn ObjectStore,
+    volume: &str,
+) -> VolumeResult<Option<String>> {
+    Ok(latest_generation(store, volume)
+        .await?
+        .map(|(_, _, key)| key))
+}
+
 /// The epoch of the newest generation of a volume, if it has any.
 pub async fn latest_generation_epoch(
     store: &dyn ObjectStore,
@@ -251,6 +261,8 @@ pub struct OpenedVolume {
     pub meta: Arc<MetaStore>,
     /// Epoch of the generation it was rebuilt from.
     pub epoch: u64,
+    /// Object key of that generation.
+    pub generation: String,
     pub chunks: Vec<Hash>,
 }
 
@@ -314,6 +326,7 @@ pub async fn open(
         config,
         meta: Arc::new(meta),
         epoch,
+        generation: key,
         chunks,
     })
 }

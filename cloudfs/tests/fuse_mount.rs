@@ -5,6 +5,9 @@
 //!
 //! Needs root (or `fusermount3`) and `/dev/fuse`. Every test formats its own volume in its own
 //! temp dir and keeps its pid files in its own run dir, so the tests run in parallel.
+//!
+//! With `CLOUDFS_TEST_STORE=swift` the same tests run against Swift (the one `tests/swift/swift.sh`
+//! starts): each test formats its volume in a container of its own.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::CString;
@@ -94,6 +97,9 @@ fn sigkill(pid: i32) {
 /// most one mount of it. Dropping it unmounts and kills whatever is left, even mid-panic.
 struct Harness {
     dir: tempfile::TempDir,
+    /// `file://<dir>/store`, or a container of its own in the test Swift when the environment
+    /// says `CLOUDFS_TEST_STORE=swift` (credentials from `ST_AUTH`/`ST_USER`/`ST_KEY`).
+    store_url: String,
     /// Mounts so far; each gets a fresh cache directory `cache/<n>`.
     mounts: usize,
     /// The process serving the current mount.
@@ -111,8 +117,24 @@ impl Harness {
         for sub in ["store", "mnt", "cache", "run"] {
             fs::create_dir(dir.path().join(sub)).expect("creating a harness directory");
         }
+        let store_url = match std::env::var("CLOUDFS_TEST_STORE").as_deref() {
+            Ok("swift") => {
+                let leaf = dir
+                    .path()
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned());
+                let unique: String = leaf
+                    .unwrap_or_default()
+                    .chars()
+                    .filter(char::is_ascii_alphanumeric)
+                    .collect();
+                format!("swift://cloudfs-test-{unique}")
+            }
+            _ => format!("file://{}", utf8(&dir.path().join("store"))),
+        };
         let harness = Harness {
             dir,
+            store_url,
             mounts: 0,
             pid: None,
         };
@@ -126,7 +148,7 @@ impl Harness {
     }
 
     fn store_url(&self) -> String {
-        format!("file://{}", utf8(&self.root().join("store")))
+        self.store_url.clone()
     }
 
     fn mnt(&self) -> PathBuf {
@@ -1447,7 +1469,6 @@ fn cli_errors_are_one_line_messages() {
     assert_content(&h.at("still-works"), b"yes");
 }
 
-/// The size of crash-test file `i`: 64..256 KiB.
 /// A read-write mount of the harness's volume on another mountpoint fails, naming the holder.
 fn assert_mount_refused(h: &Harness, name: &str) {
     let mnt = h.root().join(format!("mnt-{name}"));
@@ -1468,6 +1489,7 @@ fn assert_mount_refused(h: &Harness, name: &str) {
     assert!(!is_mountpoint(&mnt));
 }
 
+/// The size of crash-test file `i`: 64..256 KiB.
 fn crash_len(i: u64) -> usize {
     (64 * KIB + (i * 37 * KIB) % (192 * KIB)) as usize
 }
@@ -1532,4 +1554,74 @@ fn fsynced_files_survive_kill_9() {
     }
     h.umount();
     h.fsck_is_clean();
+}
+
+/// A second mount of the harness's volume on a mountpoint of its own, unmounted on drop.
+struct ExtraMount<'a> {
+    harness: &'a Harness,
+    mnt: PathBuf,
+}
+
+impl<'a> ExtraMount<'a> {
+    fn read_only(harness: &'a Harness, name: &str, extra: &[&str]) -> ExtraMount<'a> {
+        let mnt = harness.root().join(format!("mnt-{name}"));
+        let cache = harness.root().join("cache").join(name);
+        fs::create_dir_all(&mnt).expect("extra mountpoint");
+        let store = harness.store_url();
+        let mut args = vec![
+            "mount",
+            &store,
+            VOLUME,
+            utf8(&mnt),
+            "--cache-dir",
+            utf8(&cache),
+        ];
+        args.push("--read-only");
+        args.extend_from_slice(extra);
+        harness.cloudfs_ok(&args);
+        ExtraMount { harness, mnt }
+    }
+}
+
+impl Drop for ExtraMount<'_> {
+    fn drop(&mut self) {
+        let unmounted = self
+            .harness
+            .try_cloudfs(&["umount", "--timeout", "60", utf8(&self.mnt)])
+            .is_ok_and(|out| out.status.success());
+        if !unmounted || is_mountpoint(&self.mnt) {
+            let _ = run(Command::new("umount").arg("-l").arg(&self.mnt));
+        }
+    }
+}
+
+#[test]
+fn read_only_mounts_run_beside_the_writer_and_follow_it() {
+    let mut h = Harness::new();
+    h.mount(&[]);
+    fs::write(h.at("before"), b"published").expect("write");
+    File::open(h.mnt())
+        .and_then(|d| d.sync_all())
+        .expect("fsync the root");
+    let reader = ExtraMount::read_only(&h, "ro", &["--sync-interval", "1"]);
+    assert_content(&reader.mnt.join("before"), b"published");
+    assert_errno(
+        fs::write(reader.mnt.join("x"), b"no"),
+        libc::EROFS,
+        "write on the reader",
+    );
+
+    // The writer publishes more; the reader picks it up without a remount.
+    fs::write(h.at("after"), b"followed").expect("write");
+    fs::remove_file(h.at("before")).expect("unlink");
+    File::open(h.mnt())
+        .and_then(|d| d.sync_all())
+        .expect("fsync the root");
+    wait_for("the reader to follow the writer", || {
+        (fs::read(reader.mnt.join("after")).ok()? == b"followed"
+            && !reader.mnt.join("before").exists())
+        .then_some(())
+    });
+    drop(reader);
+    h.umount();
 }

@@ -1,11 +1,21 @@
 #!/usr/bin/env bash
-# Benchmark (not a test): the same job set on a plain local directory and on cloudfs over the
-# embedded LocalStore, in one run, printed as a table. Needs root (FUSE, drop_caches).
+# Benchmark (not a test): one job set on a plain local directory and on cloudfs over the
+# embedded LocalStore — and with --swift also on cloudfs over the local test Swift, next to
+# raw python-swiftclient upload/download of the same bytes (the Swift ceiling) — in one run,
+# printed as a table. Needs root (FUSE, drop_caches).
 #
-#   tests/bench/fs.sh [SIZE_MIB]      # sequential file size, default 1024
+#   tests/bench/fs.sh [--size MIB] [--swift]      # sequential file size, default 1024 MiB
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-size_mib=${1:-1024}
+size_mib=1024
+with_swift=0
+while (($#)); do
+  case $1 in
+    --size) size_mib=$2; shift 2 ;;
+    --swift) with_swift=1; shift ;;
+    *) echo "usage: $0 [--size MIB] [--swift]" >&2; exit 2 ;;
+  esac
+done
 command -v fio >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq fio >/dev/null; }
 command -v fusermount3 >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq fuse3 >/dev/null; }
 cargo build --release --quiet --bin cloudfs
@@ -22,57 +32,98 @@ mkdir -p "$work/plain" "$work/store" "$mnt"
 
 drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true; }
 
-fio_bw() { # fio_bw DIR NAME RW BS [extra...] -> MiB/s
-  local dir=$1 name=$2 rw=$3 bs=$4; shift 4
-  fio --name="$name" --directory="$dir" --rw="$rw" --bs="$bs" --size="${size_mib}M" \
+fio_job() { # fio_job DIR RW BS [extra...] -> "MiB/s IOPS"
+  local dir=$1 rw=$2 bs=$3; shift 3
+  fio --name=seq --directory="$dir" --rw="$rw" --bs="$bs" --size="${size_mib}M" \
       --ioengine=psync --output-format=json "$@" 2>/dev/null |
     python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; print("%.0f %.0f" % (max(j["read"]["bw"], j["write"]["bw"])/1024, max(j["read"]["iops"], j["write"]["iops"])))'
 }
 
-mount_cloudfs() { # fresh cache dir each time: cold cache
-  "$bin" mount "file://$work/store" bench "$mnt" --cache-dir "$work/cache.$1" --cache-size 4GiB >/dev/null
-  pid=$(cat "$CLOUDFS_RUN_DIR"/*.pid)
-}
-
-stored_bytes() { du -sb "$1" | cut -f1; }
-
 declare -A R
-run_jobs() { # run_jobs LABEL DIR REMOUNT_CMD
-  local label=$1 dir=$2 remount=$3
-  read -r R[$label.seqw] _ < <(fio_bw "$dir" seq write 1M --end_fsync=1)
+peak_rss_kib=0
+
+# run_jobs LABEL DIR REMOUNT STORED: REMOUNT makes the next read cold, STORED prints bytes stored.
+run_jobs() {
+  local label=$1 dir=$2 remount=$3 stored=$4 before
+  read -r R[$label.seqw] _ < <(fio_job "$dir" write 1M --end_fsync=1)
   $remount; drop_caches
-  read -r R[$label.seqr] _ < <(fio_bw "$dir" seq read 1M)
-  read -r _ R[$label.rand] < <(fio_bw "$dir" seq randread 4k --runtime=15 --time_based)
+  read -r R[$label.seqr] _ < <(fio_job "$dir" read 1M)
+  read -r _ R[$label.rand] < <(fio_job "$dir" randread 4k --runtime=15 --time_based)
   while read -r key value; do R[$label.$key]=$value; done < <(python3 tests/bench/metaops.py "$dir")
-  local before after
-  before=$(stored_bytes "$4")
   head -c $((256 << 20)) /dev/urandom > "$dir/dup1"; sync "$dir/dup1"
-  after=$(stored_bytes "$4")
+  $remount
+  before=$($stored)
   cp "$dir/dup1" "$dir/dup2"; sync "$dir/dup2"
   $remount
-  R[$label.dup]=$(( ($(stored_bytes "$4") - after) / 1024 ))
+  R[$label.dup]=$(( ($($stored) - before) / 1024 ))
+}
+
+plain_stored() { du -sb "$work/plain" | cut -f1; }
+local_stored() { du -sb "$work/store" | cut -f1; }
+swift_stored() { swift stat "$container" 2>/dev/null | awk '/Bytes:/ {print $2}'; }
+
+mount_cloudfs() { # mount_cloudfs STORE_URL
+  remounts=$((remounts + 1))
+  "$bin" mount "$1" bench "$mnt" --cache-dir "$work/cache.$remounts" --cache-size 4GiB >/dev/null
+  pid=$(cat "$CLOUDFS_RUN_DIR"/*.pid)
+}
+remounts=0
+remount_cloudfs() { # fresh cache dir each time: the next read is cold
+  local hwm
+  hwm=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")
+  ((hwm > peak_rss_kib)) && peak_rss_kib=$hwm
+  "$bin" umount "$mnt" >/dev/null
+  mount_cloudfs "$store_url"
 }
 
 echo "plain directory: $work/plain"
-run_jobs plain "$work/plain" drop_caches "$work/plain"
+run_jobs plain "$work/plain" drop_caches plain_stored
 
-"$bin" format "file://$work/store" bench >/dev/null
-mount_cloudfs 0
-remount_cloudfs() {
-  local hwm
-  hwm=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")
-  [ "${hwm:-0}" -gt "${R[rss]:-0}" ] && R[rss]=$hwm
-  "$bin" umount "$mnt" >/dev/null
-  mount_cloudfs $((++remounts))
-}
-remounts=0
-echo "cloudfs: $mnt over file://$work/store"
-run_jobs cloudfs "$mnt" remount_cloudfs "$work/store"
+store_url="file://$work/store"
+"$bin" format "$store_url" bench >/dev/null
+mount_cloudfs "$store_url"
+echo "cloudfs: $mnt over $store_url"
+run_jobs local "$mnt" remount_cloudfs local_stored
 remount_cloudfs
+"$bin" umount "$mnt" >/dev/null
 
-pct() { python3 -c "print('%.0f%%' % (100.0 * $2 / $1) if $1 else '-')"; }
-printf '\n%-34s %14s %14s %8s\n' "job" "plain dir" "cloudfs" "ratio"
-row() { printf '%-34s %14s %14s %8s\n' "$1" "${R[plain.$2]}" "${R[cloudfs.$2]}" "$(pct "${R[plain.$2]}" "${R[cloudfs.$2]}")"; }
+labels=(plain local)
+if ((with_swift)); then
+  bash tests/swift/swift.sh start >/dev/null
+  eval "$(bash tests/swift/swift.sh env)"
+  container="cloudfs-bench-$$"
+  store_url="swift://$container"
+  "$bin" format "$store_url" bench >/dev/null
+  mount_cloudfs "$store_url"
+  echo "cloudfs: $mnt over $store_url"
+  run_jobs swift "$mnt" remount_cloudfs swift_stored
+  remount_cloudfs
+  "$bin" umount "$mnt" >/dev/null
+  labels+=(swift raw)
+  # The ceiling: python-swiftclient moving the same bytes (segmented like cloudfs's blocks).
+  head -c $((size_mib << 20)) /dev/urandom > "$work/raw.bin"
+  drop_caches
+  start=$(date +%s.%N)
+  swift upload --segment-size 8388608 --segment-threads 4 "$container-raw" "$work/raw.bin" \
+    --object-name raw.bin >/dev/null
+  R[raw.seqw]=$(python3 -c "print('%.0f' % ($size_mib / ($(date +%s.%N) - $start)))")
+  start=$(date +%s.%N)
+  swift download "$container-raw" raw.bin -o /dev/null >/dev/null
+  R[raw.seqr]=$(python3 -c "print('%.0f' % ($size_mib / ($(date +%s.%N) - $start)))")
+fi
+
+pct() { python3 -c "print('%.0f%%' % (100.0 * $2 / $1) if '$1' not in ('', '0') and '$2' != '' else '-')"; }
+header=$(printf '%-38s' job; for l in "${labels[@]}"; do printf ' %12s' "$l"; done)
+printf '\n%s %10s' "$header" "local/plain"
+((with_swift)) && printf ' %10s' "swift/raw"
+printf '\n'
+row() {
+  printf '%-38s' "$1"
+  for l in "${labels[@]}"; do printf ' %12s' "${R[$l.$2]:--}"; done
+  printf ' %10s' "$(pct "${R[plain.$2]:-}" "${R[local.$2]:-}")"
+  ((with_swift)) && printf ' %10s' "$(pct "${R[raw.$2]:-}" "${R[swift.$2]:-}")"
+  printf '\n'
+}
 row "seq write ${size_mib} MiB + fsync (MiB/s)" seqw
 row "cold seq read 1 MiB (MiB/s)" seqr
 row "4 KiB random read (IOPS)" rand
@@ -81,5 +132,5 @@ row "stat (files/s)" stat
 row "rename (files/s)" rename
 row "delete (files/s)" delete
 row "1000 x 64 KiB files (files/s)" small64k
-row "256 MiB duplicate: stored KiB added" dup
-printf '%-34s %14s %14s\n' "mount process peak RSS (MiB)" "-" "$(( ${R[rss]:-0} / 1024 ))"
+row "256 MiB duplicate: KiB stored added" dup
+printf '%-38s %s\n' "cloudfs mount peak RSS (MiB)" "$((peak_rss_kib / 1024))"

@@ -374,7 +374,7 @@ impl Fs {
         let mut data = vec![0u8; block.extent as usize];
         read_exact_at(&block.file, &mut data, 0)?;
         let version = block.version;
-        let (state, meta, blocks) = (state.clone(), self.meta.clone(), self.blocks.clone());
+        let (state, meta, blocks) = (state.clone(), self.meta.current(), self.blocks.clone());
         self.rt.spawn(async move {
             let data = Bytes::from(data);
             let len = data.len() as u64;

@@ -105,9 +105,44 @@ pub struct StatFs {
     pub name_max: u32,
 }
 
+/// The inode table a mount serves. A read-only mount swaps in newer generations as the
+/// writer publishes them; every operation works on the table current when it started.
+#[derive(Debug)]
+struct MetaHandle(std::sync::RwLock<Arc<MetaStore>>);
+
+impl MetaHandle {
+    fn current(&self) -> Arc<MetaStore> {
+        self.0
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    fn read<T, E: From<meta::MetaError>>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, E>,
+    ) -> Result<T, E> {
+        self.current().read(f)
+    }
+
+    fn write<T, E: From<meta::MetaError>>(
+        &self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T, E>,
+    ) -> Result<T, E> {
+        self.current().write(f)
+    }
+
+    fn replace(&self, meta: Arc<MetaStore>) {
+        *self
+            .0
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = meta;
+    }
+}
+
 /// The file system of one mounted volume.
 pub struct Fs {
-    meta: Arc<MetaStore>,
+    meta: MetaHandle,
     blocks: Arc<BlockStore>,
     rt: Handle,
     config: FsConfig,
@@ -125,7 +160,7 @@ pub struct Fs {
 impl std::fmt::Debug for Fs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Fs")
-            .field("meta", &self.meta.path())
+            .field("meta", &self.meta.current().path())
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
@@ -192,7 +227,7 @@ impl Fs {
             })?;
         }
         Ok(Fs {
-            meta,
+            meta: MetaHandle(std::sync::RwLock::new(meta)),
             blocks,
             rt,
             config,
@@ -212,8 +247,20 @@ impl Fs {
         &self.config
     }
 
-    pub fn meta(&self) -> &Arc<MetaStore> {
-        &self.meta
+    /// The inode table currently served.
+    pub fn meta(&self) -> Arc<MetaStore> {
+        self.meta.current()
+    }
+
+    /// Serves a newer generation of the volume (read-only mounts follow the writer so).
+    pub fn replace_meta(&self, meta: Arc<MetaStore>) -> FsResult<()> {
+        if !self.config.read_only {
+            return Err(FsError::Invalid(
+                "only a read-only mount follows newer generations",
+            ));
+        }
+        self.meta.replace(meta);
+        Ok(())
     }
 
     fn writable(&self) -> FsResult<()> {
