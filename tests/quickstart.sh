@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 command -v fusermount3 >/dev/null 2>&1 || {
   echo "installing fuse3"; apt-get update -qq && apt-get install -y -qq fuse3 >/dev/null; }
 cargo build --release --quiet --bin cloudfs
-bin="$PWD/target/release/cloudfs"
+bin="${CARGO_TARGET_DIR:-$PWD/target}/release/cloudfs"
 dir=$(mktemp -d /tmp/cloudfs-quickstart.XXXXXX)
 mkdir -p "$dir/store" "$dir/mnt"
 "$bin" format "file://$dir/store" demo

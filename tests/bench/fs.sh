@@ -19,7 +19,7 @@ done
 command -v fio >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq fio >/dev/null; }
 command -v fusermount3 >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq fuse3 >/dev/null; }
 cargo build --release --quiet --bin cloudfs
-bin="$PWD/target/release/cloudfs"
+bin="${CARGO_TARGET_DIR:-$PWD/target}/release/cloudfs"
 work=$(mktemp -d /var/tmp/cloudfs-bench.XXXXXX)
 export CLOUDFS_RUN_DIR="$work/run"
 mnt="$work/mnt"
