@@ -253,6 +253,11 @@ impl BlockStore {
         }
     }
 
+    /// The longest one store request may take.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     pub fn store(&self) -> &Arc<dyn ObjectStore> {
         &self.store
     }

@@ -244,11 +244,9 @@ pub fn open_engine(
     let lease = if config.read_only {
         None
     } else {
-        Some(rt.block_on(StoreLease::acquire(
-            store.as_ref(),
-            volume_name,
-            &holder_id(),
-            config.lease_ttl,
+        Some(rt.block_on(volume::bounded(
+            config.store_timeout,
+            StoreLease::acquire(store.as_ref(), volume_name, &holder_id(), config.lease_ttl),
         ))?)
     };
     let db_path = config.cache_dir.join("meta").join("volume.db");

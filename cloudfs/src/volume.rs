@@ -451,6 +451,21 @@ impl Replicator {
     }
 }
 
+/// Runs a volume operation of several store requests, failing it once `limit` has passed.
+pub async fn bounded<T>(
+    limit: std::time::Duration,
+    operation: impl Future<Output = VolumeResult<T>>,
+) -> VolumeResult<T> {
+    tokio::time::timeout(limit, operation)
+        .await
+        .unwrap_or_else(|_| {
+            Err(VolumeError::Blocks(CasError::TimedOut {
+                key: "volume lease".into(),
+                secs: limit.as_secs(),
+            }))
+        })
+}
+
 /// What the file system calls to make its metadata durable: the replicator of its volume,
 /// which keeps the volume's write lease alive and stops once it is lost.
 #[derive(Debug)]
@@ -470,7 +485,8 @@ impl VolumeSync {
         if !due {
             return Ok(());
         }
-        match self.lease.renew(self.store.as_ref()).await {
+        let renewal = bounded(self.blocks.timeout(), self.lease.renew(self.store.as_ref()));
+        match renewal.await {
             Ok(()) => {
                 *crate::fs::lock(&self.last_renewal) = std::time::Instant::now();
                 Ok(())
@@ -495,8 +511,12 @@ impl MetadataSync for VolumeSync {
     }
 
     fn release(&self) -> FsResult<()> {
+        let release = bounded(
+            self.blocks.timeout(),
+            self.lease.release(self.store.as_ref()),
+        );
         self.rt
-            .block_on(self.lease.release(self.store.as_ref()))
+            .block_on(release)
             .map_err(|e| FsError::Replication(Box::new(e)))
     }
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
-use crate::error::{SwiftError, SwiftResult};
+use crate::error::{SwiftError, SwiftResult, transient_status};
 
 /// How to authenticate.
 #[derive(Clone)]
@@ -199,7 +199,15 @@ impl Authenticator {
                 return Ok(token.clone());
             }
         }
-        let fresh = self.authenticate(http).await?;
+        let mut fresh = self.authenticate(http).await?;
+        if current.as_ref().is_some_and(|old| old.value == fresh.value) {
+            // The server handed back the token it issued before (tempauth does until it has
+            // expired): refreshing early again would only fetch it again, ever more often as
+            // its life shrinks. Keep it until Swift rejects it, then a refresh gets a new one.
+            tracing::debug!("authentication returned the current token; using it until rejected");
+            fresh.refresh_at = None;
+        }
+        tracing::debug!(storage_url = %fresh.storage_url, "authenticated");
         *current = Some(fresh.clone());
         Ok(fresh)
     }
@@ -246,6 +254,20 @@ fn transport(what: &str) -> impl FnOnce(reqwest::Error) -> SwiftError {
     move |source| SwiftError::Transport { what, source }
 }
 
+/// An authentication endpoint's failure status: a transient one (an overloaded or restarting
+/// server) as `SwiftError::Http`, so requests retry it; any other as `SwiftError::Auth`.
+fn auth_failure(url: &str, status: reqwest::StatusCode) -> SwiftError {
+    if transient_status(status.as_u16()) {
+        SwiftError::Http {
+            status: status.as_u16(),
+            what: format!("authentication at {url}"),
+            body: String::new(),
+        }
+    } else {
+        SwiftError::Auth(format!("{url} answered {status}"))
+    }
+}
+
 async fn v1(http: &reqwest::Client, auth_url: &str, user: &str, key: &str) -> SwiftResult<Token> {
     let resp = http
         .get(auth_url)
@@ -261,7 +283,7 @@ async fn v1(http: &reqwest::Client, auth_url: &str, user: &str, key: &str) -> Sw
         )));
     }
     if !status.is_success() {
-        return Err(SwiftError::Auth(format!("{auth_url} answered {status}")));
+        return Err(auth_failure(auth_url, status));
     }
     let (Some(storage_url), Some(value)) = (
         header(&resp, "x-storage-url"),
@@ -342,7 +364,7 @@ async fn keystone(http: &reqwest::Client, k: &KeystoneAuth) -> SwiftResult<Token
         )));
     }
     if !status.is_success() {
-        return Err(SwiftError::Auth(format!("{url} answered {status}")));
+        return Err(auth_failure(&url, status));
     }
     let value = header(&resp, "x-subject-token")
         .ok_or_else(|| SwiftError::Auth(format!("{url} sent no X-Subject-Token")))?;

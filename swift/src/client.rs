@@ -10,7 +10,7 @@ use reqwest::{Method, StatusCode, Url};
 use serde::Deserialize;
 
 use crate::auth::{Authenticator, Credentials, Token};
-use crate::error::{SwiftError, SwiftResult};
+use crate::error::{SwiftError, SwiftResult, transient_status};
 
 /// How hard a request tries before it fails.
 #[derive(Debug, Clone)]
@@ -89,6 +89,11 @@ pub struct BulkDeleteReport {
     pub errors: Vec<(String, String)>,
 }
 
+/// Objects per bulk-delete request. Swift accepts up to 10,000, but deletes them two at a time
+/// while the request waits: at a few dozen deletes a second (three replicas), 10,000 would take
+/// minutes and outlast [`RetryPolicy::request_timeout`], failing a delete that succeeds.
+const BULK_DELETE_CHUNK: usize = 1000;
+
 /// A client of one Swift account.
 #[derive(Debug)]
 pub struct SwiftClient {
@@ -119,6 +124,7 @@ impl<'a> Call<'a> {
         }
         let what = match object {
             Some(o) => format!("{method} {container}/{o}"),
+            None if container.is_empty() => format!("{method} account"),
             None => format!("{method} {container}"),
         };
         Call {
@@ -147,10 +153,6 @@ impl<'a> Call<'a> {
         self.body = Some(body);
         self
     }
-}
-
-fn is_transient(status: StatusCode) -> bool {
-    matches!(status.as_u16(), 408 | 429 | 498 | 500..=599)
 }
 
 fn retry_after(resp: &reqwest::Response) -> Option<Duration> {
@@ -185,16 +187,25 @@ fn last_modified(headers: &HeaderMap) -> i64 {
         .unwrap_or(0)
 }
 
-/// `/container/object` with every segment percent-encoded, as bulk requests name objects.
-fn encoded_path(container: &str, object: &str) -> SwiftResult<String> {
-    let mut url = Url::parse("http://encoder.invalid/")
-        .map_err(|e| SwiftError::Config(format!("URL encoder: {e}")))?;
-    url.path_segments_mut()
-        .map_err(|()| SwiftError::Config("URL encoder".into()))?
-        .pop_if_empty()
-        .push(container)
-        .extend(object.split('/'));
-    Ok(url.path().to_owned())
+/// `/container/object` percent-encoded byte by byte (all but the unreserved characters and the
+/// object's `/`), as a bulk-delete body and the `Destination` of a COPY name objects: Swift
+/// decodes them, so non-ASCII names and `.`/`..` segments arrive intact.
+fn encoded_path(container: &str, object: &str) -> String {
+    let mut path = String::with_capacity(container.len() + object.len() + 2);
+    for (part, slash_is_separator) in [(container, false), (object, true)] {
+        path.push('/');
+        for &b in part.as_bytes() {
+            if b.is_ascii_alphanumeric()
+                || b"-._~".contains(&b)
+                || (b == b'/' && slash_is_separator)
+            {
+                path.push(char::from(b));
+            } else {
+                path.push_str(&format!("%{b:02X}"));
+            }
+        }
+    }
+    path
 }
 
 /// MD5 hex of a body, which Swift checks on PUT (its ETag).
@@ -205,6 +216,7 @@ pub(crate) fn md5_hex(data: &[u8]) -> String {
 impl SwiftClient {
     pub fn new(credentials: Credentials, retry: RetryPolicy) -> SwiftResult<SwiftClient> {
         let http = reqwest::Client::builder()
+            .timeout(retry.request_timeout)
             .pool_max_idle_per_host(64)
             .tcp_keepalive(Duration::from_secs(30))
             .connect_timeout(Duration::from_secs(10))
@@ -221,6 +233,14 @@ impl SwiftClient {
     }
 
     fn url(token: &Token, call: &Call<'_>) -> SwiftResult<Url> {
+        // A URL cannot carry these segments: they would be resolved away (even percent-encoded),
+        // and the request would silently address another object.
+        if call.segments.iter().any(|s| matches!(*s, "." | "..")) {
+            return Err(SwiftError::Config(format!(
+                "{}: a '.' or '..' path segment cannot be sent in a URL",
+                call.what
+            )));
+        }
         let mut url = Url::parse(&token.storage_url).map_err(|e| {
             SwiftError::Config(format!("bad storage URL {}: {e}", token.storage_url))
         })?;
@@ -240,18 +260,30 @@ impl SwiftClient {
         let mut refreshed = false;
         let mut attempt = 0;
         loop {
-            let token = self.auth.token(&self.http).await?;
+            let last = attempt + 1 >= self.retry.attempts;
+            let token = match self.auth.token(&self.http).await {
+                Ok(token) => token,
+                Err(e) if e.is_transient() && !last => {
+                    tracing::debug!(what = %call.what, error = %e, "retrying authentication");
+                    tokio::time::sleep(self.retry.backoff(attempt)).await;
+                    attempt += 1;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let url = Self::url(&token, call)?;
             let mut request = self
                 .http
                 .request(call.method.clone(), url)
                 .headers(call.headers.clone())
-                .header("X-Auth-Token", &token.value)
-                .timeout(self.retry.request_timeout);
+                .header("X-Auth-Token", &token.value);
             if let Some(body) = &call.body {
-                request = request.body(body.clone());
+                // Explicit, because an empty body would otherwise go without one, and Swift
+                // answers 411 to a PUT without a Content-Length.
+                request = request
+                    .header(reqwest::header::CONTENT_LENGTH, body.len())
+                    .body(body.clone());
             }
-            let last = attempt + 1 >= self.retry.attempts;
             let wait = match request.send().await {
                 Ok(resp) if resp.status() == StatusCode::UNAUTHORIZED => {
                     if refreshed || !self.auth.invalidate(&token).await {
@@ -260,13 +292,13 @@ impl SwiftClient {
                     refreshed = true;
                     continue;
                 }
-                Ok(resp) if is_transient(resp.status()) && !last => {
+                Ok(resp) if transient_status(resp.status().as_u16()) && !last => {
                     tracing::debug!(what = %call.what, status = %resp.status(), "retrying");
                     retry_after(&resp)
                         .map(|d| d.min(self.retry.retry_after_cap))
                         .unwrap_or_else(|| self.retry.backoff(attempt))
                 }
-                Ok(resp) if is_transient(resp.status()) => {
+                Ok(resp) if transient_status(resp.status().as_u16()) => {
                     if matches!(resp.status().as_u16(), 429 | 498) {
                         return Err(SwiftError::Throttled {
                             what: call.what.clone(),
@@ -411,7 +443,12 @@ impl SwiftClient {
 
     /// Deletes an object; a missing object is not an error.
     pub async fn delete_object(&self, container: &str, object: &str) -> SwiftResult<()> {
-        let call = Call::new(Method::DELETE, container, Some(object));
+        self.delete(Call::new(Method::DELETE, container, Some(object)))
+            .await
+    }
+
+    /// Sends a DELETE; a missing target is not an error.
+    async fn delete(&self, call: Call<'_>) -> SwiftResult<()> {
         let resp = self.send(&call).await?;
         match resp.status() {
             StatusCode::NOT_FOUND => Ok(()),
@@ -428,7 +465,7 @@ impl SwiftClient {
         dest_container: &str,
         dest_object: &str,
     ) -> SwiftResult<()> {
-        let destination = format!("/{dest_container}/{dest_object}");
+        let destination = encoded_path(dest_container, dest_object);
         let call = Call::new(
             Method::from_bytes(b"COPY").map_err(|_| SwiftError::Config("COPY method".into()))?,
             container,
@@ -441,6 +478,22 @@ impl SwiftClient {
     /// Creates a container (no error if it exists).
     pub async fn create_container(&self, container: &str) -> SwiftResult<()> {
         let call = Call::new(Method::PUT, container, None);
+        self.expect_success(&call).await.map(|_| ())
+    }
+
+    /// Deletes an empty container; a missing one is not an error. Swift refuses (409, as
+    /// `SwiftError::Http`) to delete a container that still holds objects.
+    pub async fn delete_container(&self, container: &str) -> SwiftResult<()> {
+        self.delete(Call::new(Method::DELETE, container, None))
+            .await
+    }
+
+    /// Sets the account's `Temp-URL-Key` (`X-Account-Meta-Temp-URL-Key`), the secret that
+    /// [`sign_temp_url`](crate::sign_temp_url) signs with; it replaces any earlier key, so URLs
+    /// signed with that one stop working; an empty key removes it. Needs an account
+    /// administrator's token.
+    pub async fn set_temp_url_key(&self, key: &str) -> SwiftResult<()> {
+        let call = Call::new(Method::POST, "", None).header("X-Account-Meta-Temp-URL-Key", key)?;
         self.expect_success(&call).await.map(|_| ())
     }
 
@@ -488,17 +541,17 @@ impl SwiftClient {
         })
     }
 
-    /// Deletes many objects in one request per 10,000 (the `bulk` middleware).
+    /// Deletes many objects, 1,000 per request (the `bulk` middleware).
     pub async fn bulk_delete(
         &self,
         container: &str,
         objects: &[String],
     ) -> SwiftResult<BulkDeleteReport> {
         let mut report = BulkDeleteReport::default();
-        for chunk in objects.chunks(10_000) {
+        for chunk in objects.chunks(BULK_DELETE_CHUNK) {
             let mut body = String::new();
             for object in chunk {
-                body.push_str(&encoded_path(container, object)?);
+                body.push_str(&encoded_path(container, object));
                 body.push('\n');
             }
             let call = Call::new(Method::POST, "", None)
@@ -515,11 +568,33 @@ impl SwiftClient {
                 })?;
             report.deleted += parsed["Number Deleted"].as_u64().unwrap_or(0);
             report.not_found += parsed["Number Not Found"].as_u64().unwrap_or(0);
-            for error in parsed["Errors"].as_array().into_iter().flatten() {
+            let errors = parsed["Errors"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            for error in errors {
                 report.errors.push((
                     error[0].as_str().unwrap_or_default().to_owned(),
                     error[1].as_str().unwrap_or_default().to_owned(),
                 ));
+            }
+            // The HTTP status is sent before the work is done; the real outcome is in the body.
+            // A failure that names no object (a malformed or oversized request) fails the call.
+            let outcome = parsed["Response Status"].as_str().unwrap_or_default();
+            let status: u16 = outcome
+                .split_whitespace()
+                .next()
+                .and_then(|code| code.parse().ok())
+                .unwrap_or(200);
+            if errors.is_empty() && !(200..300).contains(&status) {
+                return Err(SwiftError::Http {
+                    status,
+                    what: call.what.clone(),
+                    body: parsed["Response Body"]
+                        .as_str()
+                        .unwrap_or(outcome)
+                        .to_owned(),
+                });
             }
         }
         Ok(report)
@@ -536,7 +611,6 @@ impl SwiftClient {
         let resp = self
             .http
             .get(url)
-            .timeout(self.retry.request_timeout)
             .send()
             .await
             .map_err(|source| SwiftError::Transport {
@@ -578,10 +652,8 @@ mod tests {
 
     #[test]
     fn bulk_paths_are_percent_encoded() {
-        assert_eq!(
-            encoded_path("c", "dir/a b%?.txt").expect("encode"),
-            "/c/dir/a%20b%25%3F.txt"
-        );
+        assert_eq!(encoded_path("c", "dir/a b%?.txt"), "/c/dir/a%20b%25%3F.txt");
+        assert_eq!(encoded_path("c/x", "./é/../"), "/c%2Fx/./%C3%A9/../");
     }
 
     #[test]

@@ -35,3 +35,22 @@ pub enum SwiftError {
 }
 
 pub type SwiftResult<T> = Result<T, SwiftError>;
+
+/// Statuses worth retrying: timeouts, throttling (429, and 498 from Swift's ratelimit) and
+/// server errors.
+pub(crate) fn transient_status(status: u16) -> bool {
+    matches!(status, 408 | 429 | 498 | 500..=599)
+}
+
+impl SwiftError {
+    /// Whether trying again later may succeed (an unreachable or overloaded server).
+    pub(crate) fn is_transient(&self) -> bool {
+        match self {
+            SwiftError::Transport { .. }
+            | SwiftError::TimedOut { .. }
+            | SwiftError::Throttled { .. } => true,
+            SwiftError::Http { status, .. } => transient_status(*status),
+            _ => false,
+        }
+    }
+}

@@ -4,8 +4,8 @@
 //! Keystone v3 password and application credentials, or a pre-authenticated storage URL and
 //! token), objects (ranged GET, PUT with an MD5 check, create-only PUT, HEAD, DELETE, COPY),
 //! containers (create, HEAD, paged listings), bulk delete, `/info` capabilities and TempURL
-//! signing. Every request retries transient failures with jittered exponential backoff and
-//! refreshes an expired token once.
+//! signing. Every request retries transient failures (of authentication too) with jittered
+//! exponential backoff and refreshes an expired token once.
 
 mod auth;
 mod client;

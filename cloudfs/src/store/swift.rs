@@ -28,7 +28,13 @@ impl SwiftStore {
         credentials: impl Fn(&str) -> Option<String>,
     ) -> StoreResult<SwiftStore> {
         let credentials = Credentials::from_keys(credentials).map_err(store_error)?;
-        let client = SwiftClient::new(credentials, RetryPolicy::default()).map_err(store_error)?;
+        // Ride out a proxy restart (tens of seconds of backoff); the engine's store timeout
+        // still bounds every operation.
+        let retry = RetryPolicy {
+            attempts: 12,
+            ..RetryPolicy::default()
+        };
+        let client = SwiftClient::new(credentials, retry).map_err(store_error)?;
         Ok(SwiftStore {
             client,
             container: container.to_owned(),

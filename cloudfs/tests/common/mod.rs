@@ -92,6 +92,14 @@ impl TestFs {
         self.open_again();
     }
 
+    /// `remount`, reporting a failed shutdown instead of panicking (the volume stays mounted
+    /// then).
+    pub fn try_remount(&mut self) -> cloudfs::fs::FsResult<()> {
+        self.fs.shutdown()?;
+        self.open_again();
+        Ok(())
+    }
+
     fn open_again(&mut self) {
         let n = std::fs::read_dir(self.dir.path()).expect("dir").count();
         let dyn_store: Arc<dyn ObjectStore> = self.store.clone();
