@@ -65,15 +65,45 @@ fn signal(pids: &[String], signal: &str) {
     assert!(status.success(), "kill {signal} {pids:?}");
 }
 
-/// Stops (SIGSTOP) the proxy and its workers for `outage`, then lets them go on; requests meet
-/// a proxy that accepts connections but does not answer.
-fn proxy_outage(outage: Duration) -> std::thread::JoinHandle<()> {
-    let pids = proxy_processes();
-    signal(&pids, "-STOP");
-    std::thread::spawn(move || {
-        std::thread::sleep(outage);
-        signal(&pids, "-CONT");
-    })
+/// The proxy and its workers stopped (SIGSTOP) for a while: requests meet a proxy that
+/// accepts connections but does not answer. They go on after `outage`, or when this is
+/// dropped (also when the test fails), whichever comes first.
+struct Outage {
+    pids: Vec<String>,
+    resumer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Outage {
+    fn start(outage: Duration) -> Outage {
+        let pids = proxy_processes();
+        signal(&pids, "-STOP");
+        let resumer = {
+            let pids = pids.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(outage);
+                signal(&pids, "-CONT");
+            })
+        };
+        Outage {
+            pids,
+            resumer: Some(resumer),
+        }
+    }
+
+    /// Waits until the proxy runs again.
+    fn end(mut self) {
+        if let Some(resumer) = self.resumer.take() {
+            resumer.join().expect("resuming the proxy");
+        }
+    }
+}
+
+impl Drop for Outage {
+    fn drop(&mut self) {
+        if self.resumer.is_some() {
+            let _ = Command::new("kill").arg("-CONT").args(&self.pids).status();
+        }
+    }
 }
 
 /// Writes `len` bytes of pattern `seed` to `path` and fsyncs; returns the result of the fsync.
@@ -101,17 +131,17 @@ fn writes_survive_a_swift_proxy_outage() {
         std::thread::spawn(move || write_and_fsync(&path, 2, 24 << 20))
     };
     std::thread::sleep(Duration::from_millis(300));
-    let restart = proxy_outage(Duration::from_secs(3));
+    let outage = Outage::start(Duration::from_secs(3));
     writer
         .join()
         .expect("writer thread")
         .expect("a write across a 3 s outage completes");
-    restart.join().expect("resuming the proxy");
+    outage.end();
     h.umount();
 
     // An outage longer than the store timeout: fsync fails with EIO, in bounded time.
     h.mount(&["--store-timeout", "4"]);
-    let restart = proxy_outage(Duration::from_secs(10));
+    let outage = Outage::start(Duration::from_secs(10));
     let started = Instant::now();
     let failed = write_and_fsync(&h.at("lost"), 3, 4 << 20);
     assert_eq!(failed.err().and_then(|e| e.raw_os_error()), Some(libc::EIO));
@@ -120,7 +150,7 @@ fn writes_survive_a_swift_proxy_outage() {
         "EIO took {:?}",
         started.elapsed()
     );
-    restart.join().expect("resuming the proxy");
+    outage.end();
     h.umount();
 
     // A fresh cache sees everything that was fsynced, intact; the volume is consistent.
