@@ -297,11 +297,27 @@ impl BlockStore {
         }
         let key = block_key(&hash);
         let present = self.timed(&key, self.store.head(&key)).await?;
-        if present.is_none_or(|m| m.size != data.len() as u64) {
+        let trusted = match present {
+            Some(m) if m.size == data.len() as u64 => {
+                self.store.puts_are_durable() || self.holds_intact(&hash, &key).await?
+            }
+            _ => false,
+        };
+        if !trusted {
             self.timed(&key, self.store.put(&key, data)).await?;
         }
         self.mark_known(&hash);
         Ok(())
+    }
+
+    /// Whether the stored object `key` really holds block `hash` (it may not after a machine
+    /// crash on a store whose puts become durable only at `sync`).
+    async fn holds_intact(&self, hash: &Hash, key: &str) -> CasResult<bool> {
+        match self.timed(key, self.store.get(key, None)).await {
+            Ok(data) => Ok(hash_block(&data) == *hash),
+            Err(CasError::Store(StoreError::NotFound(_))) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// A whole block, verified against its hash, from the cache or the store (one download
@@ -398,6 +414,30 @@ mod tests {
         assert!(!cache.contains(&blocks[1].0));
         let reopened = BlockCache::open(dir.path(), 250).expect("reopen");
         assert_eq!(reopened.bytes(), 200);
+    }
+
+    #[test]
+    fn damaged_objects_on_a_lazily_durable_store_are_rewritten_not_deduplicated() {
+        let rt = tokio::runtime::Runtime::new().expect("rt");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let local = Arc::new(crate::store::LocalStore::open(dir.path()).expect("store"));
+        let blocks = BlockStore::new(
+            local.clone(),
+            BlockCache::open(&dir.path().join("cache"), 1 << 20).expect("cache"),
+            Duration::from_secs(5),
+        );
+        rt.block_on(async {
+            let data = Bytes::from(vec![5u8; 4096]);
+            let hash = hash_block(&data);
+            // What a machine crash can leave: the name, the size, but not the bytes.
+            local
+                .put(&block_key(&hash), Bytes::from(vec![0u8; 4096]))
+                .await
+                .expect("put");
+            blocks.upload(hash, data.clone(), false).await.expect("upload");
+            let stored = local.get(&block_key(&hash), None).await.expect("get");
+            assert_eq!(stored, data);
+        });
     }
 
     #[test]

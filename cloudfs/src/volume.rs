@@ -421,9 +421,13 @@ impl Replicator {
         };
         let key = generation_key(&self.volume, self.epoch, state.seq);
         let json = serde_json::to_vec(&generation).map_err(io::Error::other)?;
+        // The generation is the commit point: every block it (and its files) name is durable
+        // before it is written, and it is durable before the sync returns.
+        blocks.timed(&key, self.store.sync()).await?;
         blocks
             .timed(&key, self.store.put(&key, Bytes::from(json)))
             .await?;
+        blocks.timed(&key, self.store.sync()).await?;
         state.seq += 1;
         state.chunks = chunks;
         state.synced_commits = Some(commits);

@@ -107,12 +107,20 @@ if ((with_swift)); then
   swift upload --segment-size 8388608 --segment-threads 4 "$container-raw" "$work/raw.bin" \
     --object-name raw.bin >/dev/null
   R[raw.seqw]=$(python3 -c "print('%.0f' % ($size_mib / ($(date +%s.%N) - $start)))")
-  start=$(date +%s.%N)
-  swift download "$container-raw" raw.bin -o /dev/null >/dev/null
-  R[raw.seqr]=$(python3 -c "print('%.0f' % ($size_mib / ($(date +%s.%N) - $start)))")
+  # Download: one GET of the whole (segmented) object, streamed by the proxy.
+  token=$(swift auth | sed -n 's/^export OS_AUTH_TOKEN=//p')
+  url=$(swift auth | sed -n 's/^export OS_STORAGE_URL=//p')
+  R[raw.seqr]=$(curl -sf -H "X-Auth-Token: $token" "$url/$container-raw/raw.bin" -o /dev/null \
+    -w '%{speed_download}' | python3 -c 'import sys; print("%.0f" % (float(sys.stdin.read()) / 2**20))')
 fi
 
-pct() { python3 -c "print('%.0f%%' % (100.0 * $2 / $1) if '$1' not in ('', '0') and '$2' != '' else '-')"; }
+pct() { # pct BASE VALUE -> "NN%", or "-" when either is missing
+  python3 - "$1" "$2" <<'PY'
+import sys
+base, value = sys.argv[1], sys.argv[2]
+print("%.0f%%" % (100.0 * float(value) / float(base)) if base not in ("", "0") and value else "-")
+PY
+}
 header=$(printf '%-38s' job; for l in "${labels[@]}"; do printf ' %12s' "$l"; done)
 printf '\n%s %10s' "$header" "local/plain"
 ((with_swift)) && printf ' %10s' "swift/raw"

@@ -25,6 +25,8 @@ use crate::meta::{self, BlockRef, Hash, Inode};
 const CLEAN: u64 = u64::MAX;
 /// Blocks uploaded at once by one flush (bounds its memory to this many blocks).
 const UPLOAD_PARALLELISM: usize = 4;
+/// Emptied staging files kept for reuse.
+const SPARE_STAGING_FILES: usize = 64;
 /// Largest file: what fits in the kernel's `loff_t`.
 const MAX_FILE_SIZE: u64 = i64::MAX as u64;
 
@@ -151,9 +153,29 @@ impl Fs {
     /// Forgets a deleted file's unflushed state.
     pub(super) fn forget_file(&self, ino: u64) {
         if let Some(state) = lock(&self.files).remove(&ino) {
-            let staged = std::mem::take(&mut *lock(&state.staged));
-            let bytes: u64 = staged.values().map(|s| s.extent).sum();
-            self.staged_bytes.fetch_sub(bytes, Ordering::AcqRel);
+            let mut staged = std::mem::take(&mut *lock(&state.staged));
+            self.unstage_all(&mut staged);
+        }
+    }
+
+    /// Drops staged blocks, keeping their files for reuse: creating and deleting a file per
+    /// written block costs more (inode allocation) than the write itself for small files.
+    fn unstage_all(&self, staged: &mut BTreeMap<u64, Staged>) {
+        let released: u64 = staged.values().map(|s| s.extent).sum();
+        self.staged_bytes.fetch_sub(released, Ordering::AcqRel);
+        let mut spare = lock(&self.spare_staging);
+        for (_, block) in std::mem::take(staged) {
+            if spare.len() < SPARE_STAGING_FILES && block.file.set_len(0).is_ok() {
+                spare.push(block.file);
+            }
+        }
+    }
+
+    /// An empty staging file.
+    fn staging_file(&self) -> FsResult<File> {
+        match lock(&self.spare_staging).pop() {
+            Some(file) => Ok(file),
+            None => Ok(tempfile::tempfile_in(&self.staging_dir)?),
         }
     }
 
@@ -419,7 +441,7 @@ impl Fs {
             Entry::Vacant(slot) => slot,
         };
         {
-            let file = tempfile::tempfile_in(&self.staging_dir)?;
+            let file = self.staging_file()?;
             let mut extent = 0;
             let stored = self.meta.read(|c| meta::blocks_in(c, ino, idx, idx))?;
             if let Some(block) = stored.first() {
@@ -523,9 +545,7 @@ impl Fs {
             meta::update_inode(tx, &inode)?;
             Ok(())
         })?;
-        let released: u64 = staged.values().map(|s| s.extent).sum();
-        staged.clear();
-        self.staged_bytes.fetch_sub(released, Ordering::AcqRel);
+        self.unstage_all(staged);
         state.size.store(CLEAN, Ordering::Release);
         Ok(())
     }

@@ -75,9 +75,11 @@ pub struct ListPage {
 pub trait ObjectStore: Send + Sync + std::fmt::Debug {
     /// Read an object, or the byte `range` of it (clamped to the object's end).
     async fn get(&self, key: &str, range: Option<Range<u64>>) -> StoreResult<Bytes>;
-    /// Write an object durably (it survives a crash of this process once this returns).
+    /// Write an object. Once this returns, readers see it and it survives a crash of this
+    /// process; it survives a crash of the machine once [`ObjectStore::sync`] has returned
+    /// (at once where [`ObjectStore::puts_are_durable`]).
     async fn put(&self, key: &str, data: Bytes) -> StoreResult<()>;
-    /// Write an object only if no object has that key; `Ok(false)` when one already exists.
+    /// Write an object durably, only if no object has that key; `Ok(false)` when one exists.
     async fn put_if_absent(&self, key: &str, data: Bytes) -> StoreResult<bool>;
     /// Size and age of an object, `None` when it does not exist.
     async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>>;
@@ -90,6 +92,16 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
     /// nothing to create.
     async fn prepare(&self) -> StoreResult<()> {
         Ok(())
+    }
+    /// Makes every `put` that has returned durable against a crash of the machine.
+    async fn sync(&self) -> StoreResult<()> {
+        Ok(())
+    }
+    /// Whether each `put` is durable when it returns. Where it is not, an object found after
+    /// a machine crash may hold bytes that never became durable, so content found by name
+    /// must be checked before it is trusted.
+    fn puts_are_durable(&self) -> bool {
+        true
     }
 }
 
