@@ -434,7 +434,10 @@ mod tests {
                 .put(&block_key(&hash), Bytes::from(vec![0u8; 4096]))
                 .await
                 .expect("put");
-            blocks.upload(hash, data.clone(), false).await.expect("upload");
+            blocks
+                .upload(hash, data.clone(), false)
+                .await
+                .expect("upload");
             let stored = local.get(&block_key(&hash), None).await.expect("get");
             assert_eq!(stored, data);
         });
