@@ -80,6 +80,47 @@ pub enum ListEntry {
     Subdir { subdir: String },
 }
 
+/// One segment of a Static Large Object manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SloSegment {
+    /// Bytes of an existing object (`container/object`), optionally only `range` of them.
+    Object {
+        container: String,
+        object: String,
+        /// Size of the whole object (Swift checks it).
+        size: u64,
+        range: Option<std::ops::Range<u64>>,
+    },
+    /// Bytes carried inline in the manifest (Swift's data segments).
+    Data(Bytes),
+}
+
+impl SloSegment {
+    fn to_json(&self) -> serde_json::Value {
+        match self {
+            SloSegment::Object {
+                container,
+                object,
+                size,
+                range,
+            } => {
+                let mut segment = serde_json::json!({
+                    "path": format!("/{container}/{object}"),
+                    "size_bytes": size,
+                });
+                if let Some(r) = range {
+                    segment["range"] = format!("{}-{}", r.start, r.end.saturating_sub(1)).into();
+                }
+                segment
+            }
+            SloSegment::Data(bytes) => {
+                use base64::Engine;
+                serde_json::json!({ "data": base64::engine::general_purpose::STANDARD.encode(bytes) })
+            }
+        }
+    }
+}
+
 /// The outcome of a bulk delete.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BulkDeleteReport {
@@ -473,6 +514,43 @@ impl SwiftClient {
         )
         .header("Destination", &destination)?;
         self.expect_success(&call).await.map(|_| ())
+    }
+
+    /// Writes a Static Large Object: a manifest whose GET returns its segments' bytes in
+    /// order (no data is copied). Swift checks every object segment exists with that size.
+    /// `delete_object` of the manifest removes the manifest only, never its segments.
+    pub async fn put_slo_manifest(
+        &self,
+        container: &str,
+        object: &str,
+        segments: &[SloSegment],
+    ) -> SwiftResult<()> {
+        let manifest: Vec<serde_json::Value> = segments.iter().map(SloSegment::to_json).collect();
+        let body = serde_json::to_vec(&manifest).map_err(|e| SwiftError::BadResponse {
+            what: "encoding an SLO manifest".into(),
+            reason: e.to_string(),
+        })?;
+        let call = Call::new(Method::PUT, container, Some(object))
+            .query("multipart-manifest", "put")
+            .header("Content-Type", "application/json")?
+            .body(Bytes::from(body));
+        self.expect_success(&call).await.map(|_| ())
+    }
+
+    /// The stored manifest of a Static Large Object (its JSON segment list), not its bytes.
+    pub async fn get_slo_manifest(
+        &self,
+        container: &str,
+        object: &str,
+    ) -> SwiftResult<serde_json::Value> {
+        let call =
+            Call::new(Method::GET, container, Some(object)).query("multipart-manifest", "get");
+        let resp = self.expect_success(&call).await?;
+        let body = Self::body_bytes(&call, resp).await?;
+        serde_json::from_slice(&body).map_err(|e| SwiftError::BadResponse {
+            what: call.what.clone(),
+            reason: e.to_string(),
+        })
     }
 
     /// Creates a container (no error if it exists).

@@ -14,7 +14,7 @@ mod tempurl;
 
 pub use auth::{Credentials, KeystoneAuth, parse_credentials_file};
 pub use client::{
-    BulkDeleteReport, ContainerInfo, ListEntry, ObjectInfo, RetryPolicy, SwiftClient,
+    BulkDeleteReport, ContainerInfo, ListEntry, ObjectInfo, RetryPolicy, SloSegment, SwiftClient,
 };
 pub use error::{SwiftError, SwiftResult};
 pub use tempurl::{TempUrlDigest, sign_temp_url};

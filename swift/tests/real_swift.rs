@@ -23,8 +23,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use cloudfs_swift::{
-    Credentials, ListEntry, RetryPolicy, SwiftClient, SwiftError, SwiftResult, TempUrlDigest,
-    sign_temp_url,
+    Credentials, ListEntry, RetryPolicy, SloSegment, SwiftClient, SwiftError, SwiftResult,
+    TempUrlDigest, sign_temp_url,
 };
 use futures::StreamExt;
 use futures::future::join_all;
@@ -886,6 +886,64 @@ async fn create_only_puts() {
     assert!(
         put(&first).await.expect("same bytes"),
         "present with the same bytes: counts as written (a retry finding its own write)"
+    );
+}
+
+// ---- static large objects -------------------------------------------------------------------
+
+#[tokio::test]
+async fn static_large_objects_with_data_segments_and_ranges() {
+    let s = Scratch::new("slo").await;
+    let (c, container) = (&s.client, s.name.as_str());
+    let (a, b) = (random_bytes(1 << 20), random_bytes(3000));
+    s.put("seg/a", a.clone()).await;
+    s.put("seg/b", b.clone()).await;
+    let segment = |object: &str, size: usize, range| SloSegment::Object {
+        container: container.to_owned(),
+        object: object.to_owned(),
+        size: size as u64,
+        range,
+    };
+    let segments = [
+        SloSegment::Data(Bytes::from_static(b"HEADER")),
+        segment("seg/a", a.len(), None),
+        segment("seg/b", b.len(), Some(100..1100)),
+        SloSegment::Data(Bytes::from(vec![0u8; 512])),
+    ];
+    c.put_slo_manifest(container, "joined", &segments)
+        .await
+        .expect("manifest");
+    let mut expected = b"HEADER".to_vec();
+    expected.extend_from_slice(&a);
+    expected.extend_from_slice(&b[100..1100]);
+    expected.extend_from_slice(&[0u8; 512]);
+    assert_eq!(
+        s.get("joined").await,
+        expected,
+        "GET returns the segments in order"
+    );
+    let (start, end) = (3, 6 + a.len() + 10);
+    let ranged = c
+        .get_object(container, "joined", Some(start as u64..end as u64))
+        .await
+        .expect("ranged GET across segments");
+    assert_eq!(&ranged[..], &expected[start..end]);
+    let manifest = c
+        .get_slo_manifest(container, "joined")
+        .await
+        .expect("manifest listing");
+    assert_eq!(manifest.as_array().map(Vec::len), Some(4));
+
+    c.delete_object(container, "joined")
+        .await
+        .expect("delete the manifest");
+    assert_eq!(s.get("seg/a").await, a, "segments outlive their manifest");
+    let missing = [segment("seg/none", 1, None)];
+    assert!(
+        c.put_slo_manifest(container, "broken", &missing)
+            .await
+            .is_err(),
+        "a manifest naming a missing segment is refused"
     );
 }
 
