@@ -267,11 +267,12 @@ impl Drop for Scratch {
 
 // ---- fake servers -------------------------------------------------------------------------
 
-/// One request as a fake server read it (head only: the fakes serve bodiless requests).
+/// One request as a fake server read it.
 struct Request {
     method: String,
     target: String,
     headers: Vec<(String, String)>,
+    body: Vec<u8>,
 }
 
 struct Response {
@@ -330,6 +331,7 @@ where
         method: method.to_owned(),
         target: target.to_owned(),
         headers: Vec::new(),
+        body: Vec::new(),
     };
     loop {
         line.clear();
@@ -341,6 +343,14 @@ where
             .headers
             .push((name.trim().to_ascii_lowercase(), value.trim().to_owned()));
     }
+    let length = request
+        .headers
+        .iter()
+        .find(|(name, _)| name == "content-length")
+        .and_then(|(_, value)| value.parse::<usize>().ok())
+        .unwrap_or(0);
+    request.body.resize(length, 0);
+    tokio::io::AsyncReadExt::read_exact(&mut reader, &mut request.body).await?;
     let is_head = request.method == "HEAD";
     let response = handler(request).await;
     let status = StatusCode::from_u16(response.status).expect("a valid status");
@@ -887,6 +897,121 @@ async fn create_only_puts() {
         put(&first).await.expect("same bytes"),
         "present with the same bytes: counts as written (a retry finding its own write)"
     );
+}
+
+// ---- Keystone v3 ----------------------------------------------------------------------------
+
+/// A Keystone v3 double: `POST /v3/auth/tokens` that checks the request the way Keystone does
+/// (password with user domain and project scope, or application credential), records it, and
+/// issues a token valid at the real Swift (a tempauth token) with a catalog pointing there.
+async fn keystone_double(
+    storage_url: String,
+    token: String,
+    seen: Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+) -> String {
+    let addr = serve(move |request: Request| {
+        let (storage_url, token, seen) = (storage_url.clone(), token.clone(), seen.clone());
+        async move {
+            if request.method != "POST" || request.target != "/v3/auth/tokens" {
+                return Response::status(404);
+            }
+            let Ok(body) = serde_json::from_slice::<serde_json::Value>(&request.body) else {
+                return Response::status(400);
+            };
+            let identity = &body["auth"]["identity"];
+            let accepted = match identity["methods"][0].as_str() {
+                Some("password") => {
+                    let user = &identity["password"]["user"];
+                    user["name"] == "demo"
+                        && user["password"] == "demo-password"
+                        && user["domain"]["name"] == "Default"
+                        && body["auth"]["scope"]["project"]["name"] == "demo-project"
+                }
+                Some("application_credential") => {
+                    let credential = &identity["application_credential"];
+                    credential["id"] == "app-id" && credential["secret"] == "app-secret"
+                }
+                _ => false,
+            };
+            seen.lock().expect("recorded requests").push(body);
+            if !accepted {
+                return Response::status(401);
+            }
+            let reply = serde_json::json!({"token": {
+                "expires_at": "2099-01-01T00:00:00.000000Z",
+                "catalog": [
+                    {"type": "identity", "endpoints": [
+                        {"interface": "public", "region_id": "RegionOne", "url": "http://id.invalid"}]},
+                    {"type": "object-store", "endpoints": [
+                        {"interface": "internal", "region_id": "RegionOne", "url": "http://internal.invalid"},
+                        {"interface": "public", "region_id": "RegionOne", "url": storage_url}]}
+                ]
+            }});
+            Response {
+                status: 201,
+                headers: vec![
+                    ("X-Subject-Token".into(), token),
+                    ("Content-Type".into(), "application/json".into()),
+                ],
+                body: Bytes::from(reply.to_string()),
+            }
+        }
+    })
+    .await;
+    format!("http://{addr}/v3")
+}
+
+#[tokio::test]
+async fn keystone_v3_password_and_application_credentials() {
+    let (storage_url, token) = v1_login(&env("ST_AUTH"), &user()).await;
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let auth_url = keystone_double(storage_url, token, seen.clone()).await;
+    let keys = |pairs: &[(&str, &str)]| {
+        let map: std::collections::HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Credentials::from_keys(|k| map.get(k).cloned()).expect("Keystone credentials")
+    };
+    let password = keys(&[
+        ("OS_AUTH_URL", &auth_url),
+        ("OS_USERNAME", "demo"),
+        ("OS_PASSWORD", "demo-password"),
+        ("OS_PROJECT_NAME", "demo-project"),
+        ("OS_USER_DOMAIN_NAME", "Default"),
+        ("OS_PROJECT_DOMAIN_NAME", "Default"),
+    ]);
+    let application = keys(&[
+        ("OS_AUTH_URL", &auth_url),
+        ("OS_APPLICATION_CREDENTIAL_ID", "app-id"),
+        ("OS_APPLICATION_CREDENTIAL_SECRET", "app-secret"),
+    ]);
+    for credentials in [password, application] {
+        let client = client_for(credentials);
+        let container = unique("keystone");
+        client
+            .create_container(&container)
+            .await
+            .expect("a request with a Keystone token");
+        client.delete_container(&container).await.expect("cleanup");
+    }
+    assert_eq!(
+        seen.lock().expect("recorded").len(),
+        2,
+        "one token request per client"
+    );
+
+    let wrong = keys(&[
+        ("OS_AUTH_URL", &auth_url),
+        ("OS_USERNAME", "demo"),
+        ("OS_PASSWORD", "wrong"),
+        ("OS_PROJECT_NAME", "demo-project"),
+    ]);
+    let err = client_for(wrong)
+        .head_container("anything")
+        .await
+        .expect_err("a wrong password");
+    assert!(matches!(err, SwiftError::Unauthorized(_)), "{err:?}");
 }
 
 // ---- static large objects -------------------------------------------------------------------
