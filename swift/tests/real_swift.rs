@@ -634,10 +634,12 @@ impl Drop for SecondSwift {
     }
 }
 
-/// The first of `n` consecutive free ports of 127.0.0.1.
+/// The first of `n` consecutive free ports of 127.0.0.1, below the kernel's ephemeral range
+/// (32768 and up here), so that no outgoing connection of a concurrent test takes one of them
+/// between this check and the servers binding them.
 fn free_port_block(n: u16) -> u16 {
     for _ in 0..50 {
-        let first = 20_000 + rand::random::<u16>() % 30_000;
+        let first = 20_000 + rand::random::<u16>() % 10_000;
         let free =
             (first..first + n).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok());
         if free {
