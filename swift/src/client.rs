@@ -250,8 +250,17 @@ fn encoded_path(container: &str, object: &str) -> String {
 }
 
 /// MD5 hex of a body, which Swift checks on PUT (its ETag).
-pub(crate) fn md5_hex(data: &[u8]) -> String {
+fn md5_hex(data: &[u8]) -> String {
     hex::encode(Md5::digest(data))
+}
+
+/// [`md5_hex`] of a body, computed off the async worker threads (a few milliseconds per
+/// megabyte would stall every other request on that worker).
+async fn body_etag(data: &Bytes) -> SwiftResult<String> {
+    let data = data.clone();
+    tokio::task::spawn_blocking(move || md5_hex(&data))
+        .await
+        .map_err(|e| SwiftError::Config(format!("checksum worker failed: {e}")))
 }
 
 impl SwiftClient {
@@ -429,7 +438,7 @@ impl SwiftClient {
     /// Writes an object; Swift checks the body against its MD5.
     pub async fn put_object(&self, container: &str, object: &str, data: Bytes) -> SwiftResult<()> {
         let call = Call::new(Method::PUT, container, Some(object))
-            .header("ETag", &md5_hex(&data))?
+            .header("ETag", &body_etag(&data).await?)?
             .body(data);
         self.expect_success(&call).await.map(|_| ())
     }
@@ -442,7 +451,7 @@ impl SwiftClient {
         object: &str,
         data: Bytes,
     ) -> SwiftResult<bool> {
-        let etag = md5_hex(&data);
+        let etag = body_etag(&data).await?;
         let call = Call::new(Method::PUT, container, Some(object))
             .header("ETag", &etag)?
             .header("If-None-Match", "*")?
