@@ -103,15 +103,8 @@ impl LocalStore {
         };
         walk.dir(&self.root, "")
             .map_err(|e| StoreError::io(prefix, e))?;
-        let next_marker = if walk.truncated {
-            objects.last().map(|o| o.key.clone())
-        } else {
-            None
-        };
-        Ok(ListPage {
-            objects,
-            next_marker,
-        })
+        let more = walk.truncated;
+        Ok(ListPage::new(objects, more))
     }
 }
 

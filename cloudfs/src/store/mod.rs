@@ -70,6 +70,21 @@ pub struct ListPage {
     pub next_marker: Option<String>,
 }
 
+impl ListPage {
+    /// A page of `objects`; when `more` follow, the next page starts after the last of them.
+    pub fn new(objects: Vec<ObjectMeta>, more: bool) -> ListPage {
+        let next_marker = if more {
+            objects.last().map(|o| o.key.clone())
+        } else {
+            None
+        };
+        ListPage {
+            objects,
+            next_marker,
+        }
+    }
+}
+
 /// An object store: a flat namespace of immutable byte objects.
 #[async_trait]
 pub trait ObjectStore: Send + Sync + std::fmt::Debug {

@@ -125,15 +125,7 @@ impl ObjectStore for SwiftStore {
                 ListEntry::Subdir { .. } => None,
             })
             .collect();
-        let next_marker = if full {
-            objects.last().map(|o| o.key.clone())
-        } else {
-            None
-        };
-        Ok(ListPage {
-            objects,
-            next_marker,
-        })
+        Ok(ListPage::new(objects, full))
     }
 
     async fn prepare(&self) -> StoreResult<()> {
