@@ -287,17 +287,7 @@ fn populate(root: &Path) -> (u64, u64) {
     std::os::unix::fs::chown(&empty, Some(1000), Some(1001)).expect("chown");
     set_mode(&readme, 0o600);
     set_mode(&docs, 0o750);
-    File::options()
-        .write(true)
-        .open(&big)
-        .and_then(|f| {
-            f.set_times(
-                FileTimes::new()
-                    .set_accessed(system_time(1_500_000_000, 111))
-                    .set_modified(system_time(1_600_000_000, 222)),
-            )
-        })
-        .expect("set_times");
+    utimensat(&big, (1_500_000_000, 111), (1_600_000_000, 222)).expect("utimensat");
     let readme_len = fs::metadata(&readme).expect("stat readme").len();
     (4, readme_len + BIG_LEN as u64 + SPARSE_TAIL_AT + 4)
 }
