@@ -673,9 +673,10 @@ async fn refresh_ahead_of_expiry(auth_url: String, user: User) {
     }
     let auths = front.requests();
     eprintln!("{bursts} bursts of 8 requests over {lives} token lives: {auths} auth requests");
-    // Per life: one login, one early refresh (which tempauth answers with the same token), one
-    // more after Swift rejects the expired token.
-    assert!((3..=6).contains(&auths), "{auths} auth requests");
+    // Per token life: one login, one early refresh (which tempauth answers with the same token),
+    // one more after Swift rejects the expired token. 2.5 lives can touch 3 of them: at most 9,
+    // against the hundreds of requests an auth storm would make.
+    assert!((3..=9).contains(&auths), "{auths} auth requests");
     client
         .delete_container(&container)
         .await
