@@ -30,7 +30,9 @@ pub struct Cli {
     /// Swift credentials file: KEY=value lines with the keys the OpenStack tools use
     /// (ST_AUTH/ST_USER/ST_KEY; OS_AUTH_URL, OS_USERNAME, OS_PASSWORD, OS_PROJECT_NAME,
     /// OS_USER_DOMAIN_NAME, OS_PROJECT_DOMAIN_NAME; OS_APPLICATION_CREDENTIAL_ID/_SECRET;
-    /// OS_STORAGE_URL + OS_AUTH_TOKEN). Without it those environment variables are used.
+    /// OS_STORAGE_URL + OS_AUTH_TOKEN; OS_STORAGE_URL + OS_TEMP_URL_KEY, which signs object
+    /// requests with the container's or account's TempURL key and allows --read-only mounts
+    /// only). Without it those environment variables are used.
     #[arg(long, global = true, env = "CLOUDFS_CREDENTIALS", value_name = "FILE")]
     credentials: Option<PathBuf>,
     #[command(subcommand)]

@@ -32,6 +32,11 @@ pub enum MountError {
     CacheInUse(PathBuf),
     #[error("mount process {pid} did not exit within {secs}s")]
     StuckUnmount { pid: i32, secs: u64 },
+    #[error(
+        "a read-write mount needs credentials that can list the pool (to take the volume's \
+         lease); a TempURL key allows --read-only mounts only"
+    )]
+    ReadWriteNeedsListing,
     #[error(transparent)]
     Volume(#[from] VolumeError),
     #[error(transparent)]
@@ -241,6 +246,9 @@ pub fn open_engine(
     let cache = BlockCache::open(&config.cache_dir.join("blocks"), config.cache_size / 2)
         .map_err(io_err("opening the block cache"))?;
     let blocks = Arc::new(BlockStore::new(store.clone(), cache, config.store_timeout));
+    if !config.read_only && !store.can_list() {
+        return Err(MountError::ReadWriteNeedsListing);
+    }
     let lease = if config.read_only {
         None
     } else {

@@ -7,6 +7,12 @@
 //! ordinary CAS blocks, so an unchanged chunk is never uploaded twice. Manifest names are never
 //! reused (the epoch grows with every read-write open, the sequence with every sync), so an
 //! eventually consistent store can never serve a stale copy under a current name.
+//!
+//! `volumes/<volume>/meta/latest.json` points at the newest generation. It is the one object
+//! overwritten in place, and only a hint: readers that cannot list the store (TempURL
+//! credentials) start from it and probe forward for newer generations, and a read-write open
+//! takes the newer of it and the listing (a listing may lag behind the newest writes). A stale
+//! pointer can only name an older, still consistent generation.
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
@@ -80,6 +86,16 @@ pub struct VolumeConfig {
     pub created_at: i64,
 }
 
+/// `volumes/<volume>/meta/latest.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct LatestPointer {
+    epoch: u64,
+    seq: u64,
+}
+
+/// How many generations past the pointer a reader looks for (a pointer a few syncs behind).
+const POINTER_PROBES: u64 = 8;
+
 /// A generation manifest.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Generation {
@@ -115,6 +131,10 @@ fn generations_prefix(volume: &str) -> String {
 
 fn generation_key(volume: &str, epoch: u64, seq: u64) -> String {
     format!("{}{epoch:020}-{seq:020}", generations_prefix(volume))
+}
+
+fn pointer_key(volume: &str) -> String {
+    format!("volumes/{volume}/meta/latest.json")
 }
 
 fn parse_generation_key(volume: &str, key: &str) -> Option<(u64, u64)> {
@@ -218,19 +238,62 @@ pub async fn latest_generation_epoch(
         .map(|(epoch, _, _)| epoch))
 }
 
-/// The newest generation of a volume.
+/// The newest generation of a volume: the newer of what the listing shows (where the store
+/// can list) and what the pointer leads to.
 async fn latest_generation(
     store: &dyn ObjectStore,
     volume: &str,
 ) -> VolumeResult<Option<(u64, u64, String)>> {
-    let objects = list_all(store, &generations_prefix(volume)).await?;
-    Ok(objects
-        .into_iter()
-        .filter_map(|o| {
-            let (epoch, seq) = parse_generation_key(volume, &o.key)?;
-            Some((epoch, seq, o.key))
-        })
-        .max())
+    let listed = if store.can_list() {
+        list_all(store, &generations_prefix(volume))
+            .await?
+            .into_iter()
+            .filter_map(|o| {
+                let (epoch, seq) = parse_generation_key(volume, &o.key)?;
+                Some((epoch, seq, o.key))
+            })
+            .max()
+    } else {
+        None
+    };
+    let pointed = pointed_generation(store, volume).await?;
+    Ok(listed.max(pointed))
+}
+
+/// The generation `latest.json` names, or the newest of the few after it in its epoch that
+/// exist (the pointer may read stale where overwrites are eventually consistent).
+async fn pointed_generation(
+    store: &dyn ObjectStore,
+    volume: &str,
+) -> VolumeResult<Option<(u64, u64, String)>> {
+    let key = pointer_key(volume);
+    let raw = match store.get(&key, None).await {
+        Ok(raw) => raw,
+        Err(StoreError::NotFound(_)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let pointer: LatestPointer = match serde_json::from_slice(&raw) {
+        Ok(pointer) => pointer,
+        Err(e) => {
+            tracing::warn!(volume, error = %e, "ignoring a damaged {key}");
+            return Ok(None);
+        }
+    };
+    // An epoch's generations are numbered without gaps, so the first missing one ends it.
+    let mut seq = pointer.seq;
+    while seq < pointer.seq + POINTER_PROBES
+        && store
+            .head(&generation_key(volume, pointer.epoch, seq + 1))
+            .await?
+            .is_some()
+    {
+        seq += 1;
+    }
+    Ok(Some((
+        pointer.epoch,
+        seq,
+        generation_key(volume, pointer.epoch, seq),
+    )))
 }
 
 /// The metadata chunks of every generation of a volume still in the store.
@@ -428,11 +491,25 @@ impl Replicator {
             .timed(&key, self.store.put(&key, Bytes::from(json)))
             .await?;
         blocks.timed(&key, self.store.sync()).await?;
+        let pointer = serde_json::to_vec(&LatestPointer {
+            epoch: self.epoch,
+            seq: state.seq,
+        })
+        .map_err(io::Error::other)?;
         state.seq += 1;
         state.chunks = chunks;
         state.synced_commits = Some(commits);
         state.written.push(key);
-        self.prune(&mut state).await?;
+        let pointer_key = pointer_key(&self.volume);
+        let (pointed, pruned) = tokio::join!(
+            blocks.timed(
+                &pointer_key,
+                self.store.put(&pointer_key, Bytes::from(pointer))
+            ),
+            self.prune(&mut state)
+        );
+        pointed?;
+        pruned?;
         Ok(())
     }
 

@@ -25,6 +25,10 @@ pub enum Credentials {
     Keystone(KeystoneAuth),
     /// A pre-authenticated storage URL and token (used as they are; never refreshed).
     Token { storage_url: String, token: String },
+    /// A storage URL and the account's (or container's) TempURL key: every object request is
+    /// signed with the key instead of carrying a token. Grants object GET/HEAD/PUT/DELETE only
+    /// (no listings, no container or account requests), so it suits read-only consumers.
+    TempUrl { storage_url: String, key: String },
 }
 
 /// Keystone v3 parameters.
@@ -51,11 +55,17 @@ impl Credentials {
     /// `ST_AUTH`/`ST_USER`/`ST_KEY` (v1); `OS_AUTH_URL` with `OS_USERNAME`/`OS_PASSWORD`
     /// (+ `OS_PROJECT_NAME`, `OS_USER_DOMAIN_NAME`, `OS_PROJECT_DOMAIN_NAME`) or
     /// `OS_APPLICATION_CREDENTIAL_ID`/`_SECRET` (Keystone v3, optional `OS_REGION_NAME`,
-    /// `OS_INTERFACE`); or `OS_STORAGE_URL` + `OS_AUTH_TOKEN` (pre-authenticated).
+    /// `OS_INTERFACE`); or `OS_STORAGE_URL` with `OS_AUTH_TOKEN` (pre-authenticated) or
+    /// `OS_TEMP_URL_KEY` (TempURL signing, object requests only).
     pub fn from_keys(get: impl Fn(&str) -> Option<String>) -> SwiftResult<Credentials> {
         let get = |k: &str| get(k).filter(|v| !v.is_empty());
-        if let (Some(storage_url), Some(token)) = (get("OS_STORAGE_URL"), get("OS_AUTH_TOKEN")) {
-            return Ok(Credentials::Token { storage_url, token });
+        if let Some(storage_url) = get("OS_STORAGE_URL") {
+            if let Some(token) = get("OS_AUTH_TOKEN") {
+                return Ok(Credentials::Token { storage_url, token });
+            }
+            if let Some(key) = get("OS_TEMP_URL_KEY") {
+                return Ok(Credentials::TempUrl { storage_url, key });
+            }
         }
         if let Some(auth_url) = get("ST_AUTH") {
             let (Some(user), Some(key)) = (get("ST_USER"), get("ST_KEY")) else {
@@ -87,7 +97,7 @@ impl Credentials {
         }
         Err(SwiftError::Config(
             "no Swift credentials: set ST_AUTH/ST_USER/ST_KEY, OS_AUTH_URL with a user or an \
-             application credential, or OS_STORAGE_URL/OS_AUTH_TOKEN"
+             application credential, or OS_STORAGE_URL with OS_AUTH_TOKEN or OS_TEMP_URL_KEY"
                 .into(),
         ))
     }
@@ -137,6 +147,11 @@ impl fmt::Debug for Credentials {
                 .debug_struct("Token")
                 .field("storage_url", storage_url)
                 .field("token", &REDACTED)
+                .finish(),
+            Credentials::TempUrl { storage_url, .. } => f
+                .debug_struct("TempUrl")
+                .field("storage_url", storage_url)
+                .field("key", &REDACTED)
                 .finish(),
         }
     }
@@ -212,10 +227,21 @@ impl Authenticator {
         Ok(fresh)
     }
 
+    /// The TempURL key requests are signed with, in TempURL mode.
+    pub(crate) fn temp_url_key(&self) -> Option<&str> {
+        match &self.credentials {
+            Credentials::TempUrl { key, .. } => Some(key),
+            _ => None,
+        }
+    }
+
     /// Drops `rejected` (a token Swift answered 401 to), unless it was already replaced.
     /// Returns whether a refresh can help.
     pub(crate) async fn invalidate(&self, rejected: &Token) -> bool {
-        if matches!(self.credentials, Credentials::Token { .. }) {
+        if matches!(
+            self.credentials,
+            Credentials::Token { .. } | Credentials::TempUrl { .. }
+        ) {
             return false;
         }
         let mut current = self.current.lock().await;
@@ -230,6 +256,11 @@ impl Authenticator {
             Credentials::Token { storage_url, token } => Ok(Token {
                 storage_url: storage_url.trim_end_matches('/').to_owned(),
                 value: token.clone(),
+                refresh_at: None,
+            }),
+            Credentials::TempUrl { storage_url, .. } => Ok(Token {
+                storage_url: storage_url.trim_end_matches('/').to_owned(),
+                value: String::new(),
                 refresh_at: None,
             }),
             Credentials::V1 {
@@ -403,6 +434,12 @@ mod tests {
         });
         let shown = format!("{keystone:?}");
         assert!(!shown.contains("pw-value") && !shown.contains("app-secret"));
+        let temp_url = Credentials::TempUrl {
+            storage_url: "http://127.0.0.1/v1/AUTH_a".into(),
+            key: "url-key".into(),
+        };
+        let shown = format!("{temp_url:?}");
+        assert!(!shown.contains("url-key") && shown.contains("AUTH_a"));
     }
 
     #[test]
@@ -419,6 +456,12 @@ mod tests {
         )
         .expect("app credential");
         assert!(matches!(app, Credentials::Keystone(_)));
+        let signed = Credentials::from_file_contents(
+            "OS_STORAGE_URL=http://s/v1/AUTH_a\nOS_TEMP_URL_KEY=k\n",
+        )
+        .expect("TempURL key");
+        assert!(matches!(signed, Credentials::TempUrl { ref key, .. } if key == "k"));
+        assert!(Credentials::from_file_contents("OS_STORAGE_URL=http://s/v1/AUTH_a\n").is_err());
         assert!(Credentials::from_file_contents("OS_AUTH_URL=http://k/v3\n").is_err());
         assert!(Credentials::from_file_contents("ST_AUTH=http://x\n").is_err());
         assert!(Credentials::from_file_contents("garbage line").is_err());

@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 use crate::auth::{Authenticator, Credentials, Token};
 use crate::error::{SwiftError, SwiftResult, transient_status};
+use crate::tempurl::{TempUrlDigest, sign_temp_url};
 
 /// How hard a request tries before it fails.
 #[derive(Debug, Clone)]
@@ -141,7 +142,12 @@ pub struct SwiftClient {
     http: reqwest::Client,
     auth: Authenticator,
     retry: RetryPolicy,
+    /// The digest TempURL signatures use (TempURL mode), learnt from `/info` once.
+    temp_url_digest: tokio::sync::OnceCell<TempUrlDigest>,
 }
+
+/// How long a request's TempURL signature stays valid: beyond any one attempt.
+const TEMP_URL_VALIDITY: Duration = Duration::from_secs(3600);
 
 /// One request, rebuilt for every attempt.
 struct Call<'a> {
@@ -279,7 +285,61 @@ impl SwiftClient {
             http,
             auth: Authenticator::new(credentials),
             retry,
+            temp_url_digest: tokio::sync::OnceCell::new(),
         })
+    }
+
+    /// The strongest digest the cluster accepts for TempURLs: SHA-256, or SHA-1 where `/info`
+    /// lists only that. Without `/info` (disabled or unreachable), SHA-256.
+    async fn temp_url_digest(&self) -> TempUrlDigest {
+        *self
+            .temp_url_digest
+            .get_or_init(|| async {
+                let allowed = match self.info().await {
+                    Ok(info) => info["tempurl"]["allowed_digests"].clone(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "no /info: signing TempURLs with SHA-256");
+                        return TempUrlDigest::Sha256;
+                    }
+                };
+                let offers = |name: &str| {
+                    allowed
+                        .as_array()
+                        .is_some_and(|list| list.iter().any(|d| d == name))
+                };
+                if !offers("sha256") && offers("sha1") {
+                    TempUrlDigest::Sha1
+                } else {
+                    TempUrlDigest::Sha256
+                }
+            })
+            .await
+    }
+
+    /// Adds a TempURL signature for `call` to `url`. Only object requests can be signed.
+    async fn sign(&self, url: &mut Url, key: &str, call: &Call<'_>) -> SwiftResult<()> {
+        if call.segments.len() < 2 {
+            return Err(SwiftError::Unauthorized(format!(
+                "{}: a TempURL key signs object requests only; listings and container or \
+                 account requests need account credentials",
+                call.what
+            )));
+        }
+        let digest = self.temp_url_digest().await;
+        let expires = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .saturating_add(TEMP_URL_VALIDITY)
+            .as_secs();
+        // Swift checks the signature against the decoded path.
+        let path = percent_encoding::percent_decode_str(url.path()).decode_utf8_lossy();
+        let signature = sign_temp_url(key.as_bytes(), call.method.as_str(), &path, expires, digest);
+        let query = match url.query() {
+            Some(q) if !q.is_empty() => format!("{q}&{signature}"),
+            _ => signature,
+        };
+        url.set_query(Some(&query));
+        Ok(())
     }
 
     fn url(token: &Token, call: &Call<'_>) -> SwiftResult<Url> {
@@ -321,12 +381,18 @@ impl SwiftClient {
                 }
                 Err(e) => return Err(e),
             };
-            let url = Self::url(&token, call)?;
+            let mut url = Self::url(&token, call)?;
+            let signing_key = self.auth.temp_url_key();
+            if let Some(key) = signing_key {
+                self.sign(&mut url, key, call).await?;
+            }
             let mut request = self
                 .http
                 .request(call.method.clone(), url)
-                .headers(call.headers.clone())
-                .header("X-Auth-Token", &token.value);
+                .headers(call.headers.clone());
+            if signing_key.is_none() {
+                request = request.header("X-Auth-Token", &token.value);
+            }
             if let Some(body) = &call.body {
                 // Explicit, because an empty body would otherwise go without one, and Swift
                 // answers 411 to a PUT without a Content-Length.
@@ -584,6 +650,15 @@ impl SwiftClient {
         self.expect_success(&call).await.map(|_| ())
     }
 
+    /// Sets a container's `Temp-URL-Key` (`X-Container-Meta-Temp-URL-Key`): URLs signed with
+    /// it reach that container's objects only, which makes it the key to hand to a consumer
+    /// of one pool. An empty key removes it.
+    pub async fn set_container_temp_url_key(&self, container: &str, key: &str) -> SwiftResult<()> {
+        let call = Call::new(Method::POST, container, None)
+            .header("X-Container-Meta-Temp-URL-Key", key)?;
+        self.expect_success(&call).await.map(|_| ())
+    }
+
     /// Object count and bytes of a container; `None` when it does not exist.
     pub async fn head_container(&self, container: &str) -> SwiftResult<Option<ContainerInfo>> {
         let call = Call::new(Method::HEAD, container, None);
@@ -714,6 +789,12 @@ impl SwiftClient {
         resp.json()
             .await
             .map_err(|source| SwiftError::Transport { what, source })
+    }
+
+    /// Whether requests are signed with a TempURL key (object requests only) rather than
+    /// carrying a token.
+    pub fn signs_temp_urls(&self) -> bool {
+        self.auth.temp_url_key().is_some()
     }
 
     /// The storage URL (`…/v1/AUTH_account`) the client works against.

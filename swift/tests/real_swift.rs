@@ -1314,6 +1314,89 @@ async fn temp_urls_grant_one_method_without_a_token() {
     assert_eq!(status, StatusCode::UNAUTHORIZED, "with the key removed");
 }
 
+#[tokio::test]
+async fn a_temp_url_key_alone_reads_and_writes_objects() {
+    let s = Scratch::new("tempurl-mode").await;
+    let (c, container) = (&s.client, s.name.as_str());
+    let key = format!("cloudfs-container-key-{:016x}", rand::random::<u64>());
+    c.set_container_temp_url_key(container, &key)
+        .await
+        .expect("set the container's Temp-URL-Key");
+    let data = random_bytes(10_000);
+    s.put("dir/shared.bin", data.clone()).await;
+    let storage_url = c.storage_url().await.expect("storage URL");
+    let signed = client_for(Credentials::TempUrl {
+        storage_url: storage_url.clone(),
+        key: key.clone(),
+    });
+
+    let got = signed
+        .get_object(container, "dir/shared.bin", None)
+        .await
+        .expect("signed GET");
+    assert_eq!(got, data);
+    let part = signed
+        .get_object(container, "dir/shared.bin", Some(100..200))
+        .await
+        .expect("signed ranged GET");
+    assert_eq!(part, data[100..200]);
+    let info = signed
+        .head_object(container, "dir/shared.bin")
+        .await
+        .expect("signed HEAD")
+        .expect("the object exists");
+    assert_eq!(info.size, data.len() as u64);
+    assert!(
+        signed
+            .head_object(container, "missing")
+            .await
+            .expect("signed HEAD of a missing object")
+            .is_none()
+    );
+    assert!(matches!(
+        signed.get_object(container, "missing", None).await,
+        Err(SwiftError::NotFound(_))
+    ));
+
+    let uploaded = Bytes::from(random_bytes(777));
+    signed
+        .put_object(container, "up.bin", uploaded.clone())
+        .await
+        .expect("signed PUT");
+    assert_eq!(s.get("up.bin").await, uploaded);
+    assert!(
+        !signed
+            .put_object_if_absent(container, "up.bin", Bytes::from_static(b"other"))
+            .await
+            .expect("signed create-only PUT of an existing object")
+    );
+    signed
+        .delete_object(container, "up.bin")
+        .await
+        .expect("signed DELETE");
+    assert!(
+        c.head_object(container, "up.bin")
+            .await
+            .expect("HEAD")
+            .is_none()
+    );
+
+    match signed.list_objects(container, "", None, 10, None).await {
+        Err(SwiftError::Unauthorized(message)) => {
+            assert!(message.contains("TempURL"), "{message}")
+        }
+        other => panic!("a listing with a TempURL key: {other:?}"),
+    }
+    let forged = client_for(Credentials::TempUrl {
+        storage_url,
+        key: format!("{key}-wrong"),
+    });
+    assert!(matches!(
+        forged.get_object(container, "dir/shared.bin", None).await,
+        Err(SwiftError::Unauthorized(_))
+    ));
+}
+
 // ---- retries --------------------------------------------------------------------------------
 
 #[tokio::test]

@@ -20,6 +20,8 @@ pub enum Fault {
     SlowPuts { prefix: String, delay: Duration },
     /// Reads (`get`) of keys with this prefix fail.
     FailGets { prefix: String },
+    /// The store cannot list, as Swift with only a TempURL key.
+    NoListings,
 }
 
 #[derive(Debug, Default)]
@@ -150,6 +152,11 @@ impl ObjectStore for MemStore {
         marker: Option<&str>,
         limit: usize,
     ) -> StoreResult<ListPage> {
+        if !self.can_list() {
+            return Err(StoreError::Unauthorized(format!(
+                "injected: listing {prefix} is not allowed"
+            )));
+        }
         let objects = lock(&self.objects);
         let lower = match marker {
             Some(m) => std::ops::Bound::Excluded(m),
@@ -174,5 +181,11 @@ impl ObjectStore for MemStore {
             });
         }
         Ok(page)
+    }
+
+    fn can_list(&self) -> bool {
+        !lock(&self.faults)
+            .iter()
+            .any(|f| matches!(f, Fault::NoListings))
     }
 }

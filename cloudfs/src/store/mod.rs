@@ -118,6 +118,11 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
     fn puts_are_durable(&self) -> bool {
         true
     }
+    /// Whether `list` (and `prepare`) work with these credentials. A store that cannot list
+    /// (Swift with only a TempURL key) still reads and writes objects by name.
+    fn can_list(&self) -> bool {
+        true
+    }
 }
 
 /// Every object under `prefix`, following pages.

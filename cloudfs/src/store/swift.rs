@@ -143,4 +143,8 @@ impl ObjectStore for SwiftStore {
         }
         Ok(())
     }
+
+    fn can_list(&self) -> bool {
+        !self.client.signs_temp_urls()
+    }
 }
