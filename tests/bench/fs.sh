@@ -23,8 +23,14 @@ bin="${CARGO_TARGET_DIR:-$PWD/target}/release/cloudfs"
 work=$(mktemp -d /var/tmp/cloudfs-bench.XXXXXX)
 export CLOUDFS_RUN_DIR="$work/run"
 mnt="$work/mnt"
+container=""
 cleanup() {
   "$bin" umount "$mnt" >/dev/null 2>&1 || umount -l "$mnt" >/dev/null 2>&1 || true
+  if [ -n "$container" ]; then
+    for c in "$container" "$container-raw" "$container-raw_segments"; do
+      swift delete -q "$c" >/dev/null 2>&1 || true
+    done
+  fi
   rm -rf "$work"
 }
 trap cleanup EXIT

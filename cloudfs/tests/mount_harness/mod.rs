@@ -286,6 +286,15 @@ impl Drop for Harness {
         if std::thread::panicking() {
             self.print_mount_logs();
         }
+        self.unmount_all();
+        if let Some(container) = self.store_url.strip_prefix("swift://") {
+            delete_swift_container(container);
+        }
+    }
+}
+
+impl Harness {
+    fn unmount_all(&mut self) {
         let mnt = self.mnt();
         if self.pid.is_none() && !is_mountpoint(&mnt) {
             return;
@@ -299,6 +308,54 @@ impl Drop for Harness {
         if let Some(pid) = self.pid.take().filter(|pid| alive(*pid)) {
             sigkill(pid);
         }
+    }
+}
+
+/// Empties and deletes a test container of the test Swift (best effort: a failure is
+/// printed, never a panic in `Drop`).
+fn delete_swift_container(container: &str) {
+    let cleanup = || -> Result<(), String> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        let credentials = cloudfs_swift::Credentials::from_keys(|k| std::env::var(k).ok())
+            .map_err(|e| e.to_string())?;
+        let client = cloudfs_swift::SwiftClient::new(
+            credentials,
+            cloudfs_swift::RetryPolicy {
+                attempts: 3,
+                ..cloudfs_swift::RetryPolicy::default()
+            },
+        )
+        .map_err(|e| e.to_string())?;
+        runtime.block_on(async {
+            loop {
+                let names: Vec<String> = client
+                    .list_objects(container, "", None, 10_000, None)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .into_iter()
+                    .filter_map(|row| match row {
+                        cloudfs_swift::ListEntry::Object { name, .. } => Some(name),
+                        cloudfs_swift::ListEntry::Subdir { .. } => None,
+                    })
+                    .collect();
+                if names.is_empty() {
+                    return client
+                        .delete_container(container)
+                        .await
+                        .map_err(|e| e.to_string());
+                }
+                client
+                    .bulk_delete(container, &names)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+        })
+    };
+    if let Err(e) = cleanup() {
+        eprintln!("could not delete test container {container}: {e}");
     }
 }
 
