@@ -238,7 +238,7 @@ impl Fs {
             files: Mutex::new(HashMap::new()),
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
-            prefetch_slots: Arc::new(tokio::sync::Semaphore::new(4)),
+            prefetch_slots: Arc::new(tokio::sync::Semaphore::new(8)),
             upload_slots: Arc::new(tokio::sync::Semaphore::new(4)),
             next_version: AtomicU64::new(1),
             sync,
