@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use cloudfs::cas::{BlockCache, BlockStore};
 use cloudfs::inspect;
 use cloudfs::mount::{self, EngineConfig, MountConfig};
+use cloudfs::snapshot::{self, SnapshotInfo};
 use cloudfs::store::{ObjectStore, StoreUrl};
 use cloudfs::volume;
 
@@ -69,6 +70,30 @@ enum Commands {
         #[arg(long)]
         json: bool,
     },
+    /// Named snapshots of a volume: instant, metadata only, never pruned.
+    Snapshot {
+        #[command(subcommand)]
+        action: SnapshotCommand,
+    },
+    /// Roll an unmounted volume back to one of its snapshots. The state it replaces is kept
+    /// as the snapshot pre-rollback-<unix time> until deleted. Fails while the volume is
+    /// mounted read-write.
+    Rollback {
+        store: String,
+        volume: String,
+        snapshot: String,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create a new volume from VOLUME's newest replicated state, or from its snapshot with
+    /// VOLUME@SNAPSHOT. Instant: both share every block and diverge independently.
+    Clone {
+        store: String,
+        #[arg(value_name = "VOLUME[@SNAPSHOT]")]
+        source: String,
+        new_volume: String,
+    },
     /// Check a volume: inode table consistency and every referenced block present. Exits 0
     /// only when the volume is clean. Orphaned blocks (uploaded but unreferenced, e.g. after
     /// a crash) are listed but harmless.
@@ -78,6 +103,44 @@ enum Commands {
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SnapshotCommand {
+    /// Pin the volume's newest replicated state (of a mounted volume: as of its last
+    /// metadata sync; `sync` or fsync first) under NAME.
+    Create {
+        store: String,
+        volume: String,
+        name: String,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the volume's snapshots, oldest first.
+    List {
+        store: String,
+        volume: String,
+        /// Print one JSON array.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one snapshot.
+    Show {
+        store: String,
+        volume: String,
+        name: String,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a snapshot (its blocks are freed by garbage collection when nothing else uses
+    /// them).
+    Delete {
+        store: String,
+        volume: String,
+        name: String,
     },
 }
 
@@ -92,6 +155,10 @@ struct MountArgs {
     /// Mount read-only, from the newest replicated metadata.
     #[arg(long)]
     read_only: bool,
+    /// Mount this snapshot of the volume instead of its newest state (read-only; it may run
+    /// beside the read-write mount).
+    #[arg(long, value_name = "NAME")]
+    snapshot: Option<String>,
     /// Local directory for the metadata working copy, the block cache and write-back staging
     /// [default: /var/cache/cloudfs/<volume>-<store> for root, ~/.cache/cloudfs/… otherwise].
     #[arg(long, value_name = "DIR")]
@@ -227,6 +294,52 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Commands::Snapshot { action } => snapshot_command(action, credentials),
+        Commands::Rollback {
+            store,
+            volume,
+            snapshot: name,
+            json,
+        } => {
+            let (_, store) = open_store(&store, credentials)?;
+            let scratch = tempfile::tempdir()?;
+            let blocks = scratch_blocks(store.clone(), scratch.path())?;
+            let report = runtime()?.block_on(snapshot::rollback(
+                store.as_ref(),
+                &blocks,
+                &volume,
+                &name,
+                scratch.path(),
+            ))?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!(
+                    "rolled volume {} back to snapshot {}; the previous state is snapshot {}",
+                    report.volume, report.snapshot, report.previous_state
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Commands::Clone {
+            store,
+            source,
+            new_volume,
+        } => {
+            let (_, store) = open_store(&store, credentials)?;
+            let (volume, name) = match source.split_once('@') {
+                Some((volume, name)) => (volume, Some(name)),
+                None => (source.as_str(), None),
+            };
+            let config = runtime()?.block_on(snapshot::clone_volume(
+                store.as_ref(),
+                volume,
+                name,
+                &new_volume,
+            ))?;
+            println!("created volume {} from {source}", config.name);
+            Ok(ExitCode::SUCCESS)
+        }
         Commands::Fsck {
             store,
             volume,
@@ -292,7 +405,10 @@ fn mount_command(
     }
     let cache_dir = match &args.cache_dir {
         Some(dir) => std::path::absolute(dir)?,
-        None => default_cache_dir(&store, &args.volume),
+        None => match &args.snapshot {
+            Some(name) => default_cache_dir(&store, &format!("{}@{name}", args.volume)),
+            None => default_cache_dir(&store, &args.volume),
+        },
     };
     if args.foreground {
         let config = MountConfig {
@@ -303,8 +419,9 @@ fn mount_command(
                 cache_dir,
                 cache_size: args.cache_size,
                 store_timeout: Duration::from_secs(args.store_timeout.max(1)),
-                read_only: args.read_only,
+                read_only: args.read_only || args.snapshot.is_some(),
                 lease_ttl: Duration::from_secs(args.lease_ttl.max(1)),
+                snapshot: args.snapshot.clone(),
             },
             sync_interval: Duration::from_secs(args.sync_interval.max(1)),
             fuse_threads: args.threads,
@@ -360,6 +477,9 @@ fn daemonize(
     if args.read_only {
         command.arg("--read-only");
     }
+    if let Some(name) = &args.snapshot {
+        command.args(["--snapshot", name]);
+    }
     if let Some(file) = credentials {
         command.arg("--credentials").arg(file);
     }
@@ -404,4 +524,95 @@ fn daemonize(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+fn print_snapshot_row(name: &str, created: &str, files: &str, logical: &str, stored: &str) {
+    println!("{name:<24} {created:>12} {files:>10} {logical:>16} {stored:>16}");
+}
+
+fn print_snapshot_header() {
+    print_snapshot_row(
+        "NAME",
+        "CREATED(s)",
+        "FILES",
+        "LOGICAL_BYTES",
+        "STORED_BYTES",
+    );
+}
+
+fn print_snapshot(info: &SnapshotInfo) {
+    print_snapshot_row(
+        &info.name,
+        &info.created_at.to_string(),
+        &info.files.to_string(),
+        &info.logical_bytes.to_string(),
+        &info.stored_bytes.to_string(),
+    );
+}
+
+fn snapshot_command(action: SnapshotCommand, credentials: Option<&Path>) -> Result<ExitCode> {
+    match action {
+        SnapshotCommand::Create {
+            store,
+            volume,
+            name,
+            json,
+        } => {
+            let (_, store) = open_store(&store, credentials)?;
+            let scratch = tempfile::tempdir()?;
+            let blocks = scratch_blocks(store.clone(), scratch.path())?;
+            let info = runtime()?.block_on(snapshot::create(
+                store.as_ref(),
+                &blocks,
+                &volume,
+                &name,
+                scratch.path(),
+            ))?;
+            if json {
+                println!("{}", serde_json::to_string(&info)?);
+            } else {
+                println!("created snapshot {} of volume {}", info.name, info.volume);
+            }
+        }
+        SnapshotCommand::List {
+            store,
+            volume,
+            json,
+        } => {
+            let (_, store) = open_store(&store, credentials)?;
+            let snapshots = runtime()?.block_on(snapshot::list(store.as_ref(), &volume))?;
+            if json {
+                println!("{}", serde_json::to_string(&snapshots)?);
+            } else {
+                print_snapshot_header();
+                snapshots.iter().for_each(print_snapshot);
+            }
+        }
+        SnapshotCommand::Show {
+            store,
+            volume,
+            name,
+            json,
+        } => {
+            let (_, store) = open_store(&store, credentials)?;
+            let info = runtime()?.block_on(snapshot::show(store.as_ref(), &volume, &name))?;
+            if json {
+                println!("{}", serde_json::to_string(&info)?);
+            } else {
+                print_snapshot_header();
+                print_snapshot(&info);
+                println!("generation: {}", info.generation);
+            }
+        }
+        SnapshotCommand::Delete {
+            store,
+            volume,
+            name,
+        } => {
+            let (_, store) = open_store(&store, credentials)?;
+            runtime()?.block_on(snapshot::delete(store.as_ref(), &volume, &name))?;
+            println!("deleted snapshot {name} of volume {volume}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -13,5 +13,6 @@ pub mod inspect;
 pub mod lease;
 pub mod meta;
 pub mod mount;
+pub mod snapshot;
 pub mod store;
 pub mod volume;

@@ -37,6 +37,8 @@ pub enum MountError {
          lease); a TempURL key allows --read-only mounts only"
     )]
     ReadWriteNeedsListing,
+    #[error("a snapshot is immutable: it can only be mounted --read-only")]
+    SnapshotNeedsReadOnly,
     #[error(transparent)]
     Volume(#[from] VolumeError),
     #[error(transparent)]
@@ -165,6 +167,8 @@ pub struct EngineConfig {
     pub read_only: bool,
     /// How long a read-write mount's lease outlives its last renewal.
     pub lease_ttl: Duration,
+    /// Serve this named snapshot (read-only) instead of the volume's newest state.
+    pub snapshot: Option<String>,
 }
 
 /// An opened volume: its file system and, for a read-only mount, what follows the writer.
@@ -246,6 +250,9 @@ pub fn open_engine(
     let cache = BlockCache::open(&config.cache_dir.join("blocks"), config.cache_size / 2)
         .map_err(io_err("opening the block cache"))?;
     let blocks = Arc::new(BlockStore::new(store.clone(), cache, config.store_timeout));
+    if config.snapshot.is_some() && !config.read_only {
+        return Err(MountError::SnapshotNeedsReadOnly);
+    }
     if !config.read_only && !store.can_list() {
         return Err(MountError::ReadWriteNeedsListing);
     }
@@ -258,13 +265,22 @@ pub fn open_engine(
         ))?)
     };
     let db_path = config.cache_dir.join("meta").join("volume.db");
-    let opened = rt.block_on(volume::open(
-        store.as_ref(),
-        &blocks,
-        volume_name,
-        &db_path,
-        config.read_only,
-    ))?;
+    let opened = match &config.snapshot {
+        Some(name) => rt.block_on(crate::snapshot::open(
+            store.as_ref(),
+            &blocks,
+            volume_name,
+            name,
+            &db_path,
+        ))?,
+        None => rt.block_on(volume::open(
+            store.as_ref(),
+            &blocks,
+            volume_name,
+            &db_path,
+            config.read_only,
+        ))?,
+    };
     let sync: Option<Arc<dyn MetadataSync>> = lease.map(|lease| {
         Arc::new(VolumeSync {
             replicator: Replicator::new(
@@ -291,7 +307,7 @@ pub fn open_engine(
         dirty_budget: (config.cache_size / 4).max(2 * block_size),
         max_readahead_blocks: (config.cache_size / 4 / block_size).clamp(1, 8),
     };
-    let follower = config.read_only.then(|| Follower {
+    let follower = (config.read_only && config.snapshot.is_none()).then(|| Follower {
         store: store.clone(),
         blocks: blocks.clone(),
         volume: volume_name.to_owned(),

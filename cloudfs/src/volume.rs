@@ -72,6 +72,10 @@ pub enum VolumeError {
     },
     #[error("lost the write lease of volume {volume} (epoch {epoch}) to another mount")]
     LeaseLost { volume: String, epoch: u64 },
+    #[error("volume {volume} has a snapshot named {name} already")]
+    SnapshotExists { volume: String, name: String },
+    #[error("volume {volume} has no snapshot named {name}")]
+    SnapshotNotFound { volume: String, name: String },
 }
 
 pub type VolumeResult<T> = Result<T, VolumeError>;
@@ -98,7 +102,7 @@ const POINTER_PROBES: u64 = 8;
 
 /// A generation manifest.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct Generation {
+pub(crate) struct Generation {
     epoch: u64,
     seq: u64,
     db_size: u64,
@@ -206,16 +210,25 @@ pub async fn format(
     let db_path = scratch.path().join("meta.db");
     let meta = MetaStore::create(&db_path, uid, gid, now_ns())?;
     store.prepare().await?;
-    let json = serde_json::to_vec_pretty(&config).map_err(io::Error::other)?;
-    if !store
-        .put_if_absent(&config_key(volume), Bytes::from(json))
-        .await?
-    {
-        return Err(VolumeError::Exists(volume.to_owned()));
-    }
+    write_config(store.as_ref(), &config).await?;
     let replica = Replicator::new(store.clone(), volume, 0, 0, Vec::new());
     replica.push(&meta, blocks).await?;
     Ok(config)
+}
+
+/// Writes a new volume's `config.json`; fails with `Exists` if the volume exists.
+pub(crate) async fn write_config(
+    store: &dyn ObjectStore,
+    config: &VolumeConfig,
+) -> VolumeResult<()> {
+    let json = serde_json::to_vec_pretty(config).map_err(io::Error::other)?;
+    if !store
+        .put_if_absent(&config_key(&config.name), Bytes::from(json))
+        .await?
+    {
+        return Err(VolumeError::Exists(config.name.clone()));
+    }
+    Ok(())
 }
 
 /// The object key of the newest generation of a volume, if it has any.
@@ -338,12 +351,42 @@ pub async fn open(
     read_only: bool,
 ) -> VolumeResult<OpenedVolume> {
     let config = read_config(store, volume).await?;
-    let (epoch, _, key) = latest_generation(store, volume)
+    let (key, generation) = newest_generation(store, volume).await?;
+    open_generation(blocks, config, &generation, &key, db_path, read_only).await
+}
+
+/// The newest generation of a volume: its object key and manifest.
+pub(crate) async fn newest_generation(
+    store: &dyn ObjectStore,
+    volume: &str,
+) -> VolumeResult<(String, Generation)> {
+    let (_, _, key) = latest_generation(store, volume)
         .await?
         .ok_or_else(|| corrupt(volume, "no metadata generation in the store"))?;
-    let raw = store.get(&key, None).await?;
-    let generation: Generation = serde_json::from_slice(&raw)
-        .map_err(|e| corrupt(volume, format!("generation {key}: {e}")))?;
+    let generation = read_generation(store, volume, &key).await?;
+    Ok((key, generation))
+}
+
+pub(crate) async fn read_generation(
+    store: &dyn ObjectStore,
+    volume: &str,
+    key: &str,
+) -> VolumeResult<Generation> {
+    let raw = store.get(key, None).await?;
+    serde_json::from_slice(&raw).map_err(|e| corrupt(volume, format!("generation {key}: {e}")))
+}
+
+/// Rebuilds the database a generation manifest describes (`label` names it in errors) into
+/// `db_path` and opens it.
+pub(crate) async fn open_generation(
+    blocks: &BlockStore,
+    config: VolumeConfig,
+    generation: &Generation,
+    label: &str,
+    db_path: &Path,
+    read_only: bool,
+) -> VolumeResult<OpenedVolume> {
+    let (volume, key, epoch) = (config.name.as_str(), label, generation.epoch);
     if let Some(dir) = db_path.parent() {
         fs::create_dir_all(dir)?;
     }
@@ -389,9 +432,42 @@ pub async fn open(
         config,
         meta: Arc::new(meta),
         epoch,
-        generation: key,
+        generation: key.to_owned(),
         chunks,
     })
+}
+
+/// Writes `generation` as generation `seq` of `epoch` of `volume` (a new name; never an
+/// overwrite) and points `latest.json` at it.
+pub(crate) async fn publish_generation(
+    store: &dyn ObjectStore,
+    volume: &str,
+    epoch: u64,
+    seq: u64,
+    generation: &Generation,
+) -> VolumeResult<()> {
+    let generation = Generation {
+        epoch,
+        seq,
+        created_at_ns: now_ns(),
+        ..generation.clone()
+    };
+    let json = serde_json::to_vec(&generation).map_err(io::Error::other)?;
+    if !store
+        .put_if_absent(&generation_key(volume, epoch, seq), Bytes::from(json))
+        .await?
+    {
+        return Err(corrupt(
+            volume,
+            format!("generation {epoch}-{seq} exists already"),
+        ));
+    }
+    let pointer = serde_json::to_vec(&LatestPointer { epoch, seq }).map_err(io::Error::other)?;
+    store
+        .put(&pointer_key(volume), Bytes::from(pointer))
+        .await?;
+    store.sync().await?;
+    Ok(())
 }
 
 #[derive(Debug)]

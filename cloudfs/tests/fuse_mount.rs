@@ -1317,3 +1317,75 @@ fn read_only_mounts_run_beside_the_writer_and_follow_it() {
     drop(reader);
     h.umount();
 }
+
+#[test]
+fn snapshots_mount_beside_the_writer_clone_and_roll_back_through_the_cli() {
+    let mut h = Harness::new();
+    let store = h.store_url();
+    h.mount(&[]);
+    fs::write(h.at("kept"), b"before the snapshot").expect("write");
+    File::open(h.mnt())
+        .and_then(|d| d.sync_all())
+        .expect("fsync the root");
+    let created = h.cloudfs_ok(&["snapshot", "create", &store, VOLUME, "s1", "--json"]);
+    let created: serde_json::Value = serde_json::from_str(&created).expect("JSON");
+    assert_eq!(created["files"], 1);
+    fs::write(h.at("kept"), b"after the snapshot").expect("rewrite");
+    fs::write(h.at("later"), b"new").expect("write");
+
+    {
+        let pinned = ExtraMount::read_only(&h, "s1", &["--snapshot", "s1"]);
+        assert_content(&pinned.mnt.join("kept"), b"before the snapshot");
+        assert!(!pinned.mnt.join("later").exists());
+        assert_errno(
+            fs::write(pinned.mnt.join("x"), b"x"),
+            libc::EROFS,
+            "a write into a snapshot",
+        );
+    }
+    let listed = h.cloudfs_ok(&["snapshot", "list", &store, VOLUME, "--json"]);
+    let listed: serde_json::Value = serde_json::from_str(&listed).expect("JSON");
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+
+    let refused = h.cloudfs(&["rollback", &store, VOLUME, "s1"]);
+    assert!(!refused.status.success(), "a rollback of a mounted volume");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("mounted read-write"),
+        "{refused:?}"
+    );
+    h.umount();
+    h.cloudfs_ok(&["clone", &store, &format!("{VOLUME}@s1"), "copy"]);
+    let rolled = h.cloudfs_ok(&["rollback", &store, VOLUME, "s1", "--json"]);
+    let rolled: serde_json::Value = serde_json::from_str(&rolled).expect("JSON");
+    let previous = rolled["previous_state"]
+        .as_str()
+        .expect("previous state")
+        .to_owned();
+
+    h.mount(&[]);
+    assert_content(&h.at("kept"), b"before the snapshot");
+    assert!(!h.at("later").exists(), "rolled back");
+    {
+        let before = ExtraMount::read_only(&h, "previous", &["--snapshot", &previous]);
+        assert_content(&before.mnt.join("later"), b"new");
+    }
+    let clone_mnt = h.root().join("mnt-copy");
+    fs::create_dir_all(&clone_mnt).expect("mountpoint");
+    let out = h.cloudfs(&[
+        "mount",
+        &store,
+        "copy",
+        utf8(&clone_mnt),
+        "--cache-dir",
+        utf8(&h.root().join("cache").join("copy")),
+    ]);
+    assert!(out.status.success(), "mount the clone: {out:?}");
+    let clone_content = fs::read(clone_mnt.join("kept"));
+    let _ = h.cloudfs(&["umount", utf8(&clone_mnt)]);
+    assert_eq!(
+        clone_content.expect("read the clone"),
+        b"before the snapshot"
+    );
+    h.umount();
+    h.fsck_is_clean();
+}

@@ -19,6 +19,7 @@ fn config(t: &TestFs, name: &str, read_only: bool) -> EngineConfig {
         store_timeout: Duration::from_secs(30),
         read_only,
         lease_ttl: TEST_LEASE_TTL,
+        snapshot: None,
     }
 }
 

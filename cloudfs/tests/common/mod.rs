@@ -39,6 +39,7 @@ fn engine(dir: &std::path::Path, name: &str, store_timeout: Duration) -> EngineC
         store_timeout,
         read_only: false,
         lease_ttl: TEST_LEASE_TTL,
+        snapshot: None,
     }
 }
 
@@ -100,7 +101,7 @@ impl TestFs {
         Ok(())
     }
 
-    fn open_again(&mut self) {
+    pub fn open_again(&mut self) {
         let n = std::fs::read_dir(self.dir.path()).expect("dir").count();
         let dyn_store: Arc<dyn ObjectStore> = self.store.clone();
         self.fs = open_fs(

@@ -1,0 +1,269 @@
+//! Named volume snapshots, clones and rollback, all metadata only. A snapshot pins a copy of
+//! a generation manifest in `volumes/<volume>/snapshots/<name>.json`; the manifest names the
+//! database chunks, which (like the file blocks the database names) are ordinary CAS blocks,
+//! so taking, cloning and rolling back copy no data, and metadata retention never prunes a
+//! snapshot. A clone is a new volume whose first generation is that manifest; a rollback
+//! publishes it as the volume's newest generation under a fresh lease epoch, after pinning the
+//! state it replaces as an automatic snapshot.
+
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::cas::BlockStore;
+use crate::fs::now_ns;
+use crate::lease::{StoreLease, holder_id};
+use crate::meta::{self, MetaError};
+use crate::store::{ObjectStore, StoreError, list_all};
+use crate::volume::{
+    self, FORMAT_VERSION, Generation, OpenedVolume, VolumeConfig, VolumeError, VolumeResult,
+};
+
+/// What `cloudfs snapshot list/show` report of a snapshot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    pub name: String,
+    pub volume: String,
+    /// Seconds since the Unix epoch.
+    pub created_at: i64,
+    /// The object key of the generation it was taken from.
+    pub generation: String,
+    pub files: u64,
+    pub directories: u64,
+    /// Sum of the file sizes.
+    pub logical_bytes: u64,
+    /// Bytes of the distinct blocks it references.
+    pub stored_bytes: u64,
+}
+
+/// `volumes/<volume>/snapshots/<name>.json`.
+#[derive(Debug, Serialize, Deserialize)]
+struct SnapshotRecord {
+    #[serde(flatten)]
+    info: SnapshotInfo,
+    manifest: Generation,
+}
+
+/// How long the lease taken by an offline rollback outlives a crash of the rollback.
+const ROLLBACK_LEASE_TTL: Duration = Duration::from_secs(60);
+
+fn snapshots_prefix(volume: &str) -> String {
+    format!("volumes/{volume}/snapshots/")
+}
+
+fn snapshot_key(volume: &str, name: &str) -> String {
+    format!("{}{name}.json", snapshots_prefix(volume))
+}
+
+fn not_found(volume: &str, name: &str) -> VolumeError {
+    VolumeError::SnapshotNotFound {
+        volume: volume.to_owned(),
+        name: name.to_owned(),
+    }
+}
+
+async fn read_record(
+    store: &dyn ObjectStore,
+    volume: &str,
+    name: &str,
+) -> VolumeResult<SnapshotRecord> {
+    volume::validate_name(volume)?;
+    volume::validate_name(name)?;
+    let key = snapshot_key(volume, name);
+    let raw = match store.get(&key, None).await {
+        Ok(raw) => raw,
+        Err(StoreError::NotFound(_)) => return Err(not_found(volume, name)),
+        Err(e) => return Err(e.into()),
+    };
+    serde_json::from_slice(&raw).map_err(|e| VolumeError::Corrupt {
+        volume: volume.to_owned(),
+        reason: format!("snapshot {name}: {e}"),
+    })
+}
+
+/// Pins the newest replicated state of `volume` as snapshot `name`. A mounted volume's
+/// newest replicated state is its last metadata sync (`fsync`, the sync interval, unmount).
+pub async fn create(
+    store: &dyn ObjectStore,
+    blocks: &BlockStore,
+    volume: &str,
+    name: &str,
+    scratch: &Path,
+) -> VolumeResult<SnapshotInfo> {
+    volume::validate_name(name)?;
+    let config = volume::read_config(store, volume).await?;
+    let (generation, manifest) = volume::newest_generation(store, volume).await?;
+    pin(store, blocks, config, generation, manifest, name, scratch).await
+}
+
+/// Writes the snapshot record of `manifest`, with the usage of the state it describes.
+async fn pin(
+    store: &dyn ObjectStore,
+    blocks: &BlockStore,
+    config: VolumeConfig,
+    generation: String,
+    manifest: Generation,
+    name: &str,
+    scratch: &Path,
+) -> VolumeResult<SnapshotInfo> {
+    let volume = config.name.clone();
+    let opened = volume::open_generation(
+        blocks,
+        config,
+        &manifest,
+        &generation,
+        &scratch.join(format!("snapshot-{name}.db")),
+        true,
+    )
+    .await?;
+    let (usage, distinct) = opened
+        .meta
+        .read(|c| -> Result<_, MetaError> { Ok((meta::usage(c)?, meta::distinct_blocks(c)?)) })?;
+    let info = SnapshotInfo {
+        name: name.to_owned(),
+        volume: volume.clone(),
+        created_at: now_ns() / 1_000_000_000,
+        generation,
+        files: usage.files,
+        directories: usage.directories,
+        logical_bytes: usage.logical_bytes,
+        stored_bytes: distinct.iter().map(|(_, len)| len).sum(),
+    };
+    let record = SnapshotRecord {
+        info: info.clone(),
+        manifest,
+    };
+    let json = serde_json::to_vec_pretty(&record).map_err(std::io::Error::other)?;
+    if !store
+        .put_if_absent(&snapshot_key(&volume, name), Bytes::from(json))
+        .await?
+    {
+        return Err(VolumeError::SnapshotExists {
+            volume,
+            name: name.to_owned(),
+        });
+    }
+    store.sync().await?;
+    Ok(info)
+}
+
+/// Every snapshot of `volume`, oldest first.
+pub async fn list(store: &dyn ObjectStore, volume: &str) -> VolumeResult<Vec<SnapshotInfo>> {
+    volume::read_config(store, volume).await?;
+    let prefix = snapshots_prefix(volume);
+    let mut snapshots = Vec::new();
+    for object in list_all(store, &prefix).await? {
+        let Some(name) = object.key[prefix.len()..].strip_suffix(".json") else {
+            continue;
+        };
+        match read_record(store, volume, name).await {
+            Ok(record) => snapshots.push(record.info),
+            Err(VolumeError::SnapshotNotFound { .. }) => {} // deleted meanwhile
+            Err(e) => return Err(e),
+        }
+    }
+    snapshots.sort_by(|a, b| (a.created_at, &a.name).cmp(&(b.created_at, &b.name)));
+    Ok(snapshots)
+}
+
+pub async fn show(store: &dyn ObjectStore, volume: &str, name: &str) -> VolumeResult<SnapshotInfo> {
+    Ok(read_record(store, volume, name).await?.info)
+}
+
+/// Deletes a snapshot (its blocks stay until garbage collection finds them unreferenced).
+pub async fn delete(store: &dyn ObjectStore, volume: &str, name: &str) -> VolumeResult<()> {
+    read_record(store, volume, name).await?;
+    store.delete(&snapshot_key(volume, name)).await?;
+    Ok(())
+}
+
+/// Rebuilds a snapshot's database into `db_path`, read-only (for `mount --snapshot`).
+pub async fn open(
+    store: &dyn ObjectStore,
+    blocks: &BlockStore,
+    volume: &str,
+    name: &str,
+    db_path: &Path,
+) -> VolumeResult<OpenedVolume> {
+    let config = volume::read_config(store, volume).await?;
+    let record = read_record(store, volume, name).await?;
+    let label = snapshot_key(volume, name);
+    volume::open_generation(blocks, config, &record.manifest, &label, db_path, true).await
+}
+
+/// Creates `new_volume` from the newest replicated state of `volume`, or from its snapshot
+/// `snapshot`. The two share every block and diverge independently from then on.
+pub async fn clone_volume(
+    store: &dyn ObjectStore,
+    volume: &str,
+    snapshot: Option<&str>,
+    new_volume: &str,
+) -> VolumeResult<VolumeConfig> {
+    volume::validate_name(new_volume)?;
+    let source = volume::read_config(store, volume).await?;
+    let manifest = match snapshot {
+        Some(name) => read_record(store, volume, name).await?.manifest,
+        None => volume::newest_generation(store, volume).await?.1,
+    };
+    let config = VolumeConfig {
+        format_version: FORMAT_VERSION,
+        name: new_volume.to_owned(),
+        block_size: source.block_size,
+        created_at: now_ns() / 1_000_000_000,
+    };
+    volume::write_config(store, &config).await?;
+    volume::publish_generation(store, new_volume, 0, 0, &manifest).await?;
+    Ok(config)
+}
+
+/// What an offline rollback did.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RollbackReport {
+    pub volume: String,
+    pub snapshot: String,
+    /// The automatic snapshot holding the state rolled back from.
+    pub previous_state: String,
+}
+
+/// Rolls an unmounted volume back to snapshot `name`. Takes the volume's write lease (so a
+/// read-write mount elsewhere makes it fail with `LeaseHeld`), pins the current state as the
+/// snapshot `pre-rollback-<unix time>`, then publishes the snapshot's state as the newest
+/// generation.
+pub async fn rollback(
+    store: &dyn ObjectStore,
+    blocks: &BlockStore,
+    volume: &str,
+    name: &str,
+    scratch: &Path,
+) -> VolumeResult<RollbackReport> {
+    let config = volume::read_config(store, volume).await?;
+    let target = read_record(store, volume, name).await?;
+    let lease = StoreLease::acquire(store, volume, &holder_id(), ROLLBACK_LEASE_TTL).await?;
+    let result = async {
+        let previous_state = format!("pre-rollback-{}", now_ns() / 1_000_000_000);
+        let (generation, manifest) = volume::newest_generation(store, volume).await?;
+        pin(
+            store,
+            blocks,
+            config,
+            generation,
+            manifest,
+            &previous_state,
+            scratch,
+        )
+        .await?;
+        volume::publish_generation(store, volume, lease.epoch(), 0, &target.manifest).await?;
+        Ok::<_, VolumeError>(RollbackReport {
+            volume: volume.to_owned(),
+            snapshot: name.to_owned(),
+            previous_state,
+        })
+    }
+    .await;
+    let released = lease.release(store).await;
+    let report = result?;
+    released?;
+    Ok(report)
+}
