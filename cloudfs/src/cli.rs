@@ -70,6 +70,11 @@ enum Commands {
         #[arg(long)]
         json: bool,
     },
+    /// The volumes of a store: list, delete.
+    Volume {
+        #[command(subcommand)]
+        action: VolumeCommand,
+    },
     /// Named snapshots of a volume: instant, metadata only, never pruned.
     Snapshot {
         #[command(subcommand)]
@@ -104,6 +109,20 @@ enum Commands {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum VolumeCommand {
+    /// List the volumes in a store.
+    List {
+        store: String,
+        /// Print one JSON array of names.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a volume's metadata and snapshots (fails while it is mounted read-write). Its
+    /// blocks are freed by garbage collection once nothing else references them.
+    Delete { store: String, volume: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -295,6 +314,26 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Commands::Snapshot { action } => snapshot_command(action, credentials),
+        Commands::Volume {
+            action: VolumeCommand::List { store, json },
+        } => {
+            let (_, store) = open_store(&store, credentials)?;
+            let names = runtime()?.block_on(volume::list_volumes(store.as_ref()))?;
+            if json {
+                println!("{}", serde_json::to_string(&names)?);
+            } else {
+                names.iter().for_each(|name| println!("{name}"));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Commands::Volume {
+            action: VolumeCommand::Delete { store, volume },
+        } => {
+            let (_, store) = open_store(&store, credentials)?;
+            let deleted = runtime()?.block_on(volume::delete_volume(store.as_ref(), &volume))?;
+            println!("deleted volume {volume} ({deleted} metadata objects)");
+            Ok(ExitCode::SUCCESS)
+        }
         Commands::Rollback {
             store,
             volume,

@@ -172,6 +172,32 @@ pub async fn read_config(store: &dyn ObjectStore, volume: &str) -> VolumeResult<
     Ok(config)
 }
 
+/// Deletes a volume: its config first (from then on it no longer exists), then its
+/// generations, snapshots and lease records. Its blocks stay until garbage collection finds
+/// them unreferenced (clones keep theirs). Fails while the volume is mounted read-write; run
+/// again, it finishes an interrupted delete. Returns the objects deleted.
+pub async fn delete_volume(store: &dyn ObjectStore, volume: &str) -> VolumeResult<u64> {
+    validate_name(volume)?;
+    let prefix = format!("volumes/{volume}/");
+    if list_all(store, &prefix).await?.is_empty() {
+        return Err(VolumeError::NotFound(volume.to_owned()));
+    }
+    StoreLease::acquire(
+        store,
+        volume,
+        &crate::lease::holder_id(),
+        std::time::Duration::from_secs(60),
+    )
+    .await?;
+    store.delete(&config_key(volume)).await?;
+    let mut deleted = 1;
+    for object in list_all(store, &prefix).await? {
+        store.delete(&object.key).await?;
+        deleted += 1;
+    }
+    Ok(deleted)
+}
+
 /// Every volume in the pool, by name.
 pub async fn list_volumes(store: &dyn ObjectStore) -> VolumeResult<Vec<String>> {
     let mut names: Vec<String> = list_all(store, "volumes/")

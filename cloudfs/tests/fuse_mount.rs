@@ -1388,4 +1388,10 @@ fn snapshots_mount_beside_the_writer_clone_and_roll_back_through_the_cli() {
     );
     h.umount();
     h.fsck_is_clean();
+    let volumes = |h: &Harness| -> serde_json::Value {
+        serde_json::from_str(&h.cloudfs_ok(&["volume", "list", &store, "--json"])).expect("JSON")
+    };
+    assert_eq!(volumes(&h), serde_json::json!(["copy", VOLUME]));
+    h.cloudfs_ok(&["volume", "delete", &store, "copy"]);
+    assert_eq!(volumes(&h), serde_json::json!([VOLUME]));
 }

@@ -196,3 +196,37 @@ fn snapshots_pin_a_state_to_mount_clone_and_roll_back_to() {
         Err(VolumeError::SnapshotNotFound { .. })
     ));
 }
+
+#[test]
+fn deleting_a_volume_leaves_its_clones_whole() {
+    let t = TestFs::new(64 << 10);
+    let store = store(&t);
+    write(&t, "a", b"shared content");
+    t.rt.block_on(snapshot::clone_volume(store.as_ref(), "vol", None, "copy"))
+        .expect("clone");
+    assert!(matches!(
+        t.rt.block_on(cloudfs::volume::delete_volume(store.as_ref(), "vol")),
+        Err(VolumeError::LeaseHeld { .. })
+    ));
+    t.fs.shutdown().expect("unmount");
+    t.rt.block_on(cloudfs::volume::delete_volume(store.as_ref(), "vol"))
+        .expect("delete");
+    assert_eq!(
+        t.rt.block_on(cloudfs::volume::list_volumes(store.as_ref()))
+            .expect("list"),
+        vec!["copy".to_owned()]
+    );
+    assert!(
+        t.store
+            .keys()
+            .iter()
+            .all(|k| !k.starts_with("volumes/vol/")),
+        "no metadata of the deleted volume is left"
+    );
+    assert!(matches!(
+        t.rt.block_on(cloudfs::volume::delete_volume(store.as_ref(), "vol")),
+        Err(VolumeError::NotFound(_))
+    ));
+    let copy = open(&t, "copy", "copy-cache", None, true).expect("open the clone");
+    assert_eq!(content(&copy, "a").as_deref(), Some(&b"shared content"[..]));
+}
