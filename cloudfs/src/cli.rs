@@ -70,6 +70,11 @@ enum Commands {
         #[arg(long)]
         json: bool,
     },
+    /// Seal a directory of a mounted cloudfs: every change in or under it (write, create,
+    /// rename, unlink, chmod, xattrs…) fails with EPERM until it is unsealed. Needs root.
+    Seal { dir: PathBuf },
+    /// Unseal a directory sealed with `cloudfs seal`. Needs root.
+    Unseal { dir: PathBuf },
     /// The volumes of a store: list, delete.
     Volume {
         #[command(subcommand)]
@@ -314,6 +319,16 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Commands::Snapshot { action } => snapshot_command(action, credentials),
+        Commands::Seal { dir } => {
+            set_sealed(&dir, true)?;
+            println!("sealed {}", dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Commands::Unseal { dir } => {
+            set_sealed(&dir, false)?;
+            println!("unsealed {}", dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
         Commands::Volume {
             action: VolumeCommand::List { store, json },
         } => {
@@ -654,4 +669,47 @@ fn snapshot_command(action: SnapshotCommand, credentials: Option<&Path>) -> Resu
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Seals or unseals a directory of a mounted cloudfs through its sealing attribute.
+fn set_sealed(dir: &Path, sealed: bool) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = &std::fs::canonicalize(dir).with_context(|| format!("{}", dir.display()))?;
+    let in_cloudfs = dir
+        .ancestors()
+        .find_map(mount::mounted_at)
+        .is_some_and(|m| m.is_cloudfs());
+    if !in_cloudfs {
+        bail!("{} is not in a cloudfs mount", dir.display());
+    }
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .with_context(|| format!("bad path {}", dir.display()))?;
+    let name =
+        std::ffi::CString::new(cloudfs::fs::SEAL_XATTR).context("the sealing attribute name")?;
+    // SAFETY: both strings are NUL-terminated and outlive the calls; the value is a valid
+    // one-byte buffer.
+    let rc = unsafe {
+        if sealed {
+            libc::setxattr(path.as_ptr(), name.as_ptr(), b"1".as_ptr().cast(), 1, 0)
+        } else {
+            libc::removexattr(path.as_ptr(), name.as_ptr())
+        }
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::ENOTSUP) => bail!("{} is not in a cloudfs mount", dir.display()),
+        Some(libc::EPERM) => bail!("sealing needs root (CAP_SYS_ADMIN): {err}"),
+        Some(libc::ENOTDIR) => bail!("{} is not a directory", dir.display()),
+        Some(libc::ENODATA) => bail!("{} is not sealed", dir.display()),
+        _ => Err(err).with_context(|| {
+            format!(
+                "{} {}",
+                if sealed { "sealing" } else { "unsealing" },
+                dir.display()
+            )
+        }),
+    }
 }

@@ -233,3 +233,87 @@ fn bad_input_is_refused_not_panicked_on() {
     ));
     assert_eq!(FsError::NotFound.errno(), libc::ENOENT);
 }
+
+#[test]
+fn a_sealed_directory_refuses_every_change_until_unsealed() {
+    use cloudfs::fs::SEAL_XATTR;
+    let mut t = TestFs::new(64 << 10);
+    let dir = t.fs.mkdir(ME, ROOT, b"d", 0o755, 0).expect("mkdir").ino;
+    let sub = t.fs.mkdir(ME, dir, b"sub", 0o755, 0).expect("mkdir").ino;
+    let file = t.write_file(sub, "f", b"sealed content");
+    let outside = t.write_file(ROOT, "outside", b"free");
+    t.fs.setxattr(dir, SEAL_XATTR, b"1", XattrMode::Any)
+        .expect("seal");
+    assert_eq!(t.fs.getxattr(dir, SEAL_XATTR).expect("sealed"), b"1");
+    assert!(matches!(
+        t.fs.setxattr(file, SEAL_XATTR, b"1", XattrMode::Any),
+        Err(FsError::NotDir)
+    ));
+
+    let refused = |what: &str, result: Result<(), FsError>| {
+        assert!(
+            matches!(result, Err(FsError::NotPermitted)),
+            "{what}: {result:?}"
+        );
+    };
+    let t_ref = &t;
+    refused("write", t_ref.fs.open(file, libc::O_RDWR).map(|_| ()));
+    refused(
+        "create",
+        t_ref
+            .fs
+            .create(ME, sub, b"new", 0o644, 0, libc::O_RDWR)
+            .map(|_| ()),
+    );
+    refused("unlink", t_ref.fs.unlink(sub, b"f"));
+    refused("rmdir of the sealed dir", t_ref.fs.rmdir(ROOT, b"d"));
+    refused(
+        "rename out",
+        t_ref
+            .fs
+            .rename(sub, b"f", ROOT, b"stolen", RenameMode::Replace),
+    );
+    refused(
+        "rename in",
+        t_ref
+            .fs
+            .rename(ROOT, b"outside", sub, b"moved", RenameMode::Replace),
+    );
+    refused(
+        "chmod",
+        t_ref
+            .fs
+            .setattr(
+                file,
+                SetAttr {
+                    mode: Some(0o600),
+                    ..SetAttr::default()
+                },
+            )
+            .map(|_| ()),
+    );
+    refused(
+        "xattr",
+        t_ref.fs.setxattr(file, b"user.x", b"1", XattrMode::Any),
+    );
+    refused("hard link", t_ref.fs.link(outside, sub, b"l").map(|_| ()));
+    assert_eq!(t.read_all(file), b"sealed content", "reads still work");
+    t.write_at(outside, 0, b"FREE");
+
+    // The seal is metadata: it survives a remount.
+    t.remount();
+    let dir = t.fs.lookup(ROOT, b"d").expect("d").ino;
+    let sub = t.fs.lookup(dir, b"sub").expect("sub").ino;
+    let file = t.fs.lookup(sub, b"f").expect("f").ino;
+    assert!(matches!(
+        t.fs.open(file, libc::O_RDWR),
+        Err(FsError::NotPermitted)
+    ));
+    t.fs.removexattr(dir, SEAL_XATTR).expect("unseal");
+    assert!(matches!(
+        t.fs.removexattr(dir, SEAL_XATTR),
+        Err(FsError::NoAttribute)
+    ));
+    t.write_at(file, 0, b"SEALED");
+    t.fs.unlink(sub, b"f").expect("unlink after unsealing");
+}

@@ -1395,3 +1395,50 @@ fn snapshots_mount_beside_the_writer_clone_and_roll_back_through_the_cli() {
     h.cloudfs_ok(&["volume", "delete", &store, "copy"]);
     assert_eq!(volumes(&h), serde_json::json!([VOLUME]));
 }
+
+#[test]
+fn sealed_directories_refuse_changes_through_the_mount() {
+    let mut h = Harness::new();
+    h.mount(&[]);
+    fs::create_dir_all(h.at("archive/2026")).expect("mkdir");
+    fs::write(h.at("archive/2026/report"), b"final").expect("write");
+    h.cloudfs_ok(&["seal", utf8(&h.at("archive"))]);
+    assert_errno(
+        fs::write(h.at("archive/2026/report"), b"changed"),
+        libc::EPERM,
+        "overwrite in a sealed dir",
+    );
+    assert_errno(
+        fs::write(h.at("archive/2026/new"), b"x"),
+        libc::EPERM,
+        "create in a sealed dir",
+    );
+    assert_errno(
+        fs::rename(h.at("archive/2026/report"), h.at("stolen")),
+        libc::EPERM,
+        "rename out of a sealed dir",
+    );
+    assert_errno(
+        fs::remove_file(h.at("archive/2026/report")),
+        libc::EPERM,
+        "unlink in a sealed dir",
+    );
+    assert_content(&h.at("archive/2026/report"), b"final");
+    let outside = h.root().join("not-cloudfs");
+    fs::create_dir_all(&outside).expect("mkdir");
+    let refused = h.cloudfs(&["seal", utf8(&outside)]);
+    assert!(!refused.status.success(), "sealing outside cloudfs");
+
+    // Sealing is metadata: it survives a remount from the store.
+    h.umount();
+    h.mount(&[]);
+    assert_errno(
+        fs::write(h.at("archive/2026/report"), b"changed"),
+        libc::EPERM,
+        "overwrite after a remount",
+    );
+    h.cloudfs_ok(&["unseal", utf8(&h.at("archive"))]);
+    fs::write(h.at("archive/2026/report"), b"changed").expect("write after unsealing");
+    h.umount();
+    h.fsck_is_clean();
+}

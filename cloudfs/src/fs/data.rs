@@ -207,7 +207,7 @@ impl Fs {
         }
         let writes = flags & libc::O_ACCMODE != libc::O_RDONLY;
         if writes || flags & libc::O_TRUNC != 0 {
-            self.writable()?;
+            self.changeable(&[ino])?;
         }
         if flags & libc::O_TRUNC != 0 && inode.is_file() && writes {
             self.flush_file(ino)?;
@@ -341,7 +341,7 @@ impl Fs {
     }
 
     pub fn write(&self, ino: u64, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
-        self.writable()?;
+        self.changeable(&[ino])?;
         let handle = self.handle(fh)?;
         if handle.ino != ino {
             return Err(FsError::BadHandle);

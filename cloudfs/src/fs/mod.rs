@@ -156,7 +156,13 @@ pub struct Fs {
     upload_slots: Arc<tokio::sync::Semaphore>,
     next_version: AtomicU64,
     sync: Option<Arc<dyn MetadataSync>>,
+    /// Whether any directory may be sealed (spares the ancestry check while none is).
+    seals: std::sync::atomic::AtomicBool,
 }
+
+/// The extended attribute that seals a directory: set it (any value) to seal, remove it to
+/// unseal. In the `trusted` namespace, so only root (CAP_SYS_ADMIN) can change it.
+pub const SEAL_XATTR: &[u8] = b"trusted.cloudfs.sealed";
 
 impl std::fmt::Debug for Fs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -227,6 +233,7 @@ impl Fs {
                 Ok(())
             })?;
         }
+        let seals = meta.read(meta::has_seals)?;
         Ok(Fs {
             meta: MetaHandle(std::sync::RwLock::new(meta)),
             blocks,
@@ -242,6 +249,7 @@ impl Fs {
             upload_slots: Arc::new(tokio::sync::Semaphore::new(4)),
             next_version: AtomicU64::new(1),
             sync,
+            seals: std::sync::atomic::AtomicBool::new(seals),
         })
     }
 
@@ -271,6 +279,25 @@ impl Fs {
         } else {
             Ok(())
         }
+    }
+
+    /// Fails with `NotPermitted` when one of `inos` is a sealed directory or lies under one.
+    fn check_unsealed(&self, conn: &Connection, inos: &[u64]) -> FsResult<()> {
+        if !self.seals.load(std::sync::atomic::Ordering::Acquire) {
+            return Ok(());
+        }
+        for &ino in inos {
+            if meta::is_sealed(conn, ino)? {
+                return Err(FsError::NotPermitted);
+            }
+        }
+        Ok(())
+    }
+
+    /// `writable`, and none of `inos` sealed.
+    pub(crate) fn changeable(&self, inos: &[u64]) -> FsResult<()> {
+        self.writable()?;
+        self.meta.read(|c| self.check_unsealed(c, inos))
     }
 
     /// The inode as the caller sees it: stored attributes with unflushed size/mtime on top.
@@ -303,7 +330,7 @@ impl Fs {
     }
 
     pub fn setattr(&self, ino: u64, attr: SetAttr) -> FsResult<Inode> {
-        self.writable()?;
+        self.changeable(&[ino])?;
         // Pending writes land first so that an explicit mtime or size is the last word.
         self.flush_file(ino)?;
         if let Some(size) = attr.size {
@@ -352,6 +379,7 @@ impl Fs {
         let now = now_ns();
         self.meta.write(|tx| -> FsResult<Inode> {
             let mut dir = get_dir(tx, parent)?;
+            self.check_unsealed(tx, &[parent])?;
             if meta::lookup(tx, parent, name)?.is_some() {
                 return Err(FsError::Exists);
             }
@@ -451,7 +479,7 @@ impl Fs {
     }
 
     pub fn link(&self, ino: u64, new_parent: u64, new_name: &[u8]) -> FsResult<Inode> {
-        self.writable()?;
+        self.changeable(&[ino, new_parent])?;
         check_name(new_name)?;
         let now = now_ns();
         let inode = self.meta.write(|tx| -> FsResult<Inode> {
@@ -511,6 +539,7 @@ impl Fs {
         let freed = self.meta.write(|tx| -> FsResult<Option<u64>> {
             let mut dir = get_dir(tx, parent)?;
             let ino = meta::lookup(tx, parent, name)?.ok_or(FsError::NotFound)?;
+            self.check_unsealed(tx, &[parent, ino])?;
             let inode = get(tx, ino)?;
             match (want_dir, inode.is_dir()) {
                 (true, false) => return Err(FsError::NotDir),
@@ -557,6 +586,7 @@ impl Fs {
             let mut src_dir = get_dir(tx, parent)?;
             let mut dst_dir = get_dir(tx, new_parent)?;
             let src_ino = meta::lookup(tx, parent, name)?.ok_or(FsError::NotFound)?;
+            self.check_unsealed(tx, &[parent, new_parent, src_ino])?;
             let mut src = get(tx, src_ino)?;
             let dst_ino = meta::lookup(tx, new_parent, new_name)?;
             if src.is_dir() && Self::is_ancestor(tx, src_ino, new_parent)? {
@@ -678,12 +708,21 @@ impl Fs {
     pub fn getxattr(&self, ino: u64, name: &[u8]) -> FsResult<Vec<u8>> {
         self.meta.read(|c| -> FsResult<Vec<u8>> {
             get(c, ino)?;
+            if name == SEAL_XATTR {
+                return match meta::is_sealed_dir(c, ino)? {
+                    true => Ok(b"1".to_vec()),
+                    false => Err(FsError::NoAttribute),
+                };
+            }
             meta::get_xattr(c, ino, name)?.ok_or(FsError::NoAttribute)
         })
     }
 
     pub fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], mode: XattrMode) -> FsResult<()> {
-        self.writable()?;
+        if name == SEAL_XATTR {
+            return self.seal(ino);
+        }
+        self.changeable(&[ino])?;
         if name.is_empty() || name.len() > XATTR_NAME_MAX {
             return Err(FsError::Range);
         }
@@ -714,7 +753,10 @@ impl Fs {
     }
 
     pub fn removexattr(&self, ino: u64, name: &[u8]) -> FsResult<()> {
-        self.writable()?;
+        if name == SEAL_XATTR {
+            return self.unseal(ino);
+        }
+        self.changeable(&[ino])?;
         let now = now_ns();
         self.meta.write(|tx| -> FsResult<()> {
             let mut inode = get(tx, ino)?;
@@ -724,6 +766,32 @@ impl Fs {
             inode.ctime_ns = now;
             meta::update_inode(tx, &inode)?;
             Ok(())
+        })
+    }
+
+    /// Seals directory `ino`: every change in or under it fails with `EPERM` until unsealed.
+    pub fn seal(&self, ino: u64) -> FsResult<()> {
+        self.writable()?;
+        self.meta.write(|tx| -> FsResult<()> {
+            if !get(tx, ino)?.is_dir() {
+                return Err(FsError::NotDir);
+            }
+            meta::seal(tx, ino)?;
+            Ok(())
+        })?;
+        self.seals.store(true, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+
+    pub fn unseal(&self, ino: u64) -> FsResult<()> {
+        self.writable()?;
+        self.meta.write(|tx| -> FsResult<()> {
+            get(tx, ino)?;
+            if meta::unseal(tx, ino)? {
+                Ok(())
+            } else {
+                Err(FsError::NoAttribute)
+            }
         })
     }
 

@@ -392,3 +392,49 @@ pub fn set_volume_value(conn: &Connection, key: &str, value: &str) -> MetaResult
     )?;
     Ok(())
 }
+
+/// Seals directory `ino`: nothing in or under it may change until it is unsealed.
+pub fn seal(conn: &Connection, ino: u64) -> MetaResult<()> {
+    conn.execute(
+        "INSERT OR IGNORE INTO sealed (ino) VALUES (?1)",
+        [ino as i64],
+    )?;
+    Ok(())
+}
+
+/// Unseals directory `ino`; returns whether it was sealed.
+pub fn unseal(conn: &Connection, ino: u64) -> MetaResult<bool> {
+    Ok(conn.execute("DELETE FROM sealed WHERE ino = ?1", [ino as i64])? > 0)
+}
+
+pub fn is_sealed_dir(conn: &Connection, ino: u64) -> MetaResult<bool> {
+    Ok(conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sealed WHERE ino = ?1)",
+        [ino as i64],
+        |r| r.get(0),
+    )?)
+}
+
+/// Whether any directory is sealed (a read-only copy of an older schema has none).
+pub fn has_seals(conn: &Connection) -> MetaResult<bool> {
+    let table: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'sealed')",
+        [],
+        |r| r.get(0),
+    )?;
+    Ok(table && conn.query_row("SELECT EXISTS (SELECT 1 FROM sealed)", [], |r| r.get(0))?)
+}
+
+/// Whether `ino` is a sealed directory or lies under one, through any of its names.
+pub fn is_sealed(conn: &Connection, ino: u64) -> MetaResult<bool> {
+    Ok(conn.query_row(
+        "WITH RECURSIVE up(ino) AS (
+             SELECT ?1
+             UNION
+             SELECT d.parent FROM dentries d JOIN up ON d.ino = up.ino WHERE up.ino != ?2
+         )
+         SELECT EXISTS (SELECT 1 FROM sealed WHERE ino IN (SELECT ino FROM up))",
+        [ino as i64, ROOT_INO as i64],
+        |r| r.get(0),
+    )?)
+}

@@ -5,7 +5,8 @@ use rusqlite::Connection;
 use super::{MetaError, MetaResult};
 
 /// Each entry moves the schema from version `index` to `index + 1`.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE inodes (
     ino        INTEGER PRIMARY KEY AUTOINCREMENT,
     mode       INTEGER NOT NULL,
@@ -50,7 +51,13 @@ CREATE TABLE volume (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
-"#];
+"#,
+    r#"
+CREATE TABLE sealed (
+    ino INTEGER PRIMARY KEY
+);
+"#,
+];
 
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
