@@ -166,6 +166,10 @@ enum SnapshotCommand {
         volume: String,
         name: String,
     },
+    /// Copy directory SRC_DIR of a mounted cloudfs to DST_DIR (a new path in the same
+    /// volume): metadata only and instant however many files it holds; the copies share
+    /// blocks with the originals and diverge copy-on-write. Needs root.
+    Tree { src_dir: PathBuf, dst_dir: PathBuf },
 }
 
 #[derive(Debug, Args)]
@@ -658,6 +662,10 @@ fn snapshot_command(action: SnapshotCommand, credentials: Option<&Path>) -> Resu
                 println!("generation: {}", info.generation);
             }
         }
+        SnapshotCommand::Tree { src_dir, dst_dir } => {
+            snapshot_tree(&src_dir, &dst_dir)?;
+            println!("copied {} to {}", src_dir.display(), dst_dir.display());
+        }
         SnapshotCommand::Delete {
             store,
             volume,
@@ -671,10 +679,9 @@ fn snapshot_command(action: SnapshotCommand, credentials: Option<&Path>) -> Resu
     Ok(ExitCode::SUCCESS)
 }
 
-/// Seals or unseals a directory of a mounted cloudfs through its sealing attribute.
-fn set_sealed(dir: &Path, sealed: bool) -> Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let dir = &std::fs::canonicalize(dir).with_context(|| format!("{}", dir.display()))?;
+/// The directory `dir` resolves to, which must be inside a cloudfs mount.
+fn cloudfs_dir(dir: &Path) -> Result<PathBuf> {
+    let dir = std::fs::canonicalize(dir).with_context(|| format!("{}", dir.display()))?;
     let in_cloudfs = dir
         .ancestors()
         .find_map(mount::mounted_at)
@@ -682,17 +689,28 @@ fn set_sealed(dir: &Path, sealed: bool) -> Result<()> {
     if !in_cloudfs {
         bail!("{} is not in a cloudfs mount", dir.display());
     }
+    Ok(dir)
+}
+
+/// Asks the mount serving `dir` for a control operation through one of its `trusted.cloudfs.*`
+/// attributes: sets it to `value`, or removes it when `value` is `None`.
+fn control(dir: &Path, name: &[u8], value: Option<&[u8]>, action: &str) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
     let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
         .with_context(|| format!("bad path {}", dir.display()))?;
-    let name =
-        std::ffi::CString::new(cloudfs::fs::SEAL_XATTR).context("the sealing attribute name")?;
-    // SAFETY: both strings are NUL-terminated and outlive the calls; the value is a valid
-    // one-byte buffer.
+    let name = std::ffi::CString::new(name).context("a control attribute name")?;
+    // SAFETY: both strings are NUL-terminated and outlive the calls; `value` is a valid
+    // buffer of its length.
     let rc = unsafe {
-        if sealed {
-            libc::setxattr(path.as_ptr(), name.as_ptr(), b"1".as_ptr().cast(), 1, 0)
-        } else {
-            libc::removexattr(path.as_ptr(), name.as_ptr())
+        match value {
+            Some(value) => libc::setxattr(
+                path.as_ptr(),
+                name.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                0,
+            ),
+            None => libc::removexattr(path.as_ptr(), name.as_ptr()),
         }
     };
     if rc == 0 {
@@ -700,16 +718,52 @@ fn set_sealed(dir: &Path, sealed: bool) -> Result<()> {
     }
     let err = std::io::Error::last_os_error();
     match err.raw_os_error() {
-        Some(libc::ENOTSUP) => bail!("{} is not in a cloudfs mount", dir.display()),
-        Some(libc::EPERM) => bail!("sealing needs root (CAP_SYS_ADMIN): {err}"),
-        Some(libc::ENOTDIR) => bail!("{} is not a directory", dir.display()),
-        Some(libc::ENODATA) => bail!("{} is not sealed", dir.display()),
-        _ => Err(err).with_context(|| {
-            format!(
-                "{} {}",
-                if sealed { "sealing" } else { "unsealing" },
-                dir.display()
-            )
-        }),
+        Some(libc::EPERM) => bail!(
+            "{action} {}: needs root (CAP_SYS_ADMIN) ({err})",
+            dir.display()
+        ),
+        Some(libc::ENOTDIR) => bail!("{action} {}: not a directory", dir.display()),
+        Some(libc::ENODATA) => bail!("{action} {}: it is not sealed", dir.display()),
+        Some(libc::EEXIST) => bail!("{action} {}: the destination exists", dir.display()),
+        _ => Err(err).with_context(|| format!("{action} {}", dir.display())),
+    }
+}
+
+fn snapshot_tree(src: &Path, dst: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let src = cloudfs_dir(src)?;
+    let name = dst
+        .file_name()
+        .with_context(|| format!("{} names no directory to create", dst.display()))?;
+    let parent = match dst.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let parent = cloudfs_dir(parent)?;
+    let (src_meta, parent_meta) = (std::fs::metadata(&src)?, std::fs::metadata(&parent)?);
+    if src_meta.dev() != parent_meta.dev() {
+        bail!(
+            "{} and {} are not in the same cloudfs mount",
+            src.display(),
+            parent.display()
+        );
+    }
+    let mut target = format!("{}:", parent_meta.ino()).into_bytes();
+    target.extend_from_slice(std::os::unix::ffi::OsStrExt::as_bytes(name));
+    control(
+        &src,
+        cloudfs::fs::SNAPSHOT_TREE_XATTR,
+        Some(&target),
+        "copying",
+    )
+}
+
+/// Seals or unseals a directory of a mounted cloudfs.
+fn set_sealed(dir: &Path, sealed: bool) -> Result<()> {
+    let dir = cloudfs_dir(dir)?;
+    if sealed {
+        control(&dir, cloudfs::fs::SEAL_XATTR, Some(b"1"), "sealing")
+    } else {
+        control(&dir, cloudfs::fs::SEAL_XATTR, None, "unsealing")
     }
 }

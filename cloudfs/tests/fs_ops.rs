@@ -317,3 +317,69 @@ fn a_sealed_directory_refuses_every_change_until_unsealed() {
     t.write_at(file, 0, b"SEALED");
     t.fs.unlink(sub, b"f").expect("unlink after unsealing");
 }
+
+#[test]
+fn a_directory_tree_is_copied_in_metadata_and_diverges_copy_on_write() {
+    use cloudfs::fs::SNAPSHOT_TREE_XATTR;
+    let mut t = TestFs::new(64 << 10);
+    let src = t.fs.mkdir(ME, ROOT, b"src", 0o755, 0).expect("mkdir").ino;
+    let sub = t.fs.mkdir(ME, src, b"sub", 0o700, 0).expect("mkdir").ino;
+    let big = pattern(200_000, 7);
+    let file = t.write_file(sub, "big", &big);
+    t.write_file(src, "small", b"small");
+    t.fs.link(file, src, b"big-link").expect("link inside");
+    t.fs.link(file, ROOT, b"outside-link")
+        .expect("link outside");
+    t.fs.symlink(ME, src, b"sym", b"sub/big").expect("symlink");
+    t.fs.setxattr(file, b"user.tag", b"v", XattrMode::Any)
+        .expect("xattr");
+    t.fs.sync_all().expect("sync");
+
+    let value = format!("{ROOT}:copy");
+    t.fs.setxattr(src, SNAPSHOT_TREE_XATTR, value.as_bytes(), XattrMode::Any)
+        .expect("copy the tree");
+    let copy = t.fs.lookup(ROOT, b"copy").expect("copy").ino;
+    assert_ne!(copy, src);
+    let copy_sub = t.fs.lookup(copy, b"sub").expect("sub").ino;
+    let copy_big = t.fs.lookup(copy_sub, b"big").expect("big");
+    assert_ne!(copy_big.ino, file);
+    assert_eq!(
+        copy_big.nlink, 2,
+        "its link inside the tree, not the one outside"
+    );
+    assert_eq!(
+        t.fs.lookup(copy, b"big-link").expect("link").ino,
+        copy_big.ino
+    );
+    assert_eq!(t.read_all(copy_big.ino), big);
+    assert_eq!(
+        t.fs.readlink(t.fs.lookup(copy, b"sym").expect("sym").ino)
+            .expect("readlink"),
+        b"sub/big"
+    );
+    assert_eq!(
+        t.fs.getxattr(copy_big.ino, b"user.tag").expect("xattr"),
+        b"v"
+    );
+    assert_eq!(t.fs.getattr(copy_sub).expect("sub").mode & 0o777, 0o700);
+    assert_eq!(t.fs.getattr(copy).expect("copy").nlink, 3);
+
+    // Copy-on-write: a change to the copy leaves the original alone.
+    t.write_at(copy_big.ino, 10, b"CHANGED");
+    assert_eq!(t.read_all(file), big);
+    assert!(matches!(
+        t.fs.snapshot_tree(src, ROOT, b"copy"),
+        Err(FsError::Exists)
+    ));
+    assert!(matches!(
+        t.fs.snapshot_tree(src, sub, b"inside"),
+        Err(FsError::Invalid(_))
+    ));
+    t.remount();
+    let copy = t.fs.lookup(ROOT, b"copy").expect("copy after remount").ino;
+    let copy_sub = t.fs.lookup(copy, b"sub").expect("sub").ino;
+    let copied = t.fs.lookup(copy_sub, b"big").expect("big").ino;
+    let mut changed = big.clone();
+    changed[10..17].copy_from_slice(b"CHANGED");
+    assert_eq!(t.read_all(copied), changed);
+}

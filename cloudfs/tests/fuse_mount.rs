@@ -1442,3 +1442,32 @@ fn sealed_directories_refuse_changes_through_the_mount() {
     h.umount();
     h.fsck_is_clean();
 }
+
+#[test]
+fn a_directory_tree_snapshot_through_the_cli_is_an_independent_copy() {
+    let mut h = Harness::new();
+    h.mount(&[]);
+    fs::create_dir_all(h.at("project/src")).expect("mkdir");
+    let data = pattern(11, 300 * KIB as usize);
+    fs::write(h.at("project/src/data"), &data).expect("write");
+    fs::write(h.at("project/readme"), b"hello").expect("write");
+    h.cloudfs_ok(&[
+        "snapshot",
+        "tree",
+        utf8(&h.at("project")),
+        utf8(&h.at("project-v1")),
+    ]);
+    assert_content(&h.at("project-v1/src/data"), &data);
+    assert_content(&h.at("project-v1/readme"), b"hello");
+    fs::write(h.at("project-v1/readme"), b"changed in the copy").expect("write the copy");
+    assert_content(&h.at("project/readme"), b"hello");
+    let again = h.cloudfs(&[
+        "snapshot",
+        "tree",
+        utf8(&h.at("project")),
+        utf8(&h.at("project-v1")),
+    ]);
+    assert!(!again.status.success(), "copying onto an existing path");
+    h.umount();
+    h.fsck_is_clean();
+}

@@ -164,6 +164,10 @@ pub struct Fs {
 /// unseal. In the `trusted` namespace, so only root (CAP_SYS_ADMIN) can change it.
 pub const SEAL_XATTR: &[u8] = b"trusted.cloudfs.sealed";
 
+/// The extended attribute that copies a directory tree: setting it on a directory to
+/// `<parent inode>:<name>` runs [`Fs::snapshot_tree`] into that parent under that name.
+pub const SNAPSHOT_TREE_XATTR: &[u8] = b"trusted.cloudfs.snapshot-to";
+
 impl std::fmt::Debug for Fs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Fs")
@@ -722,6 +726,18 @@ impl Fs {
         if name == SEAL_XATTR {
             return self.seal(ino);
         }
+        if name == SNAPSHOT_TREE_XATTR {
+            let target = std::str::from_utf8(value)
+                .ok()
+                .and_then(|v| v.split_once(':'))
+                .and_then(|(parent, name)| Some((parent.parse::<u64>().ok()?, name)))
+                .ok_or(FsError::Invalid(
+                    "snapshot target must be <parent inode>:<name>",
+                ))?;
+            return self
+                .snapshot_tree(ino, target.0, target.1.as_bytes())
+                .map(|_| ());
+        }
         self.changeable(&[ino])?;
         if name.is_empty() || name.len() > XATTR_NAME_MAX {
             return Err(FsError::Range);
@@ -797,11 +813,41 @@ impl Fs {
 
     /// Makes everything written so far durable in the object store.
     pub fn sync_all(&self) -> FsResult<()> {
+        self.flush_all()?;
+        self.sync_metadata()
+    }
+
+    /// Flushes every file's staged writes into the inode table.
+    fn flush_all(&self) -> FsResult<()> {
         let dirty: Vec<u64> = lock(&self.files).keys().copied().collect();
         for ino in dirty {
             self.flush_file(ino)?;
         }
-        self.sync_metadata()
+        Ok(())
+    }
+
+    /// Copies directory `src` as `name` in `dst_parent`: metadata only, whatever its size;
+    /// the copy's files share their blocks with the originals and diverge copy-on-write.
+    pub fn snapshot_tree(&self, src: u64, dst_parent: u64, name: &[u8]) -> FsResult<Inode> {
+        self.writable()?;
+        check_name(name)?;
+        self.flush_all()?;
+        let now = now_ns();
+        self.meta.write(|tx| -> FsResult<Inode> {
+            get_dir(tx, src)?;
+            let mut dst = get_dir(tx, dst_parent)?;
+            self.check_unsealed(tx, &[dst_parent])?;
+            if meta::lookup(tx, dst_parent, name)?.is_some() {
+                return Err(FsError::Exists);
+            }
+            if Self::is_ancestor(tx, src, dst_parent)? {
+                return Err(FsError::Invalid("cannot copy a directory into itself"));
+            }
+            let (root, copied) = meta::copy_tree(tx, src, dst_parent, name, now)?;
+            touch_dir(tx, &mut dst, 1, now)?;
+            tracing::info!(src, root, copied, "copied a directory tree");
+            get(tx, root)
+        })
     }
 
     /// The end of a mount: everything flushed and replicated, the write lease given up.

@@ -438,3 +438,88 @@ pub fn is_sealed(conn: &Connection, ino: u64) -> MetaResult<bool> {
         |r| r.get(0),
     )?)
 }
+
+/// Copies the tree under directory `src` (every inode reachable from it, with its blocks,
+/// symlink target and xattrs; hard links inside the tree stay links) as a new directory
+/// named `name` in `dst_parent`, in a few set-based statements: the copy shares every block
+/// with the original, which makes it copy-on-write. Seals are not copied. Returns the new
+/// directory's inode number and how many inodes were copied.
+pub fn copy_tree(
+    conn: &Connection,
+    src: u64,
+    dst_parent: u64,
+    name: &[u8],
+    now_ns: i64,
+) -> MetaResult<(u64, u64)> {
+    conn.execute_batch(
+        "DROP TABLE IF EXISTS temp.tree_map;
+         CREATE TEMP TABLE tree_map (old INTEGER PRIMARY KEY, new INTEGER NOT NULL UNIQUE);",
+    )?;
+    let base: i64 = conn.query_row(
+        "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'inodes'),
+                         (SELECT max(ino) FROM inodes))",
+        [],
+        |r| r.get(0),
+    )?;
+    let copied = conn.execute(
+        "WITH RECURSIVE tree(ino) AS (
+             SELECT ?1
+             UNION
+             SELECT d.ino FROM dentries d JOIN tree ON d.parent = tree.ino
+         )
+         INSERT INTO temp.tree_map (old, new)
+         SELECT ino, ?2 + row_number() OVER (ORDER BY ino) FROM tree",
+        params![src as i64, base],
+    )? as u64;
+    conn.execute(
+        "INSERT INTO inodes (ino, mode, uid, gid, size, nlink, rdev, atime_ns, mtime_ns,
+                             ctime_ns, generation)
+         SELECT m.new, i.mode, i.uid, i.gid, i.size, 0, i.rdev, i.atime_ns, i.mtime_ns, ?1,
+                i.generation
+         FROM inodes i JOIN temp.tree_map m ON i.ino = m.old",
+        [now_ns],
+    )?;
+    conn.execute(
+        "INSERT INTO dentries (parent, name, ino)
+         SELECT p.new, d.name, c.new
+         FROM dentries d
+         JOIN temp.tree_map p ON d.parent = p.old
+         JOIN temp.tree_map c ON d.ino = c.old",
+        [],
+    )?;
+    let root: i64 = conn.query_row(
+        "SELECT new FROM temp.tree_map WHERE old = ?1",
+        [src as i64],
+        |r| r.get(0),
+    )?;
+    insert_dentry(conn, dst_parent, name, root as u64)?;
+    conn.execute(
+        "INSERT INTO blocks (ino, idx, hash, len)
+         SELECT m.new, b.idx, b.hash, b.len FROM blocks b JOIN temp.tree_map m ON b.ino = m.old",
+        [],
+    )?;
+    conn.execute(
+        "INSERT INTO symlinks (ino, target)
+         SELECT m.new, s.target FROM symlinks s JOIN temp.tree_map m ON s.ino = m.old",
+        [],
+    )?;
+    conn.execute(
+        "INSERT INTO xattrs (ino, name, value)
+         SELECT m.new, x.name, x.value FROM xattrs x JOIN temp.tree_map m ON x.ino = m.old",
+        [],
+    )?;
+    // Links: a directory has its name, its `.` and one `..` per subdirectory; anything else
+    // the names it has inside the copy (links to outside the tree are not copied).
+    conn.execute(
+        "UPDATE inodes SET nlink =
+             (SELECT count(*) FROM dentries d WHERE d.ino = inodes.ino)
+             + CASE WHEN (inodes.mode & ?1) = ?2
+                    THEN 1 + (SELECT count(*) FROM dentries d JOIN inodes c ON c.ino = d.ino
+                              WHERE d.parent = inodes.ino AND (c.mode & ?1) = ?2)
+                    ELSE 0 END
+         WHERE ino IN (SELECT new FROM temp.tree_map)",
+        params![libc::S_IFMT, libc::S_IFDIR],
+    )?;
+    conn.execute_batch("DROP TABLE temp.tree_map;")?;
+    Ok((root as u64, copied))
+}
