@@ -241,9 +241,28 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 /// A block store with a throwaway cache, for commands that only read a little.
-fn scratch_blocks(store: Arc<dyn ObjectStore>, dir: &Path) -> Result<BlockStore> {
-    let cache = BlockCache::open(&dir.join("blocks"), 256 << 20)?;
-    Ok(BlockStore::new(store, cache, Duration::from_secs(120)))
+/// A store opened for an offline command, with a scratch directory (block cache, rebuilt
+/// databases) that lives as long as this, and a runtime to run the command on.
+struct Offline {
+    store: Arc<dyn ObjectStore>,
+    blocks: BlockStore,
+    scratch: tempfile::TempDir,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Offline {
+    fn open(url: &str, credentials: Option<&Path>) -> Result<Offline> {
+        let (_, store) = open_store(url, credentials)?;
+        let scratch = tempfile::tempdir()?;
+        let cache = BlockCache::open(&scratch.path().join("blocks"), 256 << 20)?;
+        let blocks = BlockStore::new(store.clone(), cache, Duration::from_secs(120));
+        Ok(Offline {
+            store,
+            blocks,
+            scratch,
+            rt: runtime()?,
+        })
+    }
 }
 
 fn default_cache_dir(store: &StoreUrl, volume: &str) -> PathBuf {
@@ -271,13 +290,16 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             volume,
             block_size,
         } => {
-            let (_, store) = open_store(&store, credentials)?;
-            let scratch = tempfile::tempdir()?;
-            let blocks = scratch_blocks(store.clone(), scratch.path())?;
+            let off = Offline::open(&store, credentials)?;
             // SAFETY: getuid/getgid have no preconditions.
             let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-            let config = runtime()?.block_on(volume::format(
-                &store, &blocks, &volume, block_size, uid, gid,
+            let config = off.rt.block_on(volume::format(
+                &off.store,
+                &off.blocks,
+                &volume,
+                block_size,
+                uid,
+                gid,
             ))?;
             println!(
                 "formatted volume {} (block size {} bytes)",
@@ -299,14 +321,12 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             volume,
             json,
         } => {
-            let (_, store) = open_store(&store, credentials)?;
-            let scratch = tempfile::tempdir()?;
-            let blocks = scratch_blocks(store.clone(), scratch.path())?;
-            let stats = runtime()?.block_on(inspect::stats(
-                store.as_ref(),
-                &blocks,
+            let off = Offline::open(&store, credentials)?;
+            let stats = off.rt.block_on(inspect::stats(
+                off.store.as_ref(),
+                &off.blocks,
                 &volume,
-                scratch.path(),
+                off.scratch.path(),
             ))?;
             if json {
                 println!("{}", serde_json::to_string(&stats)?);
@@ -359,15 +379,13 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             snapshot: name,
             json,
         } => {
-            let (_, store) = open_store(&store, credentials)?;
-            let scratch = tempfile::tempdir()?;
-            let blocks = scratch_blocks(store.clone(), scratch.path())?;
-            let report = runtime()?.block_on(snapshot::rollback(
-                store.as_ref(),
-                &blocks,
+            let off = Offline::open(&store, credentials)?;
+            let report = off.rt.block_on(snapshot::rollback(
+                off.store.as_ref(),
+                &off.blocks,
                 &volume,
                 &name,
-                scratch.path(),
+                off.scratch.path(),
             ))?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);
@@ -403,14 +421,12 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             volume,
             json,
         } => {
-            let (_, store) = open_store(&store, credentials)?;
-            let scratch = tempfile::tempdir()?;
-            let blocks = scratch_blocks(store.clone(), scratch.path())?;
-            let report = runtime()?.block_on(inspect::fsck(
-                store.as_ref(),
-                &blocks,
+            let off = Offline::open(&store, credentials)?;
+            let report = off.rt.block_on(inspect::fsck(
+                off.store.as_ref(),
+                &off.blocks,
                 &volume,
-                scratch.path(),
+                off.scratch.path(),
             ))?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);
@@ -616,15 +632,13 @@ fn snapshot_command(action: SnapshotCommand, credentials: Option<&Path>) -> Resu
             name,
             json,
         } => {
-            let (_, store) = open_store(&store, credentials)?;
-            let scratch = tempfile::tempdir()?;
-            let blocks = scratch_blocks(store.clone(), scratch.path())?;
-            let info = runtime()?.block_on(snapshot::create(
-                store.as_ref(),
-                &blocks,
+            let off = Offline::open(&store, credentials)?;
+            let info = off.rt.block_on(snapshot::create(
+                off.store.as_ref(),
+                &off.blocks,
                 &volume,
                 &name,
-                scratch.path(),
+                off.scratch.path(),
             ))?;
             if json {
                 println!("{}", serde_json::to_string(&info)?);

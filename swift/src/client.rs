@@ -158,7 +158,15 @@ struct Call<'a> {
     headers: HeaderMap,
     body: Option<Bytes>,
     what: String,
+    /// Longest one attempt may take when shorter than the policy's `request_timeout`.
+    attempt_limit: Option<Duration>,
 }
+
+/// How long any object request may take before its attempt is abandoned and retried, plus
+/// one second per MiB it moves: an attempt stuck on a connection the server will never
+/// answer (seen after a proxy pause) is retried long before the caller gives up.
+const ATTEMPT_BASE: Duration = Duration::from_secs(15);
+const ATTEMPT_MIN_RATE: u64 = 1 << 20;
 
 impl<'a> Call<'a> {
     fn new(method: Method, container: &'a str, object: Option<&'a str>) -> Call<'a> {
@@ -181,7 +189,16 @@ impl<'a> Call<'a> {
             headers: HeaderMap::new(),
             body: None,
             what,
+            attempt_limit: None,
         }
+    }
+
+    /// Bounds each attempt by [`ATTEMPT_BASE`] plus the time `bytes` take at
+    /// [`ATTEMPT_MIN_RATE`].
+    fn moving(mut self, bytes: u64) -> Call<'a> {
+        self.attempt_limit =
+            Some(ATTEMPT_BASE + Duration::from_secs(bytes.div_ceil(ATTEMPT_MIN_RATE)));
+        self
     }
 
     fn header(mut self, name: &'static str, value: &str) -> SwiftResult<Call<'a>> {
@@ -390,6 +407,9 @@ impl SwiftClient {
                 .http
                 .request(call.method.clone(), url)
                 .headers(call.headers.clone());
+            if let Some(limit) = call.attempt_limit {
+                request = request.timeout(limit.min(self.retry.request_timeout));
+            }
             if signing_key.is_none() {
                 request = request.header("X-Auth-Token", &token.value);
             }
@@ -491,7 +511,9 @@ impl SwiftClient {
             if r.end <= r.start {
                 return Ok(Bytes::new());
             }
-            call = call.header("Range", &format!("bytes={}-{}", r.start, r.end - 1))?;
+            call = call
+                .header("Range", &format!("bytes={}-{}", r.start, r.end - 1))?
+                .moving(r.end - r.start);
         }
         let resp = self.send(&call).await?;
         match resp.status() {
@@ -505,6 +527,7 @@ impl SwiftClient {
     pub async fn put_object(&self, container: &str, object: &str, data: Bytes) -> SwiftResult<()> {
         let call = Call::new(Method::PUT, container, Some(object))
             .header("ETag", &body_etag(&data).await?)?
+            .moving(data.len() as u64)
             .body(data);
         self.expect_success(&call).await.map(|_| ())
     }
@@ -521,6 +544,7 @@ impl SwiftClient {
         let call = Call::new(Method::PUT, container, Some(object))
             .header("ETag", &etag)?
             .header("If-None-Match", "*")?
+            .moving(data.len() as u64)
             .body(data);
         let resp = self.send(&call).await?;
         match resp.status() {
@@ -541,7 +565,7 @@ impl SwiftClient {
         container: &str,
         object: &str,
     ) -> SwiftResult<Option<ObjectInfo>> {
-        let call = Call::new(Method::HEAD, container, Some(object));
+        let call = Call::new(Method::HEAD, container, Some(object)).moving(0);
         let resp = self.send(&call).await?;
         match resp.status() {
             StatusCode::NOT_FOUND => Ok(None),
@@ -559,7 +583,7 @@ impl SwiftClient {
 
     /// Deletes an object; a missing object is not an error.
     pub async fn delete_object(&self, container: &str, object: &str) -> SwiftResult<()> {
-        self.delete(Call::new(Method::DELETE, container, Some(object)))
+        self.delete(Call::new(Method::DELETE, container, Some(object)).moving(0))
             .await
     }
 
