@@ -328,9 +328,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 &volume,
                 off.scratch.path(),
             ))?;
-            if json {
-                println!("{}", serde_json::to_string(&stats)?);
-            } else {
+            print_report(json, &stats, |stats| {
                 println!("volume:        {}", stats.volume);
                 println!("block size:    {}", stats.block_size);
                 println!("files:         {}", stats.files);
@@ -339,7 +337,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 println!("stored bytes:  {}", stats.stored_bytes);
                 println!("blocks:        {}", stats.blocks);
                 println!("dedup ratio:   {:.2}", stats.dedup_ratio);
-            }
+            })?;
             Ok(ExitCode::SUCCESS)
         }
         Commands::Snapshot { action } => snapshot_command(action, credentials),
@@ -358,11 +356,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let (_, store) = open_store(&store, credentials)?;
             let names = runtime()?.block_on(volume::list_volumes(store.as_ref()))?;
-            if json {
-                println!("{}", serde_json::to_string(&names)?);
-            } else {
+            print_report(json, &names, |names| {
                 names.iter().for_each(|name| println!("{name}"));
-            }
+            })?;
             Ok(ExitCode::SUCCESS)
         }
         Commands::Volume {
@@ -387,14 +383,12 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 &name,
                 off.scratch.path(),
             ))?;
-            if json {
-                println!("{}", serde_json::to_string(&report)?);
-            } else {
+            print_report(json, &report, |report| {
                 println!(
                     "rolled volume {} back to snapshot {}; the previous state is snapshot {}",
                     report.volume, report.snapshot, report.previous_state
                 );
-            }
+            })?;
             Ok(ExitCode::SUCCESS)
         }
         Commands::Clone {
@@ -428,9 +422,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 &volume,
                 off.scratch.path(),
             ))?;
-            if json {
-                println!("{}", serde_json::to_string(&report)?);
-            } else {
+            print_report(json, &report, |report| {
                 println!(
                     "checked {} files, {} blocks of volume {}",
                     report.files_checked, report.blocks_checked, report.volume
@@ -451,7 +443,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     report.problems.len(),
                     report.orphans.len()
                 );
-            }
+            })?;
             Ok(if report.is_clean() {
                 ExitCode::SUCCESS
             } else {
@@ -640,11 +632,9 @@ fn snapshot_command(action: SnapshotCommand, credentials: Option<&Path>) -> Resu
                 &name,
                 off.scratch.path(),
             ))?;
-            if json {
-                println!("{}", serde_json::to_string(&info)?);
-            } else {
+            print_report(json, &info, |info| {
                 println!("created snapshot {} of volume {}", info.name, info.volume);
-            }
+            })?;
         }
         SnapshotCommand::List {
             store,
@@ -653,12 +643,10 @@ fn snapshot_command(action: SnapshotCommand, credentials: Option<&Path>) -> Resu
         } => {
             let (_, store) = open_store(&store, credentials)?;
             let snapshots = runtime()?.block_on(snapshot::list(store.as_ref(), &volume))?;
-            if json {
-                println!("{}", serde_json::to_string(&snapshots)?);
-            } else {
+            print_report(json, &snapshots, |snapshots| {
                 print_snapshot_header();
                 snapshots.iter().for_each(print_snapshot);
-            }
+            })?;
         }
         SnapshotCommand::Show {
             store,
@@ -668,13 +656,11 @@ fn snapshot_command(action: SnapshotCommand, credentials: Option<&Path>) -> Resu
         } => {
             let (_, store) = open_store(&store, credentials)?;
             let info = runtime()?.block_on(snapshot::show(store.as_ref(), &volume, &name))?;
-            if json {
-                println!("{}", serde_json::to_string(&info)?);
-            } else {
+            print_report(json, &info, |info| {
                 print_snapshot_header();
-                print_snapshot(&info);
+                print_snapshot(info);
                 println!("generation: {}", info.generation);
-            }
+            })?;
         }
         SnapshotCommand::Tree { src_dir, dst_dir } => {
             snapshot_tree(&src_dir, &dst_dir)?;
@@ -780,4 +766,14 @@ fn set_sealed(dir: &Path, sealed: bool) -> Result<()> {
     } else {
         control(&dir, cloudfs::fs::SEAL_XATTR, None, "unsealing")
     }
+}
+
+/// Prints `value` as one line of JSON with `--json`, else as `text` words it.
+fn print_report<T: serde::Serialize>(json: bool, value: &T, text: impl FnOnce(&T)) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(value)?);
+    } else {
+        text(value);
+    }
+    Ok(())
 }
