@@ -42,6 +42,23 @@ async fn open_snapshot(
     .await
 }
 
+/// The usage an inode table records, and the distinct blocks it references.
+pub(crate) struct Measured {
+    pub usage: meta::Usage,
+    pub stored_bytes: u64,
+    pub blocks: u64,
+}
+
+pub(crate) fn measure(meta: &meta::MetaStore) -> Result<Measured, MetaError> {
+    let (usage, distinct) = meta
+        .read(|c| -> Result<_, MetaError> { Ok((meta::usage(c)?, meta::distinct_blocks(c)?)) })?;
+    Ok(Measured {
+        usage,
+        stored_bytes: distinct.iter().map(|(_, len)| len).sum(),
+        blocks: distinct.len() as u64,
+    })
+}
+
 pub async fn stats(
     store: &dyn ObjectStore,
     blocks: &BlockStore,
@@ -49,10 +66,11 @@ pub async fn stats(
     scratch: &Path,
 ) -> VolumeResult<VolumeStats> {
     let opened = open_snapshot(store, blocks, name, scratch).await?;
-    let (usage, distinct) = opened
-        .meta
-        .read(|c| -> Result<_, MetaError> { Ok((meta::usage(c)?, meta::distinct_blocks(c)?)) })?;
-    let stored_bytes: u64 = distinct.iter().map(|(_, len)| len).sum();
+    let Measured {
+        usage,
+        stored_bytes,
+        blocks,
+    } = measure(&opened.meta)?;
     Ok(VolumeStats {
         volume: name.to_owned(),
         block_size: opened.config.block_size,
@@ -60,7 +78,7 @@ pub async fn stats(
         directories: usage.directories,
         logical_bytes: usage.logical_bytes,
         stored_bytes,
-        blocks: distinct.len() as u64,
+        blocks,
         dedup_ratio: if stored_bytes == 0 {
             1.0
         } else {

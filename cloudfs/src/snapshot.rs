@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::cas::BlockStore;
 use crate::fs::now_ns;
+use crate::inspect;
 use crate::lease::{StoreLease, holder_id};
-use crate::meta::{self, MetaError};
 use crate::store::{ObjectStore, StoreError, list_all};
 use crate::volume::{
     self, FORMAT_VERSION, Generation, OpenedVolume, VolumeConfig, VolumeError, VolumeResult,
@@ -83,8 +83,9 @@ async fn read_record(
     })
 }
 
-/// Pins the newest replicated state of `volume` as snapshot `name`. A mounted volume's
-/// newest replicated state is its last metadata sync (`fsync`, the sync interval, unmount).
+/// Pins the newest replicated state of `volume` as snapshot `name`, with the usage of that
+/// state. A mounted volume's newest replicated state is its last metadata sync (`fsync`, the
+/// sync interval, unmount).
 pub async fn create(
     store: &dyn ObjectStore,
     blocks: &BlockStore,
@@ -95,20 +96,6 @@ pub async fn create(
     volume::validate_name(name)?;
     let config = volume::read_config(store, volume).await?;
     let (generation, manifest) = volume::newest_generation(store, volume).await?;
-    pin(store, blocks, config, generation, manifest, name, scratch).await
-}
-
-/// Writes the snapshot record of `manifest`, with the usage of the state it describes.
-async fn pin(
-    store: &dyn ObjectStore,
-    blocks: &BlockStore,
-    config: VolumeConfig,
-    generation: String,
-    manifest: Generation,
-    name: &str,
-    scratch: &Path,
-) -> VolumeResult<SnapshotInfo> {
-    let volume = config.name.clone();
     let opened = volume::open_generation(
         blocks,
         config,
@@ -118,18 +105,16 @@ async fn pin(
         true,
     )
     .await?;
-    let (usage, distinct) = opened
-        .meta
-        .read(|c| -> Result<_, MetaError> { Ok((meta::usage(c)?, meta::distinct_blocks(c)?)) })?;
+    let measured = inspect::measure(&opened.meta)?;
     let info = SnapshotInfo {
         name: name.to_owned(),
-        volume: volume.clone(),
+        volume: volume.to_owned(),
         created_at: now_ns() / 1_000_000_000,
         generation,
-        files: usage.files,
-        directories: usage.directories,
-        logical_bytes: usage.logical_bytes,
-        stored_bytes: distinct.iter().map(|(_, len)| len).sum(),
+        files: measured.usage.files,
+        directories: measured.usage.directories,
+        logical_bytes: measured.usage.logical_bytes,
+        stored_bytes: measured.stored_bytes,
     };
     let record = SnapshotRecord {
         info: info.clone(),
@@ -137,11 +122,11 @@ async fn pin(
     };
     let json = serde_json::to_vec_pretty(&record).map_err(std::io::Error::other)?;
     if !store
-        .put_if_absent(&snapshot_key(&volume, name), Bytes::from(json))
+        .put_if_absent(&snapshot_key(volume, name), Bytes::from(json))
         .await?
     {
         return Err(VolumeError::SnapshotExists {
-            volume,
+            volume: volume.to_owned(),
             name: name.to_owned(),
         });
     }
@@ -238,22 +223,12 @@ pub async fn rollback(
     name: &str,
     scratch: &Path,
 ) -> VolumeResult<RollbackReport> {
-    let config = volume::read_config(store, volume).await?;
+    volume::read_config(store, volume).await?;
     let target = read_record(store, volume, name).await?;
     let lease = StoreLease::acquire(store, volume, &holder_id(), ROLLBACK_LEASE_TTL).await?;
     let result = async {
         let previous_state = format!("pre-rollback-{}", now_ns() / 1_000_000_000);
-        let (generation, manifest) = volume::newest_generation(store, volume).await?;
-        pin(
-            store,
-            blocks,
-            config,
-            generation,
-            manifest,
-            &previous_state,
-            scratch,
-        )
-        .await?;
+        create(store, blocks, volume, &previous_state, scratch).await?;
         volume::publish_generation(store, volume, lease.epoch(), 0, &target.manifest).await?;
         Ok::<_, VolumeError>(RollbackReport {
             volume: volume.to_owned(),

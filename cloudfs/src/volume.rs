@@ -209,7 +209,7 @@ pub async fn list_volumes(store: &dyn ObjectStore) -> VolumeResult<Vec<String>> 
             (file == "config.json").then(|| name.to_owned())
         })
         .collect();
-    names.dedup();
+    names.sort();
     Ok(names)
 }
 

@@ -17,7 +17,6 @@ use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -1257,36 +1256,6 @@ fn fsynced_files_survive_kill_9() {
     h.fsck_is_clean();
 }
 
-/// A second mount of the harness's volume on a mountpoint of its own, unmounted on drop.
-struct ExtraMount<'a> {
-    harness: &'a Harness,
-    mnt: PathBuf,
-}
-
-impl<'a> ExtraMount<'a> {
-    fn read_only(harness: &'a Harness, name: &str, extra: &[&str]) -> ExtraMount<'a> {
-        let mnt = harness.root().join(format!("mnt-{name}"));
-        fs::create_dir_all(&mnt).expect("extra mountpoint");
-        let mut args = vec!["--read-only"];
-        args.extend_from_slice(extra);
-        let out = harness.mount_at(&mnt, name, &args);
-        assert!(out.status.success(), "read-only mount: {out:?}");
-        ExtraMount { harness, mnt }
-    }
-}
-
-impl Drop for ExtraMount<'_> {
-    fn drop(&mut self) {
-        let unmounted = self
-            .harness
-            .try_cloudfs(&["umount", "--timeout", "60", utf8(&self.mnt)])
-            .is_ok_and(|out| out.status.success());
-        if !unmounted || is_mountpoint(&self.mnt) {
-            let _ = run(Command::new("umount").arg("-l").arg(&self.mnt));
-        }
-    }
-}
-
 #[test]
 fn read_only_mounts_run_beside_the_writer_and_follow_it() {
     let mut h = Harness::new();
@@ -1295,7 +1264,7 @@ fn read_only_mounts_run_beside_the_writer_and_follow_it() {
     File::open(h.mnt())
         .and_then(|d| d.sync_all())
         .expect("fsync the root");
-    let reader = ExtraMount::read_only(&h, "ro", &["--sync-interval", "1"]);
+    let reader = h.mount_extra(VOLUME, "ro", &["--read-only", "--sync-interval", "1"]);
     assert_content(&reader.mnt.join("before"), b"published");
     assert_errno(
         fs::write(reader.mnt.join("x"), b"no"),
@@ -1334,7 +1303,7 @@ fn snapshots_mount_beside_the_writer_clone_and_roll_back_through_the_cli() {
     fs::write(h.at("later"), b"new").expect("write");
 
     {
-        let pinned = ExtraMount::read_only(&h, "s1", &["--snapshot", "s1"]);
+        let pinned = h.mount_extra(VOLUME, "s1", &["--read-only", "--snapshot", "s1"]);
         assert_content(&pinned.mnt.join("kept"), b"before the snapshot");
         assert!(!pinned.mnt.join("later").exists());
         assert_errno(
@@ -1366,26 +1335,17 @@ fn snapshots_mount_beside_the_writer_clone_and_roll_back_through_the_cli() {
     assert_content(&h.at("kept"), b"before the snapshot");
     assert!(!h.at("later").exists(), "rolled back");
     {
-        let before = ExtraMount::read_only(&h, "previous", &["--snapshot", &previous]);
+        let before = h.mount_extra(
+            VOLUME,
+            "previous",
+            &["--read-only", "--snapshot", &previous],
+        );
         assert_content(&before.mnt.join("later"), b"new");
     }
-    let clone_mnt = h.root().join("mnt-copy");
-    fs::create_dir_all(&clone_mnt).expect("mountpoint");
-    let out = h.cloudfs(&[
-        "mount",
-        &store,
-        "copy",
-        utf8(&clone_mnt),
-        "--cache-dir",
-        utf8(&h.root().join("cache").join("copy")),
-    ]);
-    assert!(out.status.success(), "mount the clone: {out:?}");
-    let clone_content = fs::read(clone_mnt.join("kept"));
-    let _ = h.cloudfs(&["umount", utf8(&clone_mnt)]);
-    assert_eq!(
-        clone_content.expect("read the clone"),
-        b"before the snapshot"
-    );
+    {
+        let clone = h.mount_extra("copy", "copy", &[]);
+        assert_content(&clone.mnt.join("kept"), b"before the snapshot");
+    }
     h.umount();
     h.fsck_is_clean();
     let volumes = |h: &Harness| -> serde_json::Value {

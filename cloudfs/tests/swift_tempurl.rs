@@ -6,7 +6,6 @@ mod mount_harness;
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use cloudfs_swift::{Credentials, RetryPolicy, SwiftClient};
 use mount_harness::*;
@@ -45,34 +44,16 @@ fn credentials_file(dir: &Path, storage_url: &str, key: &str) -> PathBuf {
     path
 }
 
-/// Mounts with `extra` flags on a mountpoint of its own; unmounted on drop.
-struct SignedMount {
-    mnt: PathBuf,
-    run_dir: PathBuf,
-}
-
-impl Drop for SignedMount {
-    fn drop(&mut self) {
-        let _ = run(Command::new(CLOUDFS)
-            .env("CLOUDFS_RUN_DIR", &self.run_dir)
-            .args(["umount", "--timeout", "60", utf8(&self.mnt)]));
-        if is_mountpoint(&self.mnt) {
-            let _ = run(Command::new("umount").arg("-l").arg(&self.mnt));
-        }
-    }
-}
-
-fn signed_mount(
-    h: &Harness,
+/// Mounts the volume as `name` with only the credentials in `credentials`.
+fn signed_mount<'a>(
+    h: &'a Harness,
     name: &str,
     credentials: &Path,
     extra: &[&str],
-) -> std::process::Output {
-    let mnt = h.root().join(format!("mnt-{name}"));
-    fs::create_dir_all(&mnt).expect("mountpoint");
+) -> Result<ExtraMount<'a>, std::process::Output> {
     let mut args = vec!["--credentials", utf8(credentials)];
     args.extend_from_slice(extra);
-    h.mount_at(&mnt, name, &args)
+    h.try_mount_extra(VOLUME, name, &args)
 }
 
 #[test]
@@ -96,20 +77,14 @@ fn a_temp_url_key_alone_mounts_read_only_and_follows_the_writer() {
     let storage_url = set_container_key(container(&h.store_url()), &key);
     let good = credentials_file(h.root(), &storage_url, &key);
 
-    let refused = signed_mount(&h, "rw", &good, &[]);
-    assert!(
-        !refused.status.success(),
-        "a read-write mount with a TempURL key"
-    );
+    let Err(refused) = signed_mount(&h, "rw", &good, &[]) else {
+        panic!("a read-write mount with a TempURL key");
+    };
     let message = String::from_utf8_lossy(&refused.stderr);
     assert!(message.contains("--read-only"), "{message}");
 
-    let out = signed_mount(&h, "ro", &good, &["--read-only", "--sync-interval", "1"]);
-    assert!(out.status.success(), "TempURL read-only mount: {out:?}");
-    let reader = SignedMount {
-        mnt: h.root().join("mnt-ro"),
-        run_dir: h.run_dir(),
-    };
+    let reader = signed_mount(&h, "ro", &good, &["--read-only", "--sync-interval", "1"])
+        .unwrap_or_else(|out| panic!("TempURL read-only mount: {out:?}"));
     assert_content(&reader.mnt.join("dir/file"), &data);
 
     fs::write(h.at("dir/late"), b"published later").expect("write");
@@ -123,8 +98,9 @@ fn a_temp_url_key_alone_mounts_read_only_and_follows_the_writer() {
     assert_eq!(seen, b"published later");
 
     let wrong = credentials_file(h.root(), &storage_url, &format!("{key}-but-wrong"));
-    let out = signed_mount(&h, "wrong", &wrong, &["--read-only"]);
-    assert!(!out.status.success(), "a mount with a wrong TempURL key");
+    let Err(out) = signed_mount(&h, "wrong", &wrong, &["--read-only"]) else {
+        panic!("a mount with a wrong TempURL key");
+    };
     let message = String::from_utf8_lossy(&out.stderr);
     assert!(message.contains("refused"), "{message}");
 

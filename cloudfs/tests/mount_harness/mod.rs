@@ -216,12 +216,17 @@ impl Harness {
 
     /// Runs `cloudfs mount` of the volume at `mnt` with the fresh cache dir `cache/<cache>`.
     pub fn mount_at(&self, mnt: &Path, cache: &str, extra: &[&str]) -> Output {
+        self.mount_volume_at(VOLUME, mnt, cache, extra)
+    }
+
+    /// `cloudfs mount` of `volume` of the harness's store at `mnt`, with cache `cache/<cache>`.
+    fn mount_volume_at(&self, volume: &str, mnt: &Path, cache: &str, extra: &[&str]) -> Output {
         let cache = self.root().join("cache").join(cache);
         let store = self.store_url();
         let mut args = vec![
             "mount",
             &store,
-            VOLUME,
+            volume,
             utf8(mnt),
             "--cache-dir",
             utf8(&cache),
@@ -277,6 +282,51 @@ impl Harness {
             for line in &lines[lines.len().saturating_sub(40)..] {
                 eprintln!("{line}");
             }
+        }
+    }
+}
+
+/// A further mount (a mountpoint `mnt-<name>` and cache of its own) of a volume of the
+/// harness's store, unmounted on drop.
+pub struct ExtraMount<'a> {
+    harness: &'a Harness,
+    pub mnt: PathBuf,
+}
+
+impl Harness {
+    /// Mounts `volume` as [`ExtraMount`] `name` with `extra` flags; the failed command's
+    /// output when it does not mount.
+    pub fn try_mount_extra(
+        &self,
+        volume: &str,
+        name: &str,
+        extra: &[&str],
+    ) -> Result<ExtraMount<'_>, Output> {
+        let mnt = self.root().join(format!("mnt-{name}"));
+        fs::create_dir_all(&mnt).expect("creating an extra mountpoint");
+        let out = self.mount_volume_at(volume, &mnt, name, extra);
+        if out.status.success() {
+            Ok(ExtraMount { harness: self, mnt })
+        } else {
+            Err(out)
+        }
+    }
+
+    /// [`Harness::try_mount_extra`], which must succeed.
+    pub fn mount_extra(&self, volume: &str, name: &str, extra: &[&str]) -> ExtraMount<'_> {
+        self.try_mount_extra(volume, name, extra)
+            .unwrap_or_else(|out| panic!("mount {volume} as {name} {extra:?}: {out:?}"))
+    }
+}
+
+impl Drop for ExtraMount<'_> {
+    fn drop(&mut self) {
+        let unmounted = self
+            .harness
+            .try_cloudfs(&["umount", "--timeout", "60", utf8(&self.mnt)])
+            .is_ok_and(|out| out.status.success());
+        if !unmounted || is_mountpoint(&self.mnt) {
+            let _ = run(Command::new("umount").arg("-l").arg(&self.mnt));
         }
     }
 }
