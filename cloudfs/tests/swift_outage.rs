@@ -1,8 +1,14 @@
 //! A Swift outage in the middle of large writes, on the real local Swift that
 //! `tests/swift/swift.sh` runs (the test fails, loudly, when it is not running).
 //!
-//! What a user gets (documented in the README): while the proxy is stopped, store requests
-//! wait (and are retried with backoff when they fail); if it comes back within
+//! The mount reaches Swift through a TCP relay this test runs on 127.0.0.1; the outage is
+//! the relay going silent: connections are still accepted by the kernel, but no byte moves
+//! either way until it ends, which is what a client sees of a hung proxy or a network
+//! partition. (Stopping the Swift proxy itself with SIGSTOP is no substitute: after SIGCONT
+//! its eventlet worker may stop accepting connections until a client hangs up.)
+//!
+//! What a user gets (documented in the README): while the store does not answer, store
+//! requests wait (and are retried with backoff when they fail); if it comes back within
 //! `--store-timeout` the write completes, otherwise `close`/`fsync` fail with `EIO` once that
 //! time has passed. Either way the volume stays
 //! consistent: a remount on a fresh cache sees every file that was fsynced, intact, and
@@ -11,89 +17,129 @@
 mod mount_harness;
 
 use std::fs::{self, File};
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use mount_harness::*;
 
-fn swift_script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/swift/swift.sh")
+/// Whether bytes may flow through the relay.
+#[derive(Default)]
+struct Gate {
+    closed: Mutex<bool>,
+    changed: Condvar,
 }
 
-/// The pid of the running Swift proxy, from `swift.sh env`.
-fn proxy_pid() -> i32 {
-    let out = Command::new("bash")
-        .arg(swift_script())
-        .arg("env")
-        .output()
-        .expect("running swift.sh env");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("export SWIFT_PROXY_PID=")?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .expect("the Swift proxy is running (start it with tests/swift/swift.sh start)")
+impl Gate {
+    fn set_closed(&self, closed: bool) {
+        *self.closed.lock().expect("gate") = closed;
+        self.changed.notify_all();
+    }
+
+    fn wait_open(&self) {
+        let mut closed = self.closed.lock().expect("gate");
+        while *closed {
+            closed = self.changed.wait(closed).expect("gate");
+        }
+    }
 }
 
-/// The proxy's processes: the parent and its workers.
-fn proxy_processes() -> Vec<String> {
-    let pid = proxy_pid();
-    let workers = Command::new("pgrep")
-        .args(["-P", &pid.to_string()])
-        .output()
-        .expect("running pgrep");
-    let mut pids = vec![pid.to_string()];
-    pids.extend(
-        String::from_utf8_lossy(&workers.stdout)
-            .split_whitespace()
-            .map(str::to_owned),
-    );
-    pids
+/// A TCP relay from a local port to the Swift proxy that can go silent.
+struct Relay {
+    port: u16,
+    gate: Arc<Gate>,
+    streams: Arc<Mutex<Vec<TcpStream>>>,
 }
 
-fn signal(pids: &[String], signal: &str) {
-    let status = Command::new("kill")
-        .arg(signal)
-        .args(pids)
-        .status()
-        .expect("running kill");
-    assert!(status.success(), "kill {signal} {pids:?}");
+impl Relay {
+    /// Relays `listener`'s connections to `upstream`.
+    fn serve(listener: TcpListener, upstream: SocketAddr) -> Relay {
+        let port = listener.local_addr().expect("relay address").port();
+        let gate = Arc::new(Gate::default());
+        let streams = Arc::new(Mutex::new(Vec::new()));
+        let (accept_gate, accept_streams) = (gate.clone(), streams.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { break };
+                // A connection made during an outage waits, as if the proxy never read it.
+                accept_gate.wait_open();
+                let Ok(server) = TcpStream::connect(upstream) else {
+                    continue;
+                };
+                let mut tracked = accept_streams.lock().expect("streams");
+                for (from, to) in [(&client, &server), (&server, &client)] {
+                    let (Ok(from), Ok(to)) = (from.try_clone(), to.try_clone()) else {
+                        continue;
+                    };
+                    tracked.push(from.try_clone().expect("clone"));
+                    let gate = accept_gate.clone();
+                    std::thread::spawn(move || pipe(from, to, &gate));
+                }
+            }
+        });
+        Relay {
+            port,
+            gate,
+            streams,
+        }
+    }
+
+    /// The relay silent for `outage`, or until the returned guard is dropped.
+    fn outage(&self, outage: Duration) -> Outage {
+        self.gate.set_closed(true);
+        let gate = self.gate.clone();
+        let resumer = std::thread::spawn(move || {
+            std::thread::sleep(outage);
+            gate.set_closed(false);
+        });
+        Outage {
+            gate: self.gate.clone(),
+            resumer: Some(resumer),
+        }
+    }
 }
 
-/// The proxy and its workers stopped (SIGSTOP) for a while: requests meet a proxy that
-/// accepts connections but does not answer. They go on after `outage`, or when this is
-/// dropped (also when the test fails), whichever comes first.
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.gate.set_closed(false);
+        for stream in self.streams.lock().expect("streams").drain(..) {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+        // Wakes the accept loop, which then serves this last connection and waits on.
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+/// Copies bytes from one side to the other, holding them while the gate is closed.
+fn pipe(mut from: TcpStream, mut to: TcpStream, gate: &Gate) {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        gate.wait_open();
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
+}
+
+/// An outage of the relay; it ends after its time, or when this is dropped (also when the
+/// test fails), whichever comes first.
 struct Outage {
-    pids: Vec<String>,
+    gate: Arc<Gate>,
     resumer: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Outage {
-    fn start(outage: Duration) -> Outage {
-        let pids = proxy_processes();
-        signal(&pids, "-STOP");
-        let resumer = {
-            let pids = pids.clone();
-            std::thread::spawn(move || {
-                std::thread::sleep(outage);
-                signal(&pids, "-CONT");
-            })
-        };
-        Outage {
-            pids,
-            resumer: Some(resumer),
-        }
-    }
-
-    /// Waits until the proxy runs again.
+    /// Waits until the relay passes bytes again.
     fn end(mut self) {
         if let Some(resumer) = self.resumer.take() {
-            resumer.join().expect("resuming the proxy");
+            resumer.join().expect("ending the outage");
         }
     }
 }
@@ -101,7 +147,7 @@ impl Outage {
 impl Drop for Outage {
     fn drop(&mut self) {
         if self.resumer.is_some() {
-            let _ = Command::new("kill").arg("-CONT").args(&self.pids).status();
+            self.gate.set_closed(false);
         }
     }
 }
@@ -114,13 +160,27 @@ fn write_and_fsync(path: &Path, seed: u64, len: usize) -> std::io::Result<()> {
 }
 
 #[test]
-fn writes_survive_a_swift_proxy_outage() {
+fn writes_survive_a_swift_outage() {
     assert!(
         std::env::var("ST_AUTH").is_ok(),
         "set ST_AUTH/ST_USER/ST_KEY: run `eval \"$(tests/swift/swift.sh env)\"` after starting it"
     );
+    // The mount authenticates through the relay, and tempauth then hands out a storage URL
+    // on the relay too (it names the host the request was sent to).
+    let auth_url = std::env::var("ST_AUTH").expect("ST_AUTH");
+    let (proxy, auth_path) = auth_url
+        .strip_prefix("http://")
+        .and_then(|rest| rest.split_once('/'))
+        .expect("ST_AUTH is http://HOST:PORT/PATH");
+    let proxy: SocketAddr = proxy.parse().expect("ST_AUTH names an IP address and port");
+    let listener = TcpListener::bind("127.0.0.1:0").expect("binding the relay");
+    let port = listener.local_addr().expect("relay address").port();
     // SAFETY: the environment is set before any thread of this test starts.
-    unsafe { std::env::set_var("CLOUDFS_TEST_STORE", "swift") };
+    unsafe {
+        std::env::set_var("CLOUDFS_TEST_STORE", "swift");
+        std::env::set_var("ST_AUTH", format!("http://127.0.0.1:{port}/{auth_path}"));
+    }
+    let relay = Relay::serve(listener, proxy);
     let mut h = Harness::with_block_size("1MiB");
     h.mount(&["--store-timeout", "60"]);
     write_and_fsync(&h.at("before"), 1, 3 << 20).expect("write before the outage");
@@ -131,7 +191,7 @@ fn writes_survive_a_swift_proxy_outage() {
         std::thread::spawn(move || write_and_fsync(&path, 2, 24 << 20))
     };
     std::thread::sleep(Duration::from_millis(300));
-    let outage = Outage::start(Duration::from_secs(3));
+    let outage = relay.outage(Duration::from_secs(3));
     writer
         .join()
         .expect("writer thread")
@@ -141,7 +201,7 @@ fn writes_survive_a_swift_proxy_outage() {
 
     // An outage longer than the store timeout: fsync fails with EIO, in bounded time.
     h.mount(&["--store-timeout", "4"]);
-    let outage = Outage::start(Duration::from_secs(10));
+    let outage = relay.outage(Duration::from_secs(10));
     let started = Instant::now();
     let failed = write_and_fsync(&h.at("lost"), 3, 4 << 20);
     assert_eq!(failed.err().and_then(|e| e.raw_os_error()), Some(libc::EIO));
