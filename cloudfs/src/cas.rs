@@ -4,13 +4,13 @@
 //! Blocks are immutable and named by the BLAKE3-256 digest of their bytes, so a block that the
 //! pool already holds is never uploaded again and a cached block can never be stale.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::OnceCell;
@@ -190,19 +190,34 @@ impl BlockCache {
     }
 }
 
+/// Seconds since the Unix epoch, as object stores date objects.
+pub(crate) fn unix_now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
 /// The engine's access to blocks: deduplicated uploads, cached and verified downloads.
 #[derive(Debug)]
 pub struct BlockStore {
     store: Arc<dyn ObjectStore>,
     cache: BlockCache,
-    /// Hashes known to be in the store, so dedup costs no round trip for them.
-    known: Mutex<HashSet<Hash>>,
+    /// Hashes seen in the store, and when, so dedup costs no round trip for them.
+    known: Mutex<HashMap<Hash, Instant>>,
     inflight: Mutex<HashMap<Hash, Arc<OnceCell<Bytes>>>>,
     hot: Mutex<HotBlocks>,
     timeout: Duration,
 }
 
 const KNOWN_LIMIT: usize = 1 << 20;
+
+/// How long the engine trusts that a block it saw in the store is still there while no
+/// metadata names it: a block found older than this by a dedup check is uploaded again, and
+/// a block seen (or uploaded) longer ago than this is checked again. So a block the engine
+/// starts to reference was written or refreshed at most this long before, which is what
+/// lets garbage collection delete unreferenced blocks older than its grace period (which
+/// must exceed twice this) while volumes are being written.
+pub const REFRESH_AGE: Duration = Duration::from_secs(600);
 /// Most memory the recently read whole blocks may hold.
 const HOT_BUDGET: u64 = 64 << 20;
 
@@ -242,7 +257,7 @@ impl BlockStore {
     pub fn new(store: Arc<dyn ObjectStore>, cache: BlockCache, timeout: Duration) -> BlockStore {
         BlockStore {
             store,
-            known: Mutex::new(HashSet::new()),
+            known: Mutex::new(HashMap::new()),
             inflight: Mutex::new(HashMap::new()),
             hot: Mutex::new(HotBlocks {
                 budget: (cache.budget / 8).min(HOT_BUDGET),
@@ -286,19 +301,28 @@ impl BlockStore {
         if known.len() >= KNOWN_LIMIT {
             known.clear();
         }
-        known.insert(*hash);
+        known.insert(*hash, Instant::now());
+    }
+
+    fn is_known(&self, hash: &Hash) -> bool {
+        lock(&self.known)
+            .get(hash)
+            .is_some_and(|seen| seen.elapsed() < REFRESH_AGE)
     }
 
     /// Stores `data` (whose digest is `hash`) unless the pool already has it; `referenced`
     /// says the volume's metadata already names this hash, so it is known to be stored.
     pub async fn upload(&self, hash: Hash, data: Bytes, referenced: bool) -> CasResult<()> {
-        if referenced || lock(&self.known).contains(&hash) {
+        if referenced || self.is_known(&hash) {
             return Ok(());
         }
         let key = block_key(&hash);
         let present = self.timed(&key, self.store.head(&key)).await?;
+        let refresh_before = unix_now_secs() - REFRESH_AGE.as_secs() as i64;
         let trusted = match present {
-            Some(m) if m.size == data.len() as u64 => {
+            // An old block nothing may reference any more is written again, so that garbage
+            // collection sees it as new (see `REFRESH_AGE`).
+            Some(m) if m.size == data.len() as u64 && m.modified >= refresh_before => {
                 self.store.puts_are_durable() || self.holds_intact(&hash, &key).await?
             }
             _ => false,

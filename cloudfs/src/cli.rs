@@ -9,6 +9,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
 use cloudfs::cas::{BlockCache, BlockStore};
+use cloudfs::gc;
 use cloudfs::inspect;
 use cloudfs::mount::{self, EngineConfig, MountConfig};
 use cloudfs::snapshot::{self, SnapshotInfo};
@@ -110,6 +111,25 @@ enum Commands {
     Fsck {
         store: String,
         volume: String,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Garbage-collect a pool: delete the blocks that no volume, clone or snapshot references
+    /// and that were written before the grace period. Safe while volumes are mounted and
+    /// written when the grace is at least 30m. An interrupted run resumes where it stopped.
+    Gc {
+        store: String,
+        /// Keep unreferenced blocks written this recently (e.g. 1h, 45m, 0s).
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        grace: Duration,
+        /// Report what would be deleted; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Where the mark set and progress are kept [default: a directory per pool under the
+        /// cache directory].
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
@@ -266,10 +286,21 @@ impl Offline {
 }
 
 fn default_cache_dir(store: &StoreUrl, volume: &str) -> PathBuf {
-    let digest = blake3::hash(store.to_string().as_bytes()).to_hex();
-    let leaf = format!("{volume}-{}", &digest[..8]);
+    cache_base().join(format!("{volume}-{}", store_digest(store)))
+}
+
+/// Where `cloudfs gc` keeps its state for a pool unless told.
+fn default_gc_state_dir(store: &StoreUrl) -> PathBuf {
+    cache_base().join(format!("gc-{}", store_digest(store)))
+}
+
+fn store_digest(store: &StoreUrl) -> String {
+    blake3::hash(store.to_string().as_bytes()).to_hex()[..8].to_owned()
+}
+
+fn cache_base() -> PathBuf {
     // SAFETY: geteuid has no preconditions.
-    let base = if unsafe { libc::geteuid() } == 0 {
+    if unsafe { libc::geteuid() } == 0 {
         PathBuf::from("/var/cache/cloudfs")
     } else if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
         PathBuf::from(dir).join("cloudfs")
@@ -277,8 +308,7 @@ fn default_cache_dir(store: &StoreUrl, volume: &str) -> PathBuf {
         PathBuf::from(home).join(".cache/cloudfs")
     } else {
         std::env::temp_dir().join("cloudfs-cache")
-    };
-    base.join(leaf)
+    }
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
@@ -408,6 +438,51 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 &new_volume,
             ))?;
             println!("created volume {} from {source}", config.name);
+            Ok(ExitCode::SUCCESS)
+        }
+        Commands::Gc {
+            store,
+            grace,
+            dry_run,
+            state_dir,
+            json,
+        } => {
+            if grace < gc::SAFE_GRACE {
+                eprintln!(
+                    "warning: a grace under {} is safe only while no volume of this pool is \
+                     being written",
+                    humantime::format_duration(gc::SAFE_GRACE)
+                );
+            }
+            let state_dir = match state_dir {
+                Some(dir) => dir,
+                None => default_gc_state_dir(&StoreUrl::parse(&store)?),
+            };
+            let off = Offline::open(&store, credentials)?;
+            let options = gc::GcOptions {
+                grace,
+                dry_run,
+                state_dir,
+            };
+            let report = off
+                .rt
+                .block_on(gc::collect(off.store.as_ref(), &off.blocks, &options))?;
+            print_report(json, &report, |r| {
+                let verb = if r.dry_run { "would delete" } else { "deleted" };
+                println!(
+                    "{} volumes, {} generations, {} snapshots: {} blocks referenced{}",
+                    r.volumes,
+                    r.generations,
+                    r.snapshots,
+                    r.marked,
+                    if r.resumed { " (resumed run)" } else { "" }
+                );
+                println!(
+                    "scanned {} blocks: {} referenced, {} within the grace period, {verb} {} \
+                     ({} bytes) in {:.1}s",
+                    r.scanned, r.referenced, r.recent, r.candidates, r.candidate_bytes, r.seconds
+                );
+            })?;
             Ok(ExitCode::SUCCESS)
         }
         Commands::Fsck {

@@ -9,6 +9,7 @@
 pub mod cas;
 pub mod fs;
 pub mod fuse;
+pub mod gc;
 pub mod inspect;
 pub mod lease;
 pub mod meta;

@@ -137,20 +137,41 @@ pub async fn create(
 /// Every snapshot of `volume`, oldest first.
 pub async fn list(store: &dyn ObjectStore, volume: &str) -> VolumeResult<Vec<SnapshotInfo>> {
     volume::read_config(store, volume).await?;
+    let mut snapshots: Vec<SnapshotInfo> = records(store, volume)
+        .await?
+        .into_iter()
+        .map(|record| record.info)
+        .collect();
+    snapshots.sort_by(|a, b| (a.created_at, &a.name).cmp(&(b.created_at, &b.name)));
+    Ok(snapshots)
+}
+
+/// The manifest every snapshot of `volume` pins, by snapshot name (garbage-collection roots).
+pub(crate) async fn pinned_manifests(
+    store: &dyn ObjectStore,
+    volume: &str,
+) -> VolumeResult<Vec<(String, Generation)>> {
+    Ok(records(store, volume)
+        .await?
+        .into_iter()
+        .map(|record| (record.info.name, record.manifest))
+        .collect())
+}
+
+async fn records(store: &dyn ObjectStore, volume: &str) -> VolumeResult<Vec<SnapshotRecord>> {
     let prefix = snapshots_prefix(volume);
-    let mut snapshots = Vec::new();
+    let mut records = Vec::new();
     for object in list_all(store, &prefix).await? {
         let Some(name) = object.key[prefix.len()..].strip_suffix(".json") else {
             continue;
         };
         match read_record(store, volume, name).await {
-            Ok(record) => snapshots.push(record.info),
+            Ok(record) => records.push(record),
             Err(VolumeError::SnapshotNotFound { .. }) => {} // deleted meanwhile
             Err(e) => return Err(e),
         }
     }
-    snapshots.sort_by(|a, b| (a.created_at, &a.name).cmp(&(b.created_at, &b.name)));
-    Ok(snapshots)
+    Ok(records)
 }
 
 pub async fn show(store: &dyn ObjectStore, volume: &str, name: &str) -> VolumeResult<SnapshotInfo> {

@@ -335,6 +335,30 @@ async fn pointed_generation(
     )))
 }
 
+impl Generation {
+    /// The chunks (CAS blocks) of the database, skipping any unreadable name.
+    pub(crate) fn chunk_hashes(&self) -> impl Iterator<Item = Hash> + '_ {
+        self.chunks.iter().filter_map(|hex_hash| {
+            let mut hash = [0u8; 32];
+            hex::decode_to_slice(hex_hash, &mut hash).ok().map(|_| hash)
+        })
+    }
+}
+
+/// The object keys of a volume's generations in the store, oldest first.
+pub(crate) async fn generation_keys(
+    store: &dyn ObjectStore,
+    volume: &str,
+) -> VolumeResult<Vec<String>> {
+    let mut keys: Vec<String> = list_all(store, &generations_prefix(volume))
+        .await?
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    keys.sort();
+    Ok(keys)
+}
+
 /// The metadata chunks of every generation of a volume still in the store.
 pub async fn generation_chunks(store: &dyn ObjectStore, volume: &str) -> VolumeResult<Vec<Hash>> {
     let mut chunks = Vec::new();
@@ -346,12 +370,7 @@ pub async fn generation_chunks(store: &dyn ObjectStore, volume: &str) -> VolumeR
         };
         let generation: Generation = serde_json::from_slice(&raw)
             .map_err(|e| corrupt(volume, format!("generation {}: {e}", object.key)))?;
-        for hex_hash in generation.chunks {
-            let mut hash = [0u8; 32];
-            if hex::decode_to_slice(&hex_hash, &mut hash).is_ok() {
-                chunks.push(hash);
-            }
-        }
+        chunks.extend(generation.chunk_hashes());
     }
     Ok(chunks)
 }
@@ -412,7 +431,30 @@ pub(crate) async fn open_generation(
     db_path: &Path,
     read_only: bool,
 ) -> VolumeResult<OpenedVolume> {
-    let (volume, key, epoch) = (config.name.as_str(), label, generation.epoch);
+    let chunks = rebuild_database(blocks, &config.name, generation, label, db_path).await?;
+    let meta = MetaStore::open(db_path, read_only).map_err(|e| match e {
+        MetaError::Corrupt(reason) => corrupt(&config.name, reason),
+        other => other.into(),
+    })?;
+    Ok(OpenedVolume {
+        config,
+        meta: Arc::new(meta),
+        epoch: generation.epoch,
+        generation: label.to_owned(),
+        chunks,
+    })
+}
+
+/// Writes the database file a generation manifest of `volume` describes (`label` names it
+/// in errors) to `db_path`, replacing any database there; returns its chunks.
+pub(crate) async fn rebuild_database(
+    blocks: &BlockStore,
+    volume: &str,
+    generation: &Generation,
+    label: &str,
+    db_path: &Path,
+) -> VolumeResult<Vec<Hash>> {
+    let key = label;
     if let Some(dir) = db_path.parent() {
         fs::create_dir_all(dir)?;
     }
@@ -449,18 +491,7 @@ pub(crate) async fn open_generation(
         return Err(corrupt(volume, format!("generation {key} is short")));
     }
     file.sync_all()?;
-    drop(file);
-    let meta = MetaStore::open(db_path, read_only).map_err(|e| match e {
-        MetaError::Corrupt(reason) => corrupt(volume, reason),
-        other => other.into(),
-    })?;
-    Ok(OpenedVolume {
-        config,
-        meta: Arc::new(meta),
-        epoch,
-        generation: key.to_owned(),
-        chunks,
-    })
+    Ok(chunks)
 }
 
 /// Writes `generation` as generation `seq` of `epoch` of `volume` (a new name; never an

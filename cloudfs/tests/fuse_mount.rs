@@ -1431,3 +1431,88 @@ fn a_directory_tree_snapshot_through_the_cli_is_an_independent_copy() {
     h.umount();
     h.fsck_is_clean();
 }
+
+/// Writes `name` and fsyncs it and the root directory (a new metadata generation).
+fn write_durably(h: &Harness, name: &str, data: &[u8]) {
+    let mut file = File::create(h.at(name)).expect("create");
+    file.write_all(data).expect("write");
+    file.sync_all().expect("fsync");
+    File::open(h.mnt())
+        .and_then(|d| d.sync_all())
+        .expect("fsync the root");
+}
+
+fn gc_report(h: &Harness, extra: &[&str]) -> serde_json::Value {
+    let store = h.store_url();
+    let state = h.root().join("gc-state");
+    let mut args = vec!["gc", &store, "--state-dir", utf8(&state), "--json"];
+    args.extend_from_slice(extra);
+    serde_json::from_str(&h.cloudfs_ok(&args)).expect("gc prints JSON")
+}
+
+#[test]
+fn gc_through_the_cli_reclaims_only_blocks_nothing_references() {
+    let mut h = Harness::with_block_size("1MiB");
+    let store = h.store_url();
+    h.mount(&[]);
+    let (kept, pinned, cloned) = (
+        pattern(1, 1 << 20),
+        pattern(2, 3 << 20),
+        pattern(3, 1 << 20),
+    );
+    write_durably(&h, "kept", &kept);
+    write_durably(&h, "cloned", &cloned);
+    h.cloudfs_ok(&["snapshot", "create", &store, VOLUME, "for-clone"]);
+    h.cloudfs_ok(&["clone", &store, &format!("{VOLUME}@for-clone"), "copy"]);
+    h.cloudfs_ok(&["snapshot", "delete", &store, VOLUME, "for-clone"]);
+    write_durably(&h, "pinned", &pinned);
+    h.cloudfs_ok(&["snapshot", "create", &store, VOLUME, "keep"]);
+    fs::remove_file(h.at("pinned")).expect("rm");
+    fs::remove_file(h.at("cloned")).expect("rm");
+    // Enough new generations that the retained ones no longer name the removed files.
+    for i in 0..6 {
+        write_durably(&h, &format!("roll-{i}"), format!("roll {i}").as_bytes());
+    }
+    // Store clocks count whole seconds: let the blocks age past a zero grace.
+    std::thread::sleep(Duration::from_secs(2));
+
+    let report = gc_report(&h, &["--grace", "0s"]);
+    assert_eq!(report["volumes"], 2, "{report}");
+    assert_eq!(report["snapshots"], 1, "{report}");
+    let scanned = report["scanned"].as_u64().expect("scanned");
+    let referenced = report["referenced"].as_u64().expect("referenced");
+    assert!(scanned >= referenced && referenced >= 5, "{report}");
+
+    h.cloudfs_ok(&["snapshot", "delete", &store, VOLUME, "keep"]);
+    let dry = gc_report(&h, &["--grace", "0s", "--dry-run"]);
+    assert_eq!(dry["deleted"], 0, "{dry}");
+    let pinned_blocks = 3;
+    assert!(
+        dry["candidates"].as_u64() >= Some(pinned_blocks),
+        "the snapshot's own blocks: {dry}"
+    );
+    let done = gc_report(&h, &["--grace", "0s"]);
+    assert_eq!(done["deleted"], dry["candidates"], "{done}");
+    assert!(done["bytes_reclaimed"].as_u64() >= Some(3 << 20), "{done}");
+    let again = gc_report(&h, &["--grace", "1h"]);
+    assert_eq!(again["deleted"], 0, "{again}");
+    h.umount();
+
+    // Everything still referenced is intact, from a fresh cache.
+    h.mount(&[]);
+    assert_content(&h.at("kept"), &kept);
+    assert!(!h.at("pinned").exists());
+    h.umount();
+    h.fsck_is_clean();
+    {
+        let copy = h.mount_extra("copy", "copy", &[]);
+        assert_content(&copy.mnt.join("cloned"), &cloned);
+        assert_content(&copy.mnt.join("kept"), &kept);
+    }
+    let fsck = h.cloudfs(&["fsck", &store, "copy"]);
+    assert!(
+        fsck.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+}

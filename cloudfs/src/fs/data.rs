@@ -13,12 +13,13 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use bytes::Bytes;
 use futures::future::try_join_all;
 
 use super::{Caller, Fs, FsError, FsResult, get, lock, now_ns};
-use crate::cas::hash_block;
+use crate::cas::{REFRESH_AGE, hash_block};
 use crate::meta::{self, BlockRef, Hash, Inode};
 
 /// Size of a file's size field while it has no unflushed changes.
@@ -47,6 +48,8 @@ struct Uploaded {
     version: u64,
     len: u64,
     hash: Option<Hash>,
+    /// When the upload ended: past [`REFRESH_AGE`] the flush checks the store again.
+    at: Instant,
 }
 
 /// The content of a block: a hash, or `None` for an all-zero block (a hole).
@@ -418,7 +421,12 @@ impl Fs {
             // Without it the flush simply uploads the block itself.
             if let Ok(mut staged) = state.staged.try_lock() {
                 if let Some(block) = staged.get_mut(&idx).filter(|b| b.version == version) {
-                    block.uploaded = Some(Uploaded { version, len, hash });
+                    block.uploaded = Some(Uploaded {
+                        version,
+                        len,
+                        hash,
+                        at: Instant::now(),
+                    });
                 }
             }
         });
@@ -502,7 +510,8 @@ impl Fs {
                 };
                 let current = block
                     .uploaded
-                    .filter(|u| u.version == block.version && u.len == len);
+                    .filter(|u| u.version == block.version && u.len == len)
+                    .filter(|u| u.at.elapsed() < REFRESH_AGE);
                 if let Some(done) = current {
                     results.push((idx, done.hash.map(|h| (h, len))));
                     continue;

@@ -22,6 +22,8 @@ pub enum Fault {
     FailGets { prefix: String },
     /// The store cannot list, as Swift with only a TempURL key.
     NoListings,
+    /// Deletes of keys with this prefix fail.
+    FailDeletes { prefix: String },
 }
 
 #[derive(Debug, Default)]
@@ -49,11 +51,36 @@ impl MemStore {
         lock(&self.objects).keys().cloned().collect()
     }
 
+    /// Makes every object look `secs` seconds older (to test what depends on age).
+    pub fn backdate(&self, secs: i64) {
+        for (_, modified) in lock(&self.objects).values_mut() {
+            *modified -= secs;
+        }
+    }
+
     /// Replaces an object's bytes behind the engine's back (to simulate corruption).
     pub fn tamper(&self, key: &str, data: Bytes) {
         if let Some(entry) = lock(&self.objects).get_mut(key) {
             entry.0 = data;
         }
+    }
+
+    /// Fails an `op` on `key` when a fault of that kind (`prefix_of` gives its prefix) covers it.
+    fn fail_if(
+        &self,
+        key: &str,
+        op: &str,
+        prefix_of: impl Fn(&Fault) -> Option<&String>,
+    ) -> StoreResult<()> {
+        let failing = lock(&self.faults)
+            .iter()
+            .any(|f| prefix_of(f).is_some_and(|prefix| key.starts_with(prefix.as_str())));
+        if failing {
+            return Err(StoreError::Unavailable(format!(
+                "injected {op} failure on {key}"
+            )));
+        }
+        Ok(())
     }
 
     async fn before_put(&self, key: &str) -> StoreResult<()> {
@@ -90,14 +117,10 @@ fn now_secs() -> i64 {
 impl ObjectStore for MemStore {
     async fn get(&self, key: &str, range: Option<Range<u64>>) -> StoreResult<Bytes> {
         validate_key(key)?;
-        let failing = lock(&self.faults)
-            .iter()
-            .any(|f| matches!(f, Fault::FailGets { prefix } if key.starts_with(prefix)));
-        if failing {
-            return Err(StoreError::Unavailable(format!(
-                "injected get failure on {key}"
-            )));
-        }
+        self.fail_if(key, "get", |f| match f {
+            Fault::FailGets { prefix } => Some(prefix),
+            _ => None,
+        })?;
         let data = lock(&self.objects)
             .get(key)
             .map(|(d, _)| d.clone())
@@ -142,6 +165,10 @@ impl ObjectStore for MemStore {
 
     async fn delete(&self, key: &str) -> StoreResult<()> {
         validate_key(key)?;
+        self.fail_if(key, "delete", |f| match f {
+            Fault::FailDeletes { prefix } => Some(prefix),
+            _ => None,
+        })?;
         lock(&self.objects).remove(key);
         Ok(())
     }

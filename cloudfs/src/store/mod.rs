@@ -105,6 +105,14 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
     -> StoreResult<ListPage>;
     /// Creates the pool if it does not exist yet (a Swift container); a no-op where there is
     /// nothing to create.
+    /// Deletes `keys` (a missing one is not an error), in as few requests as the store
+    /// allows.
+    async fn delete_many(&self, keys: &[String]) -> StoreResult<()> {
+        for key in keys {
+            self.delete(key).await?;
+        }
+        Ok(())
+    }
     async fn prepare(&self) -> StoreResult<()> {
         Ok(())
     }

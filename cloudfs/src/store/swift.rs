@@ -93,6 +93,24 @@ impl ObjectStore for SwiftStore {
             .map_err(store_error)
     }
 
+    async fn delete_many(&self, keys: &[String]) -> StoreResult<()> {
+        for key in keys {
+            validate_key(key)?;
+        }
+        let report = self
+            .client
+            .bulk_delete(&self.container, keys)
+            .await
+            .map_err(store_error)?;
+        match report.errors.first() {
+            None => Ok(()),
+            Some((path, status)) => Err(StoreError::Unavailable(format!(
+                "bulk delete: {path}: {status} ({} objects not deleted)",
+                report.errors.len()
+            ))),
+        }
+    }
+
     async fn list(
         &self,
         prefix: &str,
