@@ -4,7 +4,7 @@
 //! Blocks are immutable and named by the BLAKE3-256 digest of their bytes, so a block that the
 //! pool already holds is never uploaded again and a cached block can never be stale.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
@@ -42,6 +42,15 @@ pub fn block_key(hash: &Hash) -> String {
     let hex = hex::encode(hash);
     format!("blocks/{}/{}/{}", &hex[0..2], &hex[2..4], hex)
 }
+
+/// Where `fsck --verify` moves a damaged block: out of `blocks/`, so that no write
+/// deduplicates against it; the damaged copy stays for inspection until a mount stores that
+/// content again.
+pub fn quarantine_key(hash: &Hash) -> String {
+    format!("{QUARANTINE_PREFIX}{}", hex::encode(hash))
+}
+
+const QUARANTINE_PREFIX: &str = "damaged/";
 
 /// The hash named by a block key, if `key` is one.
 pub fn parse_block_key(key: &str) -> Option<Hash> {
@@ -205,6 +214,8 @@ pub struct BlockStore {
     /// Hashes seen in the store, and when, so dedup costs no round trip for them.
     known: Mutex<HashMap<Hash, Instant>>,
     inflight: Mutex<HashMap<Hash, Arc<OnceCell<Bytes>>>>,
+    /// Blocks `fsck --verify` found damaged: uploaded again however sure dedup is.
+    damaged: Mutex<HashSet<Hash>>,
     hot: Mutex<HotBlocks>,
     timeout: Duration,
 }
@@ -259,6 +270,7 @@ impl BlockStore {
             store,
             known: Mutex::new(HashMap::new()),
             inflight: Mutex::new(HashMap::new()),
+            damaged: Mutex::new(HashSet::new()),
             hot: Mutex::new(HotBlocks {
                 budget: (cache.budget / 8).min(HOT_BUDGET),
                 ..HotBlocks::default()
@@ -313,6 +325,9 @@ impl BlockStore {
     /// Stores `data` (whose digest is `hash`) unless the pool already has it; `referenced`
     /// says the volume's metadata already names this hash, so it is known to be stored.
     pub async fn upload(&self, hash: Hash, data: Bytes, referenced: bool) -> CasResult<()> {
+        if lock(&self.damaged).contains(&hash) {
+            return self.replace_damaged(hash, data).await;
+        }
         if referenced || self.is_known(&hash) {
             return Ok(());
         }
@@ -330,6 +345,42 @@ impl BlockStore {
         if !trusted {
             self.timed(&key, self.store.put(&key, data)).await?;
         }
+        self.mark_known(&hash);
+        Ok(())
+    }
+
+    /// Learns which blocks `fsck --verify` quarantined (when the store can list).
+    pub async fn load_damaged(&self) -> CasResult<()> {
+        if !self.store.can_list() {
+            return Ok(());
+        }
+        let listed = self
+            .timed(
+                QUARANTINE_PREFIX,
+                crate::store::list_all(self.store.as_ref(), QUARANTINE_PREFIX),
+            )
+            .await?;
+        let mut damaged = lock(&self.damaged);
+        for object in listed {
+            let mut hash = [0u8; 32];
+            let name = &object.key[QUARANTINE_PREFIX.len()..];
+            if hex::decode_to_slice(name, &mut hash).is_ok() {
+                damaged.insert(hash);
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores a good copy of a block found damaged, which repairs every file naming it, and
+    /// then drops the quarantined copy.
+    async fn replace_damaged(&self, hash: Hash, data: Bytes) -> CasResult<()> {
+        let key = block_key(&hash);
+        self.timed(&key, self.store.put(&key, data)).await?;
+        let quarantined = quarantine_key(&hash);
+        self.timed(&quarantined, self.store.delete(&quarantined))
+            .await?;
+        lock(&self.damaged).remove(&hash);
+        tracing::info!(block = key, "stored a good copy of a damaged block");
         self.mark_known(&hash);
         Ok(())
     }

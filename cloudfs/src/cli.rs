@@ -107,10 +107,14 @@ enum Commands {
     },
     /// Check a volume: inode table consistency and every referenced block present. Exits 0
     /// only when the volume is clean. Orphaned blocks (uploaded but unreferenced, e.g. after
-    /// a crash) are listed but harmless.
+    /// a crash) are listed but harmless; `cloudfs gc` frees them.
     Fsck {
         store: String,
         volume: String,
+        /// Also re-read every block and check it against its hash: damaged ones are reported
+        /// by file and moved to `damaged/<hash>`, so new writes upload that content afresh.
+        #[arg(long)]
+        verify: bool,
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
@@ -488,6 +492,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Commands::Fsck {
             store,
             volume,
+            verify,
             json,
         } => {
             let off = Offline::open(&store, credentials)?;
@@ -496,12 +501,19 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 &off.blocks,
                 &volume,
                 off.scratch.path(),
+                verify,
             ))?;
             print_report(json, &report, |report| {
                 println!(
                     "checked {} files, {} blocks of volume {}",
                     report.files_checked, report.blocks_checked, report.volume
                 );
+                if verify {
+                    println!(
+                        "re-read {} blocks and checked their hashes",
+                        report.verified_blocks
+                    );
+                }
                 for problem in &report.problems {
                     println!("PROBLEM: {problem}");
                 }

@@ -7,9 +7,11 @@ use std::path::Path;
 use rusqlite::{Connection, OptionalExtension};
 use serde::Serialize;
 
-use crate::cas::{BlockStore, block_key, parse_block_key};
+use futures::StreamExt;
+
+use crate::cas::{BlockStore, block_key, hash_block, parse_block_key, quarantine_key};
 use crate::meta::{self, Hash, MetaError, ROOT_INO};
-use crate::store::{ObjectStore, list_all};
+use crate::store::{ObjectStore, StoreError, list_all};
 use crate::volume::{self, OpenedVolume, VolumeResult};
 
 /// What `cloudfs stat` prints.
@@ -97,6 +99,10 @@ pub struct FsckReport {
     pub problems: Vec<String>,
     /// Blocks in the pool that no volume references (harmless; garbage collection frees them).
     pub orphans: Vec<String>,
+    /// Blocks re-read and checked against their hash (`--verify`).
+    pub verified_blocks: u64,
+    /// Damaged blocks moved out of `blocks/` (`--verify`), by their new key.
+    pub quarantined: Vec<String>,
 }
 
 impl FsckReport {
@@ -196,11 +202,15 @@ fn structural_problems(conn: &Connection) -> Result<Vec<String>, MetaError> {
     Ok(problems)
 }
 
+/// Checks a volume's newest replicated state: the inode table's structure, every block it
+/// names present with the right size, and with `verify` every such block re-read from the
+/// store and checked against its hash. A damaged block is moved to [`quarantine_key`].
 pub async fn fsck(
     store: &dyn ObjectStore,
     blocks: &BlockStore,
     name: &str,
     scratch: &Path,
+    verify: bool,
 ) -> VolumeResult<FsckReport> {
     let opened = open_snapshot(store, blocks, name, scratch).await?;
     let mut report = FsckReport {
@@ -249,8 +259,73 @@ pub async fn fsck(
     })?;
     report.blocks_checked = opened.meta.read(meta::distinct_blocks)?.len() as u64;
     report.problems.extend(missing);
+    if verify {
+        verify_blocks(store, &opened.meta, &pool, &mut report).await?;
+    }
     report.orphans = orphans(store, blocks, &pool, scratch).await?;
     Ok(report)
+}
+
+/// Blocks re-read at once by `fsck --verify`.
+const VERIFY_IN_FLIGHT: usize = 8;
+
+/// Re-reads every block the volume names (that the pool holds at the right size) and checks
+/// it against its hash; reports each damaged one by the files naming it, and quarantines it.
+async fn verify_blocks(
+    store: &dyn ObjectStore,
+    meta: &meta::MetaStore,
+    pool: &HashMap<Hash, u64>,
+    report: &mut FsckReport,
+) -> VolumeResult<()> {
+    let wanted: Vec<Hash> = meta
+        .read(meta::distinct_blocks)?
+        .into_iter()
+        .filter(|(hash, len)| pool.get(hash) == Some(len))
+        .map(|(hash, _)| hash)
+        .collect();
+    let total = wanted.len();
+    let mut checks = futures::stream::iter(wanted)
+        .map(|hash| async move {
+            let key = block_key(&hash);
+            match store.get(&key, None).await {
+                Ok(data) => Ok((hash, (hash_block(&data) != hash).then_some(data))),
+                Err(StoreError::NotFound(_)) => Ok((hash, None)), // collected meanwhile
+                Err(e) => Err(e),
+            }
+        })
+        .buffer_unordered(VERIFY_IN_FLIGHT);
+    while let Some(checked) = checks.next().await {
+        let (hash, damaged) = checked?;
+        report.verified_blocks += 1;
+        if report.verified_blocks % 1000 == 0 {
+            tracing::info!(verified = report.verified_blocks, total, "verifying blocks");
+        }
+        let Some(data) = damaged else { continue };
+        let quarantined = quarantine_key(&hash);
+        store.put(&quarantined, data).await?;
+        store.delete(&block_key(&hash)).await?;
+        let named_by = meta.read(|c| -> Result<Vec<String>, MetaError> {
+            let mut stmt =
+                c.prepare("SELECT ino, idx FROM blocks WHERE hash = ?1 ORDER BY ino, idx")?;
+            let rows = stmt.query_map([&hash[..]], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+            })?;
+            let mut named_by = Vec::new();
+            for row in rows {
+                let (ino, idx) = row?;
+                named_by.push(format!("{} block {idx}", path_of(c, ino as u64)?));
+            }
+            Ok(named_by)
+        })?;
+        for place in named_by {
+            report.problems.push(format!(
+                "{place}: {} is damaged (its content does not match its name); moved to {quarantined}",
+                block_key(&hash)
+            ));
+        }
+        report.quarantined.push(quarantined);
+    }
+    Ok(())
 }
 
 /// Pool blocks that neither the files nor the metadata chunks of any volume reference.

@@ -264,6 +264,11 @@ pub fn open_engine(
             StoreLease::acquire(store.as_ref(), volume_name, &holder_id(), config.lease_ttl),
         ))?)
     };
+    if lease.is_some() {
+        if let Err(e) = rt.block_on(blocks.load_damaged()) {
+            tracing::warn!(error = %e, "could not list the blocks fsck found damaged");
+        }
+    }
     let db_path = config.cache_dir.join("meta").join("volume.db");
     let opened = match &config.snapshot {
         Some(name) => rt.block_on(crate::snapshot::open(

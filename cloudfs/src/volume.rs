@@ -703,6 +703,10 @@ impl VolumeSync {
         match renewal.await {
             Ok(()) => {
                 *crate::fs::lock(&self.last_renewal) = std::time::Instant::now();
+                // Learns of blocks an `fsck --verify` found damaged since the last renewal.
+                if let Err(e) = self.blocks.load_damaged().await {
+                    tracing::warn!(error = %e, "could not list the blocks fsck found damaged");
+                }
                 Ok(())
             }
             Err(lost @ VolumeError::LeaseLost { .. }) => Err(lost),

@@ -1516,3 +1516,50 @@ fn gc_through_the_cli_reclaims_only_blocks_nothing_references() {
         String::from_utf8_lossy(&fsck.stdout)
     );
 }
+
+#[test]
+fn fsck_verify_names_the_file_of_a_damaged_block_and_new_writes_upload_it_afresh() {
+    let mut h = Harness::new();
+    let store = h.store_url();
+    h.mount(&[]);
+    let (good, hurt) = (pattern(11, 40_000), pattern(12, 40_000));
+    fs::create_dir(h.at("dir")).expect("mkdir");
+    write_durably(&h, "dir/good", &good);
+    write_durably(&h, "dir/hurt", &hurt);
+    h.umount();
+    let key = {
+        let hex = blake3::hash(&hurt).to_hex();
+        format!("blocks/{}/{}/{hex}", &hex[0..2], &hex[2..4])
+    };
+    let mut damaged = hurt.clone();
+    damaged[1234] ^= 0xff;
+    h.overwrite_object(&key, &damaged);
+
+    // Without --verify the sizes match: the damage goes unseen.
+    h.cloudfs_ok(&["fsck", &store, VOLUME]);
+    let out = h.cloudfs(&["fsck", &store, VOLUME, "--verify", "--json"]);
+    assert!(!out.status.success(), "a damaged volume fails fsck");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let problems = report["problems"].to_string();
+    assert!(problems.contains("/dir/hurt block 0"), "{report}");
+    assert!(!problems.contains("good"), "{report}");
+    assert_eq!(report["verified_blocks"], 2, "{report}");
+    assert_eq!(report["quarantined"].as_array().map(Vec::len), Some(1));
+
+    // The damaged block left `blocks/`, and mounts no longer trust it: writing that content
+    // again (the file restored from a backup, say) uploads it, which repairs the file.
+    h.mount(&[]);
+    write_durably(&h, "again", &hurt);
+    h.umount();
+    h.fsck_is_clean();
+    let out = h.cloudfs_ok(&["fsck", &store, VOLUME, "--verify", "--json"]);
+    let report: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(
+        report["quarantined"].as_array().map(Vec::len),
+        Some(0),
+        "{report}"
+    );
+    h.mount(&[]);
+    assert_content(&h.at("dir/hurt"), &hurt);
+    h.umount();
+}

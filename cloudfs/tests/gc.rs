@@ -134,6 +134,7 @@ fn gc_reclaims_what_no_volume_clone_or_snapshot_references() {
             &scratch,
             volume,
             &t.dir.path().join(format!("fsck-{volume}")),
+            true,
         ));
         let fsck = fsck.expect("fsck");
         assert!(fsck.problems.is_empty(), "{volume}: {:?}", fsck.problems);

@@ -131,6 +131,20 @@ impl Harness {
         harness
     }
 
+    /// Replaces an object of the test's store behind cloudfs's back (to damage it).
+    pub fn overwrite_object(&self, key: &str, data: &[u8]) {
+        let store = cloudfs::store::StoreUrl::parse(&self.store_url)
+            .and_then(|url| url.open(|k| std::env::var(k).ok()))
+            .expect("opening the test's store");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        runtime
+            .block_on(store.put(key, data.to_vec().into()))
+            .expect("overwriting the object");
+    }
+
     pub fn root(&self) -> &Path {
         self.dir.path()
     }
