@@ -16,7 +16,7 @@ use bytes::Bytes;
 use tokio::sync::OnceCell;
 
 use crate::meta::Hash;
-use crate::store::{ObjectStore, StoreError};
+use crate::store::{ObjectStore, StoreError, unix_now_secs};
 
 /// Errors of the block layer.
 #[derive(Debug, thiserror::Error)]
@@ -199,13 +199,6 @@ impl BlockCache {
     }
 }
 
-/// Seconds since the Unix epoch, as object stores date objects.
-pub(crate) fn unix_now_secs() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
-
 /// The engine's access to blocks: deduplicated uploads, cached and verified downloads.
 #[derive(Debug)]
 pub struct BlockStore {
@@ -349,17 +342,20 @@ impl BlockStore {
         Ok(())
     }
 
-    /// Learns which blocks `fsck --verify` quarantined (when the store can list).
-    pub async fn load_damaged(&self) -> CasResult<()> {
+    /// Learns which blocks `fsck --verify` quarantined (when the store can list). Not
+    /// knowing is no error: the blocks stay trusted until the next try.
+    pub async fn refresh_damaged(&self) {
         if !self.store.can_list() {
-            return Ok(());
+            return;
         }
-        let listed = self
-            .timed(
-                QUARANTINE_PREFIX,
-                crate::store::list_all(self.store.as_ref(), QUARANTINE_PREFIX),
-            )
-            .await?;
+        let listing = crate::store::list_all(self.store.as_ref(), QUARANTINE_PREFIX);
+        let listed = match self.timed(QUARANTINE_PREFIX, listing).await {
+            Ok(listed) => listed,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not list the blocks fsck found damaged");
+                return;
+            }
+        };
         let mut damaged = lock(&self.damaged);
         for object in listed {
             let mut hash = [0u8; 32];
@@ -368,7 +364,6 @@ impl BlockStore {
                 damaged.insert(hash);
             }
         }
-        Ok(())
     }
 
     /// Stores a good copy of a block found damaged, which repairs every file naming it, and

@@ -518,7 +518,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     println!("PROBLEM: {problem}");
                 }
                 for orphan in &report.orphans {
-                    println!("orphan (unreferenced, harmless): {orphan}");
+                    println!("orphan (unreferenced; cloudfs gc frees it): {orphan}");
                 }
                 println!(
                     "{}: {} problems, {} orphaned blocks",

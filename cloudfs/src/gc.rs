@@ -29,10 +29,10 @@ use futures::StreamExt;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
-use crate::cas::{BlockStore, REFRESH_AGE, parse_block_key, unix_now_secs};
-use crate::meta::Hash;
+use crate::cas::{BlockStore, REFRESH_AGE, parse_block_key};
+use crate::meta::{Hash, MetaError};
 use crate::snapshot;
-use crate::store::{ObjectMeta, ObjectStore, StoreError};
+use crate::store::{ObjectMeta, ObjectStore, StoreError, unix_now_secs};
 use crate::volume::{self, Generation, VolumeError};
 
 /// The grace period `cloudfs gc` uses unless told otherwise.
@@ -54,6 +54,8 @@ pub enum GcError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Volume(#[from] VolumeError),
+    #[error(transparent)]
+    Meta(#[from] MetaError),
     #[error("garbage-collection state {path}: {source}")]
     State {
         path: PathBuf,
@@ -112,8 +114,8 @@ pub struct GcReport {
     pub seconds: f64,
 }
 
-/// The mark set and the run's progress, in `<state_dir>/marks.db` (`dry-run.db` for dry runs,
-/// which always start afresh and leave nothing behind).
+/// The mark set and the run's progress, in `<state_dir>/marks.db`; or a throwaway mark set
+/// (`scratch.db`, for dry runs and `fsck`) that always starts afresh and is not kept.
 struct State {
     conn: Connection,
     path: PathBuf,
@@ -127,10 +129,10 @@ struct Run {
 }
 
 impl State {
-    fn open(dir: &Path, dry_run: bool) -> GcResult<State> {
+    fn open(dir: &Path, throwaway: bool) -> GcResult<State> {
         std::fs::create_dir_all(dir)?;
-        let path = dir.join(if dry_run { "dry-run.db" } else { "marks.db" });
-        if dry_run {
+        let path = dir.join(if throwaway { "scratch.db" } else { "marks.db" });
+        if throwaway {
             remove_database(&path)?;
         }
         let conn = Connection::open(&path).map_err(|source| GcError::State {
@@ -336,6 +338,26 @@ pub async fn collect(
         "garbage collection done"
     );
     Ok(report)
+}
+
+/// Which of the `pool`'s blocks no root names, whatever their age (`fsck`'s orphans). Marks
+/// into a throwaway set under `scratch`.
+pub(crate) async fn unreferenced<'a>(
+    store: &dyn ObjectStore,
+    blocks: &BlockStore,
+    scratch: &Path,
+    pool: impl IntoIterator<Item = &'a Hash>,
+) -> GcResult<Vec<Hash>> {
+    let state = State::open(scratch, true)?;
+    mark(store, blocks, &state, scratch, &mut GcReport::default()).await?;
+    let mut orphans = Vec::new();
+    for hash in pool {
+        if !state.contains(hash)? {
+            orphans.push(*hash);
+        }
+    }
+    state.finish()?;
+    Ok(orphans)
 }
 
 /// Adds every block each root names to the mark set.

@@ -1,7 +1,7 @@
 //! Offline inspection of a volume from the store: `stat` (usage and dedup) and `fsck`
 //! (structural checks of the inode table, missing blocks, orphaned blocks in the pool).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension};
@@ -10,6 +10,7 @@ use serde::Serialize;
 use futures::StreamExt;
 
 use crate::cas::{BlockStore, block_key, hash_block, parse_block_key, quarantine_key};
+use crate::gc::{self, GcResult};
 use crate::meta::{self, Hash, MetaError, ROOT_INO};
 use crate::store::{ObjectStore, StoreError, list_all};
 use crate::volume::{self, OpenedVolume, VolumeResult};
@@ -211,7 +212,7 @@ pub async fn fsck(
     name: &str,
     scratch: &Path,
     verify: bool,
-) -> VolumeResult<FsckReport> {
+) -> GcResult<FsckReport> {
     let opened = open_snapshot(store, blocks, name, scratch).await?;
     let mut report = FsckReport {
         volume: name.to_owned(),
@@ -328,30 +329,17 @@ async fn verify_blocks(
     Ok(())
 }
 
-/// Pool blocks that neither the files nor the metadata chunks of any volume reference.
+/// Pool blocks that no volume, clone or snapshot references: what `cloudfs gc` collects once
+/// they are older than its grace period.
 async fn orphans(
     store: &dyn ObjectStore,
     blocks: &BlockStore,
     pool: &HashMap<Hash, u64>,
     scratch: &Path,
-) -> VolumeResult<Vec<String>> {
-    let mut referenced: HashSet<Hash> = HashSet::new();
-    for name in volume::list_volumes(store).await? {
-        referenced.extend(volume::generation_chunks(store, &name).await?);
-        let opened = open_snapshot(store, blocks, &name, scratch).await?;
-        referenced.extend(
-            opened
-                .meta
-                .read(meta::distinct_blocks)?
-                .into_iter()
-                .map(|(h, _)| h),
-        );
-    }
-    let mut orphans: Vec<String> = pool
-        .keys()
-        .filter(|h| !referenced.contains(*h))
-        .map(block_key)
-        .collect();
+) -> GcResult<Vec<String>> {
+    let marks = scratch.join("orphans");
+    let unreferenced = gc::unreferenced(store, blocks, &marks, pool.keys()).await?;
+    let mut orphans: Vec<String> = unreferenced.iter().map(block_key).collect();
     orphans.sort();
     Ok(orphans)
 }

@@ -265,9 +265,7 @@ pub fn open_engine(
         ))?)
     };
     if lease.is_some() {
-        if let Err(e) = rt.block_on(blocks.load_damaged()) {
-            tracing::warn!(error = %e, "could not list the blocks fsck found damaged");
-        }
+        rt.block_on(blocks.refresh_damaged());
     }
     let db_path = config.cache_dir.join("meta").join("volume.db");
     let opened = match &config.snapshot {

@@ -13,10 +13,9 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::cas::BlockStore;
-use crate::fs::now_ns;
 use crate::inspect;
 use crate::lease::{StoreLease, holder_id};
-use crate::store::{ObjectStore, StoreError, list_all};
+use crate::store::{ObjectStore, StoreError, list_all, unix_now_secs};
 use crate::volume::{
     self, FORMAT_VERSION, Generation, OpenedVolume, VolumeConfig, VolumeError, VolumeResult,
 };
@@ -109,7 +108,7 @@ pub async fn create(
     let info = SnapshotInfo {
         name: name.to_owned(),
         volume: volume.to_owned(),
-        created_at: now_ns() / 1_000_000_000,
+        created_at: unix_now_secs(),
         generation,
         files: measured.usage.files,
         directories: measured.usage.directories,
@@ -217,7 +216,7 @@ pub async fn clone_volume(
         format_version: FORMAT_VERSION,
         name: new_volume.to_owned(),
         block_size: source.block_size,
-        created_at: now_ns() / 1_000_000_000,
+        created_at: unix_now_secs(),
     };
     volume::write_config(store, &config).await?;
     volume::publish_generation(store, new_volume, 0, 0, &manifest).await?;
@@ -248,7 +247,7 @@ pub async fn rollback(
     let target = read_record(store, volume, name).await?;
     let lease = StoreLease::acquire(store, volume, &holder_id(), ROLLBACK_LEASE_TTL).await?;
     let result = async {
-        let previous_state = format!("pre-rollback-{}", now_ns() / 1_000_000_000);
+        let previous_state = format!("pre-rollback-{}", unix_now_secs());
         create(store, blocks, volume, &previous_state, scratch).await?;
         volume::publish_generation(store, volume, lease.epoch(), 0, &target.manifest).await?;
         Ok::<_, VolumeError>(RollbackReport {

@@ -27,7 +27,7 @@ use crate::cas::{BlockStore, CasError, hash_block};
 use crate::fs::{FsError, FsResult, MetadataSync, now_ns};
 use crate::lease::StoreLease;
 use crate::meta::{Hash, MetaError, MetaStore};
-use crate::store::{ObjectStore, StoreError, list_all};
+use crate::store::{ObjectStore, StoreError, list_all, unix_now_secs};
 
 pub const FORMAT_VERSION: u32 = 1;
 pub const DEFAULT_BLOCK_SIZE: u64 = 8 << 20;
@@ -141,6 +141,13 @@ fn pointer_key(volume: &str) -> String {
     format!("volumes/{volume}/meta/latest.json")
 }
 
+/// The content of `latest.json` naming generation `seq` of `epoch`.
+fn pointer_json(epoch: u64, seq: u64) -> io::Result<Bytes> {
+    serde_json::to_vec(&LatestPointer { epoch, seq })
+        .map(Bytes::from)
+        .map_err(io::Error::other)
+}
+
 fn parse_generation_key(volume: &str, key: &str) -> Option<(u64, u64)> {
     let rest = key.strip_prefix(&generations_prefix(volume))?;
     let (epoch, seq) = rest.split_once('-')?;
@@ -230,7 +237,7 @@ pub async fn format(
         format_version: FORMAT_VERSION,
         name: volume.to_owned(),
         block_size,
-        created_at: now_ns() / 1_000_000_000,
+        created_at: unix_now_secs(),
     };
     let scratch = tempfile::tempdir()?;
     let db_path = scratch.path().join("meta.db");
@@ -359,22 +366,6 @@ pub(crate) async fn generation_keys(
     Ok(keys)
 }
 
-/// The metadata chunks of every generation of a volume still in the store.
-pub async fn generation_chunks(store: &dyn ObjectStore, volume: &str) -> VolumeResult<Vec<Hash>> {
-    let mut chunks = Vec::new();
-    for object in list_all(store, &generations_prefix(volume)).await? {
-        let raw = match store.get(&object.key, None).await {
-            Ok(raw) => raw,
-            Err(StoreError::NotFound(_)) => continue, // pruned meanwhile
-            Err(e) => return Err(e.into()),
-        };
-        let generation: Generation = serde_json::from_slice(&raw)
-            .map_err(|e| corrupt(volume, format!("generation {}: {e}", object.key)))?;
-        chunks.extend(generation.chunk_hashes());
-    }
-    Ok(chunks)
-}
-
 /// A volume's metadata working copy, rebuilt from the store.
 #[derive(Debug)]
 pub struct OpenedVolume {
@@ -454,7 +445,6 @@ pub(crate) async fn rebuild_database(
     label: &str,
     db_path: &Path,
 ) -> VolumeResult<Vec<Hash>> {
-    let key = label;
     if let Some(dir) = db_path.parent() {
         fs::create_dir_all(dir)?;
     }
@@ -472,7 +462,7 @@ pub(crate) async fn rebuild_database(
     for hex_hash in &generation.chunks {
         let mut hash = [0u8; 32];
         hex::decode_to_slice(hex_hash, &mut hash)
-            .map_err(|_| corrupt(volume, format!("generation {key} names a bad chunk")))?;
+            .map_err(|_| corrupt(volume, format!("generation {label} names a bad chunk")))?;
         let len = CHUNK_SIZE.min(generation.db_size - written);
         let data = blocks.fetch(&hash, len).await.map_err(|e| match e {
             CasError::Store(StoreError::NotFound(k)) => {
@@ -488,7 +478,7 @@ pub(crate) async fn rebuild_database(
         chunks.push(hash);
     }
     if written != generation.db_size {
-        return Err(corrupt(volume, format!("generation {key} is short")));
+        return Err(corrupt(volume, format!("generation {label} is short")));
     }
     file.sync_all()?;
     Ok(chunks)
@@ -519,9 +509,8 @@ pub(crate) async fn publish_generation(
             format!("generation {epoch}-{seq} exists already"),
         ));
     }
-    let pointer = serde_json::to_vec(&LatestPointer { epoch, seq }).map_err(io::Error::other)?;
     store
-        .put(&pointer_key(volume), Bytes::from(pointer))
+        .put(&pointer_key(volume), pointer_json(epoch, seq)?)
         .await?;
     store.sync().await?;
     Ok(())
@@ -624,21 +613,14 @@ impl Replicator {
             .timed(&key, self.store.put(&key, Bytes::from(json)))
             .await?;
         blocks.timed(&key, self.store.sync()).await?;
-        let pointer = serde_json::to_vec(&LatestPointer {
-            epoch: self.epoch,
-            seq: state.seq,
-        })
-        .map_err(io::Error::other)?;
+        let pointer = pointer_json(self.epoch, state.seq)?;
         state.seq += 1;
         state.chunks = chunks;
         state.synced_commits = Some(commits);
         state.written.push(key);
         let pointer_key = pointer_key(&self.volume);
         let (pointed, pruned) = tokio::join!(
-            blocks.timed(
-                &pointer_key,
-                self.store.put(&pointer_key, Bytes::from(pointer))
-            ),
+            blocks.timed(&pointer_key, self.store.put(&pointer_key, pointer)),
             self.prune(&mut state)
         );
         pointed?;
@@ -700,13 +682,11 @@ impl VolumeSync {
             return Ok(());
         }
         let renewal = bounded(self.blocks.timeout(), self.lease.renew(self.store.as_ref()));
-        match renewal.await {
+        // Also learns, meanwhile, of blocks an `fsck --verify` found damaged since.
+        let (renewed, ()) = tokio::join!(renewal, self.blocks.refresh_damaged());
+        match renewed {
             Ok(()) => {
                 *crate::fs::lock(&self.last_renewal) = std::time::Instant::now();
-                // Learns of blocks an `fsck --verify` found damaged since the last renewal.
-                if let Err(e) = self.blocks.load_damaged().await {
-                    tracing::warn!(error = %e, "could not list the blocks fsck found damaged");
-                }
                 Ok(())
             }
             Err(lost @ VolumeError::LeaseLost { .. }) => Err(lost),

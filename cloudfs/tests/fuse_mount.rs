@@ -1260,10 +1260,7 @@ fn fsynced_files_survive_kill_9() {
 fn read_only_mounts_run_beside_the_writer_and_follow_it() {
     let mut h = Harness::new();
     h.mount(&[]);
-    fs::write(h.at("before"), b"published").expect("write");
-    File::open(h.mnt())
-        .and_then(|d| d.sync_all())
-        .expect("fsync the root");
+    write_durably(&h, "before", b"published");
     let reader = h.mount_extra(VOLUME, "ro", &["--read-only", "--sync-interval", "1"]);
     assert_content(&reader.mnt.join("before"), b"published");
     assert_errno(
@@ -1275,9 +1272,7 @@ fn read_only_mounts_run_beside_the_writer_and_follow_it() {
     // The writer publishes more; the reader picks it up without a remount.
     fs::write(h.at("after"), b"followed").expect("write");
     fs::remove_file(h.at("before")).expect("unlink");
-    File::open(h.mnt())
-        .and_then(|d| d.sync_all())
-        .expect("fsync the root");
+    sync_root(&h);
     wait_for("the reader to follow the writer", || {
         (fs::read(reader.mnt.join("after")).ok()? == b"followed"
             && !reader.mnt.join("before").exists())
@@ -1292,10 +1287,7 @@ fn snapshots_mount_beside_the_writer_clone_and_roll_back_through_the_cli() {
     let mut h = Harness::new();
     let store = h.store_url();
     h.mount(&[]);
-    fs::write(h.at("kept"), b"before the snapshot").expect("write");
-    File::open(h.mnt())
-        .and_then(|d| d.sync_all())
-        .expect("fsync the root");
+    write_durably(&h, "kept", b"before the snapshot");
     let created = h.cloudfs_ok(&["snapshot", "create", &store, VOLUME, "s1", "--json"]);
     let created: serde_json::Value = serde_json::from_str(&created).expect("JSON");
     assert_eq!(created["files"], 1);
@@ -1437,6 +1429,11 @@ fn write_durably(h: &Harness, name: &str, data: &[u8]) {
     let mut file = File::create(h.at(name)).expect("create");
     file.write_all(data).expect("write");
     file.sync_all().expect("fsync");
+    sync_root(h);
+}
+
+/// Fsyncs the root directory: its metadata becomes a new generation in the store.
+fn sync_root(h: &Harness) {
     File::open(h.mnt())
         .and_then(|d| d.sync_all())
         .expect("fsync the root");

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use cloudfs::cas::{BlockCache, BlockStore, block_key, hash_block};
 use cloudfs::gc::{self, GcOptions, GcReport};
-use cloudfs::store::{Fault, ObjectStore};
+use cloudfs::store::{Fault, ObjectStore, unix_now_secs};
 use cloudfs::{inspect, snapshot};
 use common::{ROOT, TestFs, pattern};
 
@@ -104,6 +104,19 @@ fn gc_reclaims_what_no_volume_clone_or_snapshot_references() {
     assert_eq!((dry.volumes, dry.snapshots), (2, 1), "{dry:?}");
     let report = collect(&t, gc::DEFAULT_GRACE, false).expect("gc");
     assert!(present(&t, &pinned) && present(&t, &dropped), "{report:?}");
+    let fsck = t.rt.block_on(inspect::fsck(
+        store.as_ref(),
+        &scratch,
+        "vol",
+        &t.dir.path().join("fsck-pinned"),
+        false,
+    ));
+    let orphans = fsck.expect("fsck").orphans;
+    let pinned_key = block_key(&hash_block(&pinned));
+    assert!(
+        !orphans.contains(&pinned_key),
+        "a snapshot's block is no orphan: {orphans:?}"
+    );
 
     t.rt.block_on(snapshot::delete(store.as_ref(), "vol", "keep"))
         .expect("delete snapshot");
@@ -192,14 +205,7 @@ fn a_block_found_old_by_dedup_is_uploaded_again() {
             .expect("head")
             .map(|m| (m.size, m.modified))
             .expect("present");
-    let age = cloudfs_now() - modified;
+    let age = unix_now_secs() - modified;
     assert!(age < 60, "the old block was written again ({age}s old)");
     assert!(t.store.put_count() > puts);
-}
-
-fn cloudfs_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs() as i64
 }

@@ -9,7 +9,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{ListPage, ObjectMeta, ObjectStore, StoreError, StoreResult, validate_key};
+use super::{
+    ListPage, ObjectMeta, ObjectStore, StoreError, StoreResult, unix_now_secs, validate_key,
+};
 
 /// A fault applied to every matching request until cleared.
 #[derive(Debug, Clone)]
@@ -107,12 +109,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn now_secs() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
-
 #[async_trait]
 impl ObjectStore for MemStore {
     async fn get(&self, key: &str, range: Option<Range<u64>>) -> StoreResult<Bytes> {
@@ -138,7 +134,7 @@ impl ObjectStore for MemStore {
 
     async fn put(&self, key: &str, data: Bytes) -> StoreResult<()> {
         self.before_put(key).await?;
-        lock(&self.objects).insert(key.to_owned(), (data, now_secs()));
+        lock(&self.objects).insert(key.to_owned(), (data, unix_now_secs()));
         self.puts.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -149,7 +145,7 @@ impl ObjectStore for MemStore {
         if objects.contains_key(key) {
             return Ok(false);
         }
-        objects.insert(key.to_owned(), (data, now_secs()));
+        objects.insert(key.to_owned(), (data, unix_now_secs()));
         self.puts.fetch_add(1, Ordering::Relaxed);
         Ok(true)
     }

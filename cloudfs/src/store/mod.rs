@@ -103,8 +103,6 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
     /// Keys starting with `prefix` and greater than `marker`, at most `limit` of them.
     async fn list(&self, prefix: &str, marker: Option<&str>, limit: usize)
     -> StoreResult<ListPage>;
-    /// Creates the pool if it does not exist yet (a Swift container); a no-op where there is
-    /// nothing to create.
     /// Deletes `keys` (a missing one is not an error), in as few requests as the store
     /// allows.
     async fn delete_many(&self, keys: &[String]) -> StoreResult<()> {
@@ -113,6 +111,8 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
         }
         Ok(())
     }
+    /// Creates the pool if it does not exist yet (a Swift container); a no-op where there is
+    /// nothing to create.
     async fn prepare(&self) -> StoreResult<()> {
         Ok(())
     }
@@ -131,6 +131,13 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
     fn can_list(&self) -> bool {
         true
     }
+}
+
+/// Seconds since the Unix epoch: how stores date objects ([`ObjectMeta::modified`]).
+pub fn unix_now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// Every object under `prefix`, following pages.
