@@ -383,3 +383,43 @@ fn a_directory_tree_is_copied_in_metadata_and_diverges_copy_on_write() {
     changed[10..17].copy_from_slice(b"CHANGED");
     assert_eq!(t.read_all(copied), changed);
 }
+
+/// `getattr` racing the flushes of a growing file never reports less than what was written:
+/// a flush that commits between reading the inode row and laying the unflushed size over it
+/// used to hand back the old size.
+#[test]
+fn getattr_never_loses_a_size_to_a_concurrent_flush() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    let t = TestFs::new(64 << 10);
+    let ino = t.create(ROOT, "growing");
+    let written = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (fs, written, done) = (t.fs.clone(), written.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut checks = 0u64;
+            while !done.load(Ordering::Acquire) {
+                let floor = written.load(Ordering::Acquire);
+                let size = fs.getattr(ino).expect("getattr").size;
+                assert!(
+                    size >= floor,
+                    "getattr said {size} after {floor} bytes were written"
+                );
+                checks += 1;
+            }
+            checks
+        })
+    };
+    let fh = t.fs.open(ino, libc::O_WRONLY).expect("open");
+    for i in 0..3000u64 {
+        t.fs.write(ino, fh, i, b"x").expect("write");
+        written.store(i + 1, Ordering::Release);
+        t.fs.flush(ino, fh).expect("flush");
+    }
+    t.fs.release(ino, fh).expect("release");
+    done.store(true, Ordering::Release);
+    let checks = reader.join().expect("the reader saw every size");
+    assert!(checks > 0);
+}

@@ -27,6 +27,9 @@ pub use error::{FsError, FsResult};
 pub const NAME_MAX: usize = 255;
 const XATTR_NAME_MAX: usize = 255;
 const XATTR_SIZE_MAX: usize = 64 * 1024;
+/// How often an attribute read is tried while flushes keep committing under it (the last
+/// try is used as it is).
+const OVERLAY_READS: usize = 8;
 
 /// Makes the volume's metadata durable in the object store (implemented by the volume layer).
 pub trait MetadataSync: Send + Sync {
@@ -123,6 +126,10 @@ impl MetaHandle {
         f: impl FnOnce(&Connection) -> Result<T, E>,
     ) -> Result<T, E> {
         self.current().read(f)
+    }
+
+    fn commits(&self) -> u64 {
+        self.current().commits()
     }
 
     fn write<T, E: From<meta::MetaError>>(
@@ -316,25 +323,44 @@ impl Fs {
         inode
     }
 
+    /// Reads inode rows with `read` and lays unflushed sizes and times over them. A flush that
+    /// commits between the two would leave neither its new row nor its overlay (the old size
+    /// would come back), so a commit meanwhile means reading again.
+    fn read_overlaid<T>(
+        &self,
+        read: impl Fn() -> FsResult<T>,
+        overlay: impl Fn(&Self, T) -> T,
+    ) -> FsResult<T> {
+        for _ in 1..OVERLAY_READS {
+            let before = self.meta.commits();
+            let value = overlay(self, read()?);
+            if self.meta.commits() == before {
+                return Ok(value);
+            }
+        }
+        Ok(overlay(self, read()?))
+    }
+
     pub fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Inode> {
         if name.len() > NAME_MAX {
             return Err(FsError::NameTooLong);
         }
-        let inode = self.meta.read(|c| -> FsResult<Inode> {
-            get_dir(c, parent)?;
-            let ino = match name {
-                b"." => parent,
-                b".." => meta::parent_of(c, parent)?.unwrap_or(ROOT_INO),
-                _ => meta::lookup(c, parent, name)?.ok_or(FsError::NotFound)?,
-            };
-            get(c, ino)
-        })?;
-        Ok(self.overlay(inode))
+        let read = || {
+            self.meta.read(|c| -> FsResult<Inode> {
+                get_dir(c, parent)?;
+                let ino = match name {
+                    b"." => parent,
+                    b".." => meta::parent_of(c, parent)?.unwrap_or(ROOT_INO),
+                    _ => meta::lookup(c, parent, name)?.ok_or(FsError::NotFound)?,
+                };
+                get(c, ino)
+            })
+        };
+        self.read_overlaid(read, Self::overlay)
     }
 
     pub fn getattr(&self, ino: u64) -> FsResult<Inode> {
-        let inode = self.meta.read(|c| get(c, ino))?;
-        Ok(self.overlay(inode))
+        self.read_overlaid(|| self.meta.read(|c| get(c, ino)), Self::overlay)
     }
 
     pub fn setattr(&self, ino: u64, attr: SetAttr) -> FsResult<Inode> {
@@ -661,6 +687,18 @@ impl Fs {
 
     /// Entries of `dir` after `offset` (0 starts; `.` and `..` come first), at most `limit`.
     pub fn readdir(&self, dir: u64, offset: u64, limit: usize) -> FsResult<Vec<Listing>> {
+        self.read_overlaid(
+            || self.read_dir_page(dir, offset, limit),
+            |fs, mut out| {
+                for listing in &mut out {
+                    listing.inode = fs.overlay(listing.inode.clone());
+                }
+                out
+            },
+        )
+    }
+
+    fn read_dir_page(&self, dir: u64, offset: u64, limit: usize) -> FsResult<Vec<Listing>> {
         let mut out = Vec::new();
         self.meta.read(|c| -> FsResult<()> {
             let this = get_dir(c, dir)?;
@@ -690,9 +728,6 @@ impl Fs {
             }
             Ok(())
         })?;
-        for listing in &mut out {
-            listing.inode = self.overlay(listing.inode.clone());
-        }
         Ok(out)
     }
 
