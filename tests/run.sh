@@ -13,6 +13,8 @@ log "installing system packages"
 missing=()
 command -v fusermount3 >/dev/null 2>&1 || missing+=(fuse3)
 command -v fio >/dev/null 2>&1 || missing+=(fio)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+command -v tar >/dev/null 2>&1 || missing+=(tar)
 if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq

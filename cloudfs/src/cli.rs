@@ -14,6 +14,7 @@ use cloudfs::inspect;
 use cloudfs::mount::{self, EngineConfig, MountConfig};
 use cloudfs::snapshot::{self, SnapshotInfo};
 use cloudfs::store::{ObjectStore, StoreUrl};
+use cloudfs::tar::{self, ExportInfo};
 use cloudfs::volume;
 
 /// cloudfs: an unlimited POSIX drive whose files live in an object store as deduplicated
@@ -119,8 +120,15 @@ enum Commands {
         #[arg(long)]
         json: bool,
     },
-    /// Garbage-collect a pool: delete the blocks that no volume, clone or snapshot references
-    /// and that were written before the grace period. Safe while volumes are mounted and
+    /// Server-side TAR exports: a directory of a volume as one tar object in the pool whose
+    /// data are the blocks already stored (Swift: a static large object, nothing copied; the
+    /// local store: a real tar file). A plain GET of the object streams the tar.
+    Export {
+        #[command(subcommand)]
+        action: ExportCommand,
+    },
+    /// Garbage-collect a pool: delete the blocks that no volume, clone, snapshot or export
+    /// references and that were written before the grace period. Safe while volumes are mounted and
     /// written when the grace is at least 30m. An interrupted run resumes where it stopped.
     Gc {
         store: String,
@@ -152,6 +160,38 @@ enum VolumeCommand {
     /// Delete a volume's metadata and snapshots (fails while it is mounted read-write). Its
     /// blocks are freed by garbage collection once nothing else references them.
     Delete { store: String, volume: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum ExportCommand {
+    /// Export DIR (default: the root) of VOLUME's newest replicated state, or of its
+    /// snapshot with VOLUME@SNAPSHOT, as the tar object exports/OBJECT, and print its URL.
+    /// The export keeps the blocks it uses from garbage collection until it is deleted.
+    Tar {
+        store: String,
+        #[arg(value_name = "VOLUME[@SNAPSHOT][:DIR]")]
+        source: String,
+        object: String,
+        /// Print a TempURL that GETs the tar without credentials (Swift: signed with the
+        /// container's or the account's Temp-URL-Key).
+        #[arg(long)]
+        temp_url: bool,
+        /// How long the TempURL stays valid.
+        #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+        valid_for: Duration,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the exports of a pool.
+    List {
+        store: String,
+        /// Print one JSON array.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete an export: its object, then the record that kept its blocks alive.
+    Delete { store: String, object: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -264,7 +304,6 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the I/O runtime")
 }
 
-/// A block store with a throwaway cache, for commands that only read a little.
 /// A store opened for an offline command, with a scratch directory (block cache, rebuilt
 /// databases) that lives as long as this, and a runtime to run the command on.
 struct Offline {
@@ -375,6 +414,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Commands::Snapshot { action } => snapshot_command(action, credentials),
+        Commands::Export { action } => export_command(action, credentials),
         Commands::Seal { dir } => {
             set_sealed(&dir, true)?;
             println!("sealed {}", dir.display());
@@ -474,10 +514,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             print_report(json, &report, |r| {
                 let verb = if r.dry_run { "would delete" } else { "deleted" };
                 println!(
-                    "{} volumes, {} generations, {} snapshots: {} blocks referenced{}",
+                    "{} volumes, {} generations, {} snapshots, {} exports: {} blocks referenced{}",
                     r.volumes,
                     r.generations,
                     r.snapshots,
+                    r.exports,
                     r.marked,
                     if r.resumed { " (resumed run)" } else { "" }
                 );
@@ -701,6 +742,87 @@ fn print_snapshot(info: &SnapshotInfo) {
         &info.logical_bytes.to_string(),
         &info.stored_bytes.to_string(),
     );
+}
+
+/// `cloudfs export tar --json`: the export and where to GET it.
+#[derive(serde::Serialize)]
+struct ExportOutput {
+    #[serde(flatten)]
+    info: ExportInfo,
+    url: Option<String>,
+}
+
+fn export_command(action: ExportCommand, credentials: Option<&Path>) -> Result<ExitCode> {
+    match action {
+        ExportCommand::Tar {
+            store,
+            source,
+            object,
+            temp_url,
+            valid_for,
+            json,
+        } => {
+            let parsed = tar::parse_source(&source)?;
+            let off = Offline::open(&store, credentials)?;
+            let info = off.rt.block_on(tar::export_tar(
+                off.store.as_ref(),
+                &off.blocks,
+                &parsed,
+                &object,
+                off.scratch.path(),
+            ))?;
+            let signed_for = temp_url.then_some(valid_for);
+            let url = match off
+                .rt
+                .block_on(off.store.object_url(&info.object, signed_for))
+            {
+                Ok(url) => Some(url),
+                Err(e) if temp_url => return Err(e.into()),
+                Err(_) => None,
+            };
+            print_report(json, &ExportOutput { info, url }, |out| {
+                let info = &out.info;
+                println!(
+                    "exported {source} as {}: {} entries, {} bytes of tar, of which {} bytes \
+                     are ranges of {} stored blocks",
+                    info.object, info.entries, info.tar_bytes, info.referenced_bytes, info.blocks
+                );
+                if info.skipped > 0 {
+                    println!("left out {} sockets (tar cannot hold them)", info.skipped);
+                }
+                if let Some(url) = &out.url {
+                    println!("{url}");
+                }
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        ExportCommand::List { store, json } => {
+            let (_, store) = open_store(&store, credentials)?;
+            let exports = runtime()?.block_on(tar::list(store.as_ref()))?;
+            print_report(json, &exports, |exports| {
+                for e in exports {
+                    let snapshot = e.snapshot.as_deref().map(|s| format!("@{s}"));
+                    println!(
+                        "{}\t{}{}:{}\t{} bytes\t{} entries\t{}",
+                        e.name,
+                        e.volume,
+                        snapshot.unwrap_or_default(),
+                        e.dir,
+                        e.tar_bytes,
+                        e.entries,
+                        e.object
+                    );
+                }
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        ExportCommand::Delete { store, object } => {
+            let (_, store) = open_store(&store, credentials)?;
+            runtime()?.block_on(tar::delete(store.as_ref(), &object))?;
+            println!("deleted export {object}; cloudfs gc frees the blocks only it used");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }
 
 fn snapshot_command(action: SnapshotCommand, credentials: Option<&Path>) -> Result<ExitCode> {

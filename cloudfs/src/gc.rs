@@ -33,6 +33,7 @@ use crate::cas::{BlockStore, REFRESH_AGE, parse_block_key};
 use crate::meta::{Hash, MetaError};
 use crate::snapshot;
 use crate::store::{ObjectMeta, ObjectStore, StoreError, unix_now_secs};
+use crate::tar::{self, ExportError};
 use crate::volume::{self, Generation, VolumeError};
 
 /// The grace period `cloudfs gc` uses unless told otherwise.
@@ -56,6 +57,8 @@ pub enum GcError {
     Volume(#[from] VolumeError),
     #[error(transparent)]
     Meta(#[from] MetaError),
+    #[error(transparent)]
+    Export(#[from] ExportError),
     #[error("garbage-collection state {path}: {source}")]
     State {
         path: PathBuf,
@@ -95,9 +98,11 @@ pub struct GcReport {
     /// Continued an interrupted run (its mark and sweep progress).
     pub resumed: bool,
     pub volumes: u64,
-    /// Metadata generations and snapshots read as roots.
+    /// Metadata generations, snapshots and exports read as roots.
     pub generations: u64,
     pub snapshots: u64,
+    #[serde(default)]
+    pub exports: u64,
     /// Distinct blocks the roots name.
     pub marked: u64,
     /// Block objects listed.
@@ -390,6 +395,13 @@ async fn mark(
             snapshots = report.snapshots,
             "marked"
         );
+    }
+    // After the volumes: an export whose record this listing misses was laid out from a
+    // generation marked above, or from a newer one whose new blocks the grace keeps.
+    for (name, hashes) in tar::referenced_blocks(store).await? {
+        state.add(hashes)?;
+        report.exports += 1;
+        tracing::info!(export = name, "marked");
     }
     remove_database(&scratch)
 }

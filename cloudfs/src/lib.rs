@@ -4,7 +4,8 @@
 //! Layers, bottom up: [`store`] (the `ObjectStore` seam and its implementations), [`meta`]
 //! (the SQLite inode table), [`cas`] (blocks: naming, dedup, cache), [`fs`] (POSIX operations),
 //! [`fuse`] (the kernel adapter), [`volume`] (format, open, metadata replication), [`lease`] (one writer per volume), [`mount`]
-//! (a mount process's life) and [`inspect`] (`stat`, `fsck`).
+//! (a mount process's life) [`inspect`] (`stat`, `fsck`), [`snapshot`], [`gc`] and [`tar`] (server-side
+//! exports).
 
 pub mod cas;
 pub mod fs;
@@ -16,4 +17,5 @@ pub mod meta;
 pub mod mount;
 pub mod snapshot;
 pub mod store;
+pub mod tar;
 pub mod volume;

@@ -17,6 +17,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -1559,4 +1560,261 @@ fn fsck_verify_names_the_file_of_a_damaged_block_and_new_writes_upload_it_afresh
     h.mount(&[]);
     assert_content(&h.at("dir/hurt"), &hurt);
     h.umount();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server-side TAR export
+// ---------------------------------------------------------------------------------------------
+
+/// Byte ranges `[start, end)` of `path` that hold data (`SEEK_DATA`/`SEEK_HOLE`).
+fn data_ranges(path: &Path) -> Vec<(u64, u64)> {
+    let file = File::open(path).expect("open for SEEK_DATA");
+    let size = file.metadata().expect("metadata").len() as i64;
+    let mut ranges = Vec::new();
+    let mut at = 0i64;
+    while at < size {
+        // SAFETY: lseek on a descriptor owned by `file`.
+        let start = unsafe { libc::lseek(file.as_raw_fd(), at, libc::SEEK_DATA) };
+        if start < 0 {
+            break; // ENXIO: only a hole remains
+        }
+        // SAFETY: as above.
+        let end = unsafe { libc::lseek(file.as_raw_fd(), start, libc::SEEK_HOLE) };
+        assert!(end > start, "SEEK_HOLE after {start} in {}", path.display());
+        ranges.push((start as u64, end as u64));
+        at = end;
+    }
+    ranges
+}
+
+/// Asserts two local files hold the same bytes, reading only where either has data (the
+/// rest is holes in both, which read as zeros).
+fn assert_same_sparse(got: &Path, want: &Path) {
+    let size = fs::metadata(want).expect("stat").len();
+    assert_eq!(
+        fs::metadata(got).expect("stat").len(),
+        size,
+        "{}",
+        got.display()
+    );
+    let (got_file, want_file) = (
+        File::open(got).expect("open"),
+        File::open(want).expect("open"),
+    );
+    let mut ranges = data_ranges(got);
+    ranges.extend(data_ranges(want));
+    for (start, end) in ranges {
+        let mut at = start;
+        while at < end {
+            let len = (end - at).min(MIB) as usize;
+            let (mut a, mut b) = (vec![0u8; len], vec![0u8; len]);
+            got_file.read_exact_at(&mut a, at).expect("read");
+            want_file.read_exact_at(&mut b, at).expect("read");
+            assert!(
+                a == b,
+                "{} differs in {at}..{}",
+                got.display(),
+                at + len as u64
+            );
+            at += len as u64;
+        }
+    }
+}
+
+/// Asserts that the local trees `got` and `want` hold the same names, types, permissions,
+/// mtimes (but of symlinks), link targets, hard links and bytes.
+fn assert_same_tree(got: &Path, want: &Path) {
+    let names = |dir: &Path| -> BTreeSet<std::ffi::OsString> {
+        fs::read_dir(dir)
+            .expect("read_dir")
+            .map(|e| e.expect("entry").file_name())
+            .collect()
+    };
+    let mut inodes: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut stack = vec![(got.to_path_buf(), want.to_path_buf())];
+    while let Some((got_dir, want_dir)) = stack.pop() {
+        assert_eq!(names(&got_dir), names(&want_dir), "{}", got_dir.display());
+        for name in names(&want_dir) {
+            let (g, w) = (got_dir.join(&name), want_dir.join(&name));
+            let (gm, wm) = (
+                fs::symlink_metadata(&g).expect("stat"),
+                fs::symlink_metadata(&w).expect("stat"),
+            );
+            assert_eq!(gm.mode(), wm.mode(), "mode of {}", g.display());
+            if wm.is_symlink() {
+                assert_eq!(
+                    fs::read_link(&g).ok(),
+                    fs::read_link(&w).ok(),
+                    "{}",
+                    g.display()
+                );
+                continue;
+            }
+            assert_eq!(gm.mtime(), wm.mtime(), "mtime of {}", g.display());
+            if wm.is_dir() {
+                stack.push((g, w));
+            } else if wm.is_file() {
+                assert_same_sparse(&g, &w);
+                // Hard links extract as hard links.
+                let first = *inodes.entry(wm.ino()).or_insert(gm.ino());
+                assert_eq!(first, gm.ino(), "hard link {}", g.display());
+            }
+        }
+    }
+}
+
+/// The tree the export test writes, into the mount and into a local reference copy alike.
+fn write_export_tree(root: &Path) {
+    let set_mtime = |path: &Path, secs: u64| {
+        let time = UNIX_EPOCH + Duration::from_secs(secs);
+        File::open(path)
+            .and_then(|f| f.set_times(FileTimes::new().set_modified(time).set_accessed(time)))
+            .expect("set mtime");
+    };
+    fs::create_dir(root).expect("mkdir");
+    // 1,154 blocks of 64 KiB: more segments than one Swift manifest holds.
+    fs::write(
+        root.join("big.bin"),
+        pattern(41, (72 * MIB + 1234) as usize),
+    )
+    .expect("big");
+    fs::write(root.join("small"), pattern(42, 100_000)).expect("small");
+    fs::hard_link(root.join("small"), root.join("hard")).expect("hard link");
+    File::create(root.join("empty")).expect("empty");
+    fs::create_dir(root.join("empty-dir")).expect("mkdir");
+    let long_dir = root.join("d".repeat(120));
+    fs::create_dir(&long_dir).expect("mkdir");
+    fs::write(long_dir.join("f".repeat(150)), pattern(43, 3000)).expect("long name");
+    std::os::unix::fs::symlink("big.bin", root.join("link")).expect("symlink");
+    std::os::unix::fs::symlink("t".repeat(200), root.join("long-link")).expect("symlink");
+    fs::write(root.join("run.sh"), b"#!/bin/sh\necho hi\n").expect("script");
+    fs::set_permissions(root.join("run.sh"), fs::Permissions::from_mode(0o750)).expect("chmod");
+    // Larger than 8 GiB, with data at the start, in the middle and in its last bytes.
+    let sparse_size = 8 * GIB + 5 * MIB + 7;
+    let sparse = OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .open(root.join("sparse"))
+        .expect("sparse");
+    sparse.set_len(sparse_size).expect("truncate");
+    sparse.write_all_at(&pattern(44, 100), 0).expect("write");
+    sparse
+        .write_all_at(&pattern(45, 200_000), 4 * GIB + 12_345)
+        .expect("write");
+    sparse
+        .write_all_at(b"0123456789", sparse_size - 10)
+        .expect("write");
+    drop(sparse);
+    for (name, secs) in [
+        ("big.bin", 1_600_000_000),
+        ("small", 1_600_000_100),
+        ("empty", 1_600_000_200),
+        ("run.sh", 1_600_000_300),
+        ("sparse", 1_600_000_400),
+    ] {
+        set_mtime(&root.join(name), secs);
+    }
+    set_mtime(&long_dir.join("f".repeat(150)), 1_600_000_500);
+    for dir in [long_dir.as_path(), &root.join("empty-dir"), root] {
+        set_mtime(dir, 1_700_000_000);
+    }
+}
+
+#[test]
+fn export_tar_streams_through_curl_into_tar_as_the_same_tree() {
+    let mut h = Harness::new();
+    let store = h.store_url();
+    let reference = h.root().join("reference");
+    write_export_tree(&reference);
+    h.mount(&[]);
+    write_export_tree(&h.at("src"));
+    h.umount();
+
+    let swift = h.swift_container().map(|container| {
+        let account = SwiftAccount::open().expect("the test Swift's account");
+        account
+            .block_on(
+                account
+                    .client
+                    .set_container_temp_url_key(container, "export-key"),
+            )
+            .expect("set the container's TempURL key");
+        (account, container.to_owned())
+    });
+    let usage = || {
+        swift.as_ref().map(|(account, container)| {
+            account
+                .block_on(account.client.head_container(container))
+                .expect("HEAD container")
+                .expect("the container exists")
+        })
+    };
+    let before = usage();
+    let out = h.cloudfs_ok(&[
+        "export",
+        "tar",
+        &store,
+        &format!("{VOLUME}:/src"),
+        "src.tar",
+        "--temp-url",
+        "--json",
+    ]);
+    let export: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    let url = export["url"].as_str().expect("a URL").to_owned();
+    assert_eq!(export["object"], "exports/src.tar", "{export}");
+    assert!(
+        export["referenced_bytes"].as_u64() > Some(72 * MIB),
+        "{export}"
+    );
+
+    let extracted = h.root().join("extracted");
+    fs::create_dir(&extracted).expect("mkdir");
+    let untar = run(Command::new("bash").args([
+        "-c",
+        &format!(
+            "set -o pipefail; curl -sSf '{url}' | tar -x -C '{}'",
+            extracted.display()
+        ),
+    ]))
+    .expect("curl | tar");
+    assert!(
+        untar.status.success(),
+        "curl | tar -x: {}",
+        String::from_utf8_lossy(&untar.stderr)
+    );
+    assert_same_tree(&extracted, &reference);
+    // The extracted sparse file is sparse again.
+    let sparse = fs::metadata(extracted.join("sparse")).expect("stat");
+    assert!(
+        sparse.blocks() * 512 < 64 * MIB,
+        "{} bytes allocated",
+        sparse.blocks() * 512
+    );
+
+    if let (Some(before), Some(after)) = (before, usage()) {
+        // Only the manifests, the nested ones and the export record are new; no block is
+        // copied (a copy would add the 72 MiB file at least).
+        let grown = after.bytes_used - before.bytes_used;
+        eprintln!(
+            "export: {} objects, {grown} bytes added for a {} byte tar",
+            after.object_count - before.object_count,
+            export["tar_bytes"]
+        );
+        assert!(
+            after.object_count - before.object_count >= 3,
+            "nested manifests"
+        );
+        assert!(grown < 2 * MIB, "the container grew by {grown} bytes");
+    }
+
+    let listed: serde_json::Value =
+        serde_json::from_str(&h.cloudfs_ok(&["export", "list", &store, "--json"])).expect("JSON");
+    assert_eq!(listed[0]["name"], "src.tar", "{listed}");
+    let again = h.cloudfs(&["export", "tar", &store, VOLUME, "src.tar"]);
+    assert!(!again.status.success(), "a second export of the same name");
+    h.cloudfs_ok(&["export", "delete", &store, "src.tar"]);
+    let gone = run(Command::new("curl").args(["-sSf", "-o", "/dev/null", &url])).expect("curl");
+    assert!(!gone.status.success(), "the export is still served");
+    let listed = h.cloudfs_ok(&["export", "list", &store, "--json"]);
+    assert_eq!(listed.trim(), "[]");
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use cloudfs::cas::{BlockCache, BlockStore, block_key, hash_block};
 use cloudfs::gc::{self, GcOptions, GcReport};
 use cloudfs::store::{Fault, ObjectStore, unix_now_secs};
-use cloudfs::{inspect, snapshot};
+use cloudfs::{inspect, snapshot, tar};
 use common::{ROOT, TestFs, pattern};
 
 const HOUR: i64 = 3600;
@@ -208,4 +208,49 @@ fn a_block_found_old_by_dedup_is_uploaded_again() {
     let age = unix_now_secs() - modified;
     assert!(age < 60, "the old block was written again ({age}s old)");
     assert!(t.store.put_count() > puts);
+}
+
+#[test]
+fn an_export_keeps_the_blocks_it_references_until_it_is_deleted() {
+    let t = TestFs::new(64 << 10);
+    let store: Arc<dyn ObjectStore> = t.store.clone();
+    let scratch = blocks(&t, "scratch");
+    let exported = pattern(50_000, 8);
+    t.write_file(ROOT, "exported", &exported);
+    t.fs.sync_all().expect("sync");
+    let source = tar::parse_source("vol").expect("source");
+    let info =
+        t.rt.block_on(tar::export_tar(
+            store.as_ref(),
+            &scratch,
+            &source,
+            "all.tar",
+            t.dir.path(),
+        ))
+        .expect("export");
+    assert_eq!((info.entries, info.blocks), (1, 1), "{info:?}");
+    unlink(&t, "exported");
+    roll_generations(&t);
+    t.store.backdate(2 * HOUR);
+
+    let report = collect(&t, gc::DEFAULT_GRACE, false).expect("gc");
+    assert_eq!(report.exports, 1, "{report:?}");
+    assert!(present(&t, &exported), "an export keeps its block");
+    let tar = t.rt.block_on(store.get(&info.object, None)).expect("get");
+    assert_eq!(tar.len() as u64, info.tar_bytes);
+    assert!(
+        tar.windows(exported.len()).any(|w| w == &exported[..]),
+        "the tar holds the file's data"
+    );
+
+    t.rt.block_on(tar::delete(store.as_ref(), "all.tar"))
+        .expect("delete");
+    let report = collect(&t, gc::DEFAULT_GRACE, false).expect("gc");
+    assert_eq!(report.exports, 0, "{report:?}");
+    assert!(!present(&t, &exported), "reclaimed once the export is gone");
+    assert!(
+        t.rt.block_on(tar::list(store.as_ref()))
+            .expect("list")
+            .is_empty()
+    );
 }

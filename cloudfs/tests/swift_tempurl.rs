@@ -7,25 +7,14 @@ mod mount_harness;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
-use cloudfs_swift::{Credentials, RetryPolicy, SwiftClient};
 use mount_harness::*;
-
-/// The container behind a `swift://<container>` store URL.
-fn container(store_url: &str) -> &str {
-    store_url.strip_prefix("swift://").expect("a Swift store")
-}
 
 /// Sets the pool container's TempURL key with the account credentials of the environment;
 /// returns the account's storage URL.
 fn set_container_key(container: &str, key: &str) -> String {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a runtime");
-    runtime.block_on(async {
-        let credentials =
-            Credentials::from_keys(|k| std::env::var(k).ok()).expect("ST_* credentials");
-        let client = SwiftClient::new(credentials, RetryPolicy::default()).expect("client");
+    let swift = SwiftAccount::open().expect("the test Swift's account");
+    let client = &swift.client;
+    swift.block_on(async {
         client
             .set_container_temp_url_key(container, key)
             .await
@@ -74,7 +63,7 @@ fn a_temp_url_key_alone_mounts_read_only_and_follows_the_writer() {
         .expect("fsync the root");
 
     let key = format!("pool-key-{:016x}", rand::random::<u64>());
-    let storage_url = set_container_key(container(&h.store_url()), &key);
+    let storage_url = set_container_key(h.swift_container().expect("a Swift store"), &key);
     let good = credentials_file(h.root(), &storage_url, &key);
 
     let Err(refused) = signed_mount(&h, "rw", &good, &[]) else {

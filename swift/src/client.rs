@@ -144,6 +144,25 @@ pub struct SwiftClient {
     retry: RetryPolicy,
     /// The digest TempURL signatures use (TempURL mode), learnt from `/info` once.
     temp_url_digest: tokio::sync::OnceCell<TempUrlDigest>,
+    slo_limits: tokio::sync::OnceCell<SloLimits>,
+}
+
+/// What one Static Large Object manifest may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SloLimits {
+    /// Object-backed segments (inline data segments do not count).
+    pub max_segments: u64,
+    /// Bytes of the manifest's JSON.
+    pub max_manifest_bytes: u64,
+}
+
+impl Default for SloLimits {
+    fn default() -> SloLimits {
+        SloLimits {
+            max_segments: 1000,
+            max_manifest_bytes: 8 << 20,
+        }
+    }
 }
 
 /// How long a request's TempURL signature stays valid: beyond any one attempt.
@@ -303,6 +322,7 @@ impl SwiftClient {
             auth: Authenticator::new(credentials),
             retry,
             temp_url_digest: tokio::sync::OnceCell::new(),
+            slo_limits: tokio::sync::OnceCell::new(),
         })
     }
 
@@ -342,21 +362,27 @@ impl SwiftClient {
                 call.what
             )));
         }
+        self.sign_url(url, key, call.method.as_str(), TEMP_URL_VALIDITY)
+            .await;
+        Ok(())
+    }
+
+    /// Appends the TempURL signature of `method` on `url`'s object, valid for `validity`.
+    async fn sign_url(&self, url: &mut Url, key: &str, method: &str, validity: Duration) {
         let digest = self.temp_url_digest().await;
         let expires = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default()
-            .saturating_add(TEMP_URL_VALIDITY)
+            .saturating_add(validity)
             .as_secs();
         // Swift checks the signature against the decoded path.
         let path = percent_encoding::percent_decode_str(url.path()).decode_utf8_lossy();
-        let signature = sign_temp_url(key.as_bytes(), call.method.as_str(), &path, expires, digest);
+        let signature = sign_temp_url(key.as_bytes(), method, &path, expires, digest);
         let query = match url.query() {
             Some(q) if !q.is_empty() => format!("{q}&{signature}"),
             _ => signature,
         };
         url.set_query(Some(&query));
-        Ok(())
     }
 
     fn url(token: &Token, call: &Call<'_>) -> SwiftResult<Url> {
@@ -813,6 +839,80 @@ impl SwiftClient {
         resp.json()
             .await
             .map_err(|source| SwiftError::Transport { what, source })
+    }
+
+    /// The URL of `container/object` (a request to it needs a token).
+    pub async fn object_url(&self, container: &str, object: &str) -> SwiftResult<String> {
+        let token = self.auth.token(&self.http).await?;
+        Ok(Self::url(&token, &Call::new(Method::GET, container, Some(object)))?.to_string())
+    }
+
+    /// A URL that GETs `container/object` without credentials for `validity`: a TempURL signed
+    /// with the key these credentials carry, else the container's `Temp-URL-Key`, else the
+    /// account's.
+    pub async fn temp_url(
+        &self,
+        container: &str,
+        object: &str,
+        validity: Duration,
+    ) -> SwiftResult<String> {
+        let key = match self.auth.temp_url_key() {
+            Some(key) => key.to_owned(),
+            None => self.stored_temp_url_key(container).await?.ok_or_else(|| {
+                SwiftError::Config(format!(
+                    "neither container {container} nor the account has a Temp-URL-Key to sign \
+                     a TempURL with; set one (X-Container-Meta-Temp-URL-Key)"
+                ))
+            })?,
+        };
+        let token = self.auth.token(&self.http).await?;
+        let mut url = Self::url(&token, &Call::new(Method::GET, container, Some(object)))?;
+        self.sign_url(&mut url, &key, "GET", validity).await;
+        Ok(url.to_string())
+    }
+
+    /// The `Temp-URL-Key` of the container, or else of the account, if either has one.
+    async fn stored_temp_url_key(&self, container: &str) -> SwiftResult<Option<String>> {
+        for (call, header) in [
+            (
+                Call::new(Method::HEAD, container, None),
+                "x-container-meta-temp-url-key",
+            ),
+            (
+                Call::new(Method::HEAD, "", None),
+                "x-account-meta-temp-url-key",
+            ),
+        ] {
+            let resp = self.expect_success(&call).await?;
+            if let Some(key) = header_str(resp.headers(), header).filter(|k| !k.is_empty()) {
+                return Ok(Some(key));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The cluster's limits on one SLO manifest, from `/info` (Swift's defaults without it).
+    pub async fn slo_limits(&self) -> SloLimits {
+        *self
+            .slo_limits
+            .get_or_init(|| async {
+                let defaults = SloLimits::default();
+                match self.info().await {
+                    Ok(info) => SloLimits {
+                        max_segments: info["slo"]["max_manifest_segments"]
+                            .as_u64()
+                            .unwrap_or(defaults.max_segments),
+                        max_manifest_bytes: info["slo"]["max_manifest_size"]
+                            .as_u64()
+                            .unwrap_or(defaults.max_manifest_bytes),
+                    },
+                    Err(e) => {
+                        tracing::warn!(error = %e, "no /info: assuming Swift's default SLO limits");
+                        defaults
+                    }
+                }
+            })
+            .await
     }
 
     /// Whether requests are signed with a TempURL key (object requests only) rather than

@@ -14,7 +14,8 @@ mod tempurl;
 
 pub use auth::{Credentials, KeystoneAuth, parse_credentials_file};
 pub use client::{
-    BulkDeleteReport, ContainerInfo, ListEntry, ObjectInfo, RetryPolicy, SloSegment, SwiftClient,
+    BulkDeleteReport, ContainerInfo, ListEntry, ObjectInfo, RetryPolicy, SloLimits, SloSegment,
+    SwiftClient,
 };
 pub use error::{SwiftError, SwiftResult};
 pub use tempurl::{TempUrlDigest, sign_temp_url};

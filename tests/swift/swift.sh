@@ -485,6 +485,9 @@ use = egg:swift#account_quotas
 
 [filter:slo]
 use = egg:swift#slo
+# By default Swift serves segments under 1 MiB at one per second after the tenth; a cloudfs
+# TAR export has one such segment per small file. Deployments that export set this too.
+rate_limit_segments_per_sec = 0
 
 [filter:dlo]
 use = egg:swift#dlo

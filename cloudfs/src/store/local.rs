@@ -13,12 +13,12 @@ use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::UNIX_EPOCH;
+use std::time::{Duration, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{ListPage, ObjectMeta, ObjectStore, StoreError, StoreResult, validate_key};
+use super::{ListPage, ObjectMeta, ObjectStore, Piece, StoreError, StoreResult, validate_key};
 
 const TMP_DIR: &str = ".tmp";
 
@@ -63,12 +63,12 @@ impl LocalStore {
             .join(format!("{}-{n}-{nonce:016x}", std::process::id()))
     }
 
-    /// Writes `data` to a fresh fsynced temp file and hands it to `place`, which moves it to
-    /// its final name; the temp file is removed whatever happens.
+    /// Has `fill` write a fresh temp file (fsynced when `durable`) and hands it to `place`,
+    /// which moves it to its final name; the temp file is removed whatever happens.
     fn write_via_temp(
         &self,
         key: &str,
-        data: &[u8],
+        fill: impl FnOnce(&mut File) -> io::Result<()>,
         durable: bool,
         place: impl FnOnce(&Path, &Path) -> io::Result<bool>,
     ) -> StoreResult<bool> {
@@ -76,7 +76,7 @@ impl LocalStore {
         let tmp = self.temp_path();
         let result = (|| {
             let mut file = File::create(&tmp)?;
-            file.write_all(data)?;
+            fill(&mut file)?;
             if durable {
                 file.sync_all()?;
             }
@@ -196,6 +196,10 @@ fn not_found_as(key: &str, e: io::Error) -> StoreError {
     }
 }
 
+fn rename_into_place(tmp: &Path, dest: &Path) -> io::Result<bool> {
+    fs::rename(tmp, dest).map(|()| true)
+}
+
 /// Runs blocking file work off the async worker threads.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> StoreResult<T> + Send + 'static,
@@ -235,10 +239,8 @@ impl ObjectStore for LocalStore {
         let this = self.clone_handle();
         let key = key.to_owned();
         blocking(move || {
-            this.write_via_temp(&key, &data, false, |tmp, dest| {
-                fs::rename(tmp, dest).map(|()| true)
-            })
-            .map(|_| ())
+            this.write_via_temp(&key, |f| f.write_all(&data), false, rename_into_place)
+                .map(|_| ())
         })
         .await
     }
@@ -247,13 +249,16 @@ impl ObjectStore for LocalStore {
         let this = self.clone_handle();
         let key = key.to_owned();
         blocking(move || {
-            this.write_via_temp(&key, &data, true, |tmp, dest| {
-                match fs::hard_link(tmp, dest) {
+            this.write_via_temp(
+                &key,
+                |f| f.write_all(&data),
+                true,
+                |tmp, dest| match fs::hard_link(tmp, dest) {
                     Ok(()) => Ok(true),
                     Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
                     Err(e) => Err(e),
-                }
-            })
+                },
+            )
         })
         .await
     }
@@ -283,6 +288,59 @@ impl ObjectStore for LocalStore {
             Err(e) => Err(StoreError::io(&key, e)),
         })
         .await
+    }
+
+    /// Writes the bytes: a local composite is a plain file (a real tar for exports).
+    async fn put_composite(
+        &self,
+        key: &str,
+        pieces: &[Piece],
+        _helper_prefix: &str,
+    ) -> StoreResult<()> {
+        let this = self.clone_handle();
+        let key = key.to_owned();
+        let mut sources = Vec::with_capacity(pieces.len());
+        for piece in pieces {
+            if let Piece::Object { key, .. } = piece {
+                sources.push(self.path_of(key)?);
+            }
+        }
+        let pieces = pieces.to_vec();
+        blocking(move || {
+            let fill = |out: &mut File| -> io::Result<()> {
+                let mut out = io::BufWriter::with_capacity(1 << 20, out);
+                let mut sources = sources.iter();
+                for piece in &pieces {
+                    match piece {
+                        Piece::Inline(bytes) => out.write_all(bytes)?,
+                        Piece::Object { key, range, .. } => {
+                            let path = sources
+                                .next()
+                                .ok_or_else(|| io::Error::other(format!("no source for {key}")))?;
+                            let mut source = File::open(path)?;
+                            source.seek(SeekFrom::Start(range.start))?;
+                            let want = range.end - range.start;
+                            let copied = io::copy(&mut source.take(want), &mut out)?;
+                            if copied != want {
+                                return Err(io::Error::new(
+                                    io::ErrorKind::UnexpectedEof,
+                                    format!("{key} is shorter than {}", range.end),
+                                ));
+                            }
+                        }
+                    }
+                }
+                out.flush()
+            };
+            this.write_via_temp(&key, fill, true, rename_into_place)
+                .map(|_| ())
+        })
+        .await
+    }
+
+    async fn object_url(&self, key: &str, _signed_for: Option<Duration>) -> StoreResult<String> {
+        let path = self.path_of(key)?;
+        Ok(format!("file://{}", path.display()))
     }
 
     async fn sync(&self) -> StoreResult<()> {

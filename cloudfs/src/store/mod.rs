@@ -11,6 +11,7 @@ mod swift;
 use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -38,6 +39,8 @@ pub enum StoreError {
     InvalidUrl { url: String, reason: String },
     #[error("object store refused the credentials: {0}")]
     Unauthorized(String),
+    #[error("{0}")]
+    Unsupported(String),
     #[error(transparent)]
     Swift(cloudfs_swift::SwiftError),
 }
@@ -85,6 +88,32 @@ impl ListPage {
     }
 }
 
+/// One piece of a composite object ([`ObjectStore::put_composite`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Piece {
+    /// Bytes carried by the composite itself.
+    Inline(Bytes),
+    /// Bytes `range` of the existing object `key`, which is `size` bytes long.
+    Object {
+        key: String,
+        size: u64,
+        range: Range<u64>,
+    },
+}
+
+impl Piece {
+    pub fn len(&self) -> u64 {
+        match self {
+            Piece::Inline(bytes) => bytes.len() as u64,
+            Piece::Object { range, .. } => range.end - range.start,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// An object store: a flat namespace of immutable byte objects.
 #[async_trait]
 pub trait ObjectStore: Send + Sync + std::fmt::Debug {
@@ -110,6 +139,36 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
             self.delete(key).await?;
         }
         Ok(())
+    }
+    /// Writes `key` as the concatenation of `pieces`. Swift stores a static large object
+    /// whose segments are the objects named (no byte of them is copied), with any nested
+    /// manifests it needs written under `helper_prefix`; other stores write the bytes. A later
+    /// `get` returns the concatenation. Deleting `key` never deletes the objects it names.
+    async fn put_composite(
+        &self,
+        key: &str,
+        pieces: &[Piece],
+        helper_prefix: &str,
+    ) -> StoreResult<()> {
+        let _ = helper_prefix;
+        let mut whole = Vec::new();
+        for piece in pieces {
+            match piece {
+                Piece::Inline(bytes) => whole.extend_from_slice(bytes),
+                Piece::Object { key, range, .. } => {
+                    whole.extend_from_slice(&self.get(key, Some(range.clone())).await?)
+                }
+            }
+        }
+        self.put(key, Bytes::from(whole)).await
+    }
+    /// A URL that reads object `key`: with `signed_for`, one that needs no credentials for
+    /// that long (a Swift TempURL).
+    async fn object_url(&self, key: &str, signed_for: Option<Duration>) -> StoreResult<String> {
+        let _ = signed_for;
+        Err(StoreError::Unsupported(format!(
+            "this store has no URL for object {key}"
+        )))
     }
     /// Creates the pool if it does not exist yet (a Swift container); a no-op where there is
     /// nothing to create.

@@ -375,10 +375,15 @@ impl Harness {
     }
 }
 
-/// Empties and deletes a test container of the test Swift (best effort: a failure is
-/// printed, never a panic in `Drop`).
-fn delete_swift_container(container: &str) {
-    let cleanup = || -> Result<(), String> {
+/// The test Swift's account (credentials from `ST_AUTH`/`ST_USER`/`ST_KEY`), for what a test
+/// does or checks behind cloudfs's back.
+pub struct SwiftAccount {
+    pub client: cloudfs_swift::SwiftClient,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl SwiftAccount {
+    pub fn open() -> Result<SwiftAccount, String> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -393,7 +398,28 @@ fn delete_swift_container(container: &str) {
             },
         )
         .map_err(|e| e.to_string())?;
-        runtime.block_on(async {
+        Ok(SwiftAccount { client, runtime })
+    }
+
+    pub fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
+        self.runtime.block_on(future)
+    }
+}
+
+impl Harness {
+    /// The container of the test's pool when it lives in Swift.
+    pub fn swift_container(&self) -> Option<&str> {
+        self.store_url.strip_prefix("swift://")
+    }
+}
+
+/// Empties and deletes a test container of the test Swift (best effort: a failure is
+/// printed, never a panic in `Drop`).
+fn delete_swift_container(container: &str) {
+    let cleanup = || -> Result<(), String> {
+        let swift = SwiftAccount::open()?;
+        let client = &swift.client;
+        swift.block_on(async {
             loop {
                 let names: Vec<String> = client
                     .list_objects(container, "", None, 10_000, None)
