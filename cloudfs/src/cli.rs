@@ -9,6 +9,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
 use cloudfs::cas::{BlockCache, BlockStore};
+use cloudfs::control::{self, Reply, Request};
 use cloudfs::gc;
 use cloudfs::inspect;
 use cloudfs::mount::{self, EngineConfig, MountConfig};
@@ -87,9 +88,10 @@ enum Commands {
         #[command(subcommand)]
         action: SnapshotCommand,
     },
-    /// Roll an unmounted volume back to one of its snapshots. The state it replaces is kept
-    /// as the snapshot pre-rollback-<unix time> until deleted. Fails while the volume is
-    /// mounted read-write.
+    /// Roll a volume back to one of its snapshots. A volume mounted read-write on this
+    /// machine switches in place, through its mount; an unmounted one is rolled back in the
+    /// store (fails while it is mounted read-write elsewhere). The state it replaces is kept
+    /// as the snapshot pre-rollback-<unix time> until deleted.
     Rollback {
         store: String,
         volume: String,
@@ -196,8 +198,10 @@ enum ExportCommand {
 
 #[derive(Debug, Subcommand)]
 enum SnapshotCommand {
-    /// Pin the volume's newest replicated state (of a mounted volume: as of its last
-    /// metadata sync; `sync` or fsync first) under NAME.
+    /// Pin the volume's state under NAME. A volume mounted read-write on this machine is
+    /// snapshotted by its mount at one instant (changes in flight finish first, new ones wait
+    /// meanwhile); otherwise its newest replicated state is pinned (of a volume mounted
+    /// elsewhere: as of that mount's last metadata sync).
     Create {
         store: String,
         volume: String,
@@ -413,7 +417,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             })?;
             Ok(ExitCode::SUCCESS)
         }
-        Commands::Snapshot { action } => snapshot_command(action, credentials),
+        Commands::Snapshot { action } => snapshot_command(action, &run_dir, credentials),
         Commands::Export { action } => export_command(action, credentials),
         Commands::Seal { dir } => {
             set_sealed(&dir, true)?;
@@ -449,14 +453,23 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             snapshot: name,
             json,
         } => {
-            let off = Offline::open(&store, credentials)?;
-            let report = off.rt.block_on(snapshot::rollback(
-                off.store.as_ref(),
-                &off.blocks,
-                &volume,
-                &name,
-                off.scratch.path(),
-            ))?;
+            let request = Request::Rollback {
+                snapshot: name.clone(),
+            };
+            let report = match ask_mount(&run_dir, &store, &volume, &request)? {
+                Some(Reply::Rollback(report)) => report,
+                Some(other) => return unexpected_reply(other),
+                None => {
+                    let off = Offline::open(&store, credentials)?;
+                    off.rt.block_on(snapshot::rollback(
+                        off.store.as_ref(),
+                        &off.blocks,
+                        &volume,
+                        &name,
+                        off.scratch.path(),
+                    ))?
+                }
+            };
             print_report(json, &report, |report| {
                 println!(
                     "rolled volume {} back to snapshot {}; the previous state is snapshot {}",
@@ -825,7 +838,30 @@ fn export_command(action: ExportCommand, credentials: Option<&Path>) -> Result<E
     }
 }
 
-fn snapshot_command(action: SnapshotCommand, credentials: Option<&Path>) -> Result<ExitCode> {
+/// Sends `request` to the read-write mount of `volume` on this machine, if there is one.
+fn ask_mount(
+    run_dir: &Path,
+    store: &str,
+    volume: &str,
+    request: &Request,
+) -> Result<Option<Reply>> {
+    let socket = control::socket_path(run_dir, &StoreUrl::parse(store)?, volume);
+    Ok(control::call(&socket, request)?)
+}
+
+/// A mount's control reply that is an error or not the one asked for.
+fn unexpected_reply(reply: Reply) -> Result<ExitCode> {
+    match reply {
+        Reply::Error(message) => bail!("{message}"),
+        other => bail!("the mount answered {other:?}"),
+    }
+}
+
+fn snapshot_command(
+    action: SnapshotCommand,
+    run_dir: &Path,
+    credentials: Option<&Path>,
+) -> Result<ExitCode> {
     match action {
         SnapshotCommand::Create {
             store,
@@ -833,14 +869,22 @@ fn snapshot_command(action: SnapshotCommand, credentials: Option<&Path>) -> Resu
             name,
             json,
         } => {
-            let off = Offline::open(&store, credentials)?;
-            let info = off.rt.block_on(snapshot::create(
-                off.store.as_ref(),
-                &off.blocks,
-                &volume,
-                &name,
-                off.scratch.path(),
-            ))?;
+            let request = Request::Snapshot { name: name.clone() };
+            let info = match ask_mount(run_dir, &store, &volume, &request)? {
+                Some(Reply::Snapshot(info)) => info,
+                Some(other) => return unexpected_reply(other),
+                None => {
+                    let off = Offline::open(&store, credentials)?;
+                    let create = snapshot::create(
+                        off.store.as_ref(),
+                        &off.blocks,
+                        &volume,
+                        &name,
+                        off.scratch.path(),
+                    );
+                    off.rt.block_on(create)?
+                }
+            };
             print_report(json, &info, |info| {
                 println!("created snapshot {} of volume {}", info.name, info.volume);
             })?;

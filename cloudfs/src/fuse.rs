@@ -171,6 +171,7 @@ impl Filesystem for FuseFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let _change = self.fs.change();
         let change = SetAttr {
             mode,
             uid,
@@ -202,6 +203,7 @@ impl Filesystem for FuseFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        let _change = self.fs.change();
         let result = self
             .fs
             .mknod(caller(req), parent.0, name.as_bytes(), mode, umask, rdev);
@@ -217,6 +219,7 @@ impl Filesystem for FuseFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
+        let _change = self.fs.change();
         let result = self
             .fs
             .mkdir(caller(req), parent.0, name.as_bytes(), mode, umask);
@@ -224,10 +227,12 @@ impl Filesystem for FuseFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _change = self.fs.change();
         empty(reply, self.fs.unlink(parent.0, name.as_bytes()), "unlink");
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _change = self.fs.change();
         empty(reply, self.fs.rmdir(parent.0, name.as_bytes()), "rmdir");
     }
 
@@ -239,6 +244,7 @@ impl Filesystem for FuseFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        let _change = self.fs.change();
         let result = self.fs.symlink(
             caller(req),
             parent.0,
@@ -258,6 +264,7 @@ impl Filesystem for FuseFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        let _change = self.fs.change();
         let mode = if flags.contains(RenameFlags::RENAME_EXCHANGE) {
             RenameMode::Exchange
         } else if flags.contains(RenameFlags::RENAME_NOREPLACE) {
@@ -283,6 +290,7 @@ impl Filesystem for FuseFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        let _change = self.fs.change();
         self.entry(
             reply,
             self.fs.link(ino.0, newparent.0, newname.as_bytes()),
@@ -291,6 +299,7 @@ impl Filesystem for FuseFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _change = self.fs.change();
         match self.fs.open(ino.0, flags.0) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(errno(&e, "open")),
@@ -326,6 +335,7 @@ impl Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let _change = self.fs.change();
         match self.fs.write(ino.0, fh.0, offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(&e, "write")),
@@ -340,6 +350,7 @@ impl Filesystem for FuseFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        let _change = self.fs.change();
         empty(reply, self.fs.flush(ino.0, fh.0), "flush");
     }
 
@@ -353,6 +364,7 @@ impl Filesystem for FuseFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let _change = self.fs.change();
         empty(reply, self.fs.release(ino.0, fh.0), "release");
     }
 
@@ -364,6 +376,7 @@ impl Filesystem for FuseFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _change = self.fs.change();
         empty(reply, self.fs.fsync(ino.0), "fsync");
     }
 
@@ -436,6 +449,7 @@ impl Filesystem for FuseFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _change = self.fs.change();
         empty(reply, self.fs.fsyncdir(), "fsyncdir");
     }
 
@@ -465,6 +479,7 @@ impl Filesystem for FuseFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        let _change = self.fs.change();
         let mode = if flags & libc::XATTR_CREATE != 0 {
             XattrMode::Create
         } else if flags & libc::XATTR_REPLACE != 0 {
@@ -499,6 +514,7 @@ impl Filesystem for FuseFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _change = self.fs.change();
         empty(
             reply,
             self.fs.removexattr(ino.0, name.as_bytes()),
@@ -521,6 +537,7 @@ impl Filesystem for FuseFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        let _change = self.fs.change();
         match self
             .fs
             .create(caller(req), parent.0, name.as_bytes(), mode, umask, flags)

@@ -8,6 +8,7 @@
 //! exports).
 
 pub mod cas;
+pub mod control;
 pub mod fs;
 pub mod fuse;
 pub mod gc;

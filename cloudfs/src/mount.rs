@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use fuser::{Config, MountOption, SessionACL};
 
 use crate::cas::{BlockCache, BlockStore};
+use crate::control::{self, LiveVolume};
 use crate::fs::{Fs, FsConfig, FsError, MetadataSync};
 use crate::fuse::FuseFs;
 use crate::lease::{StoreLease, holder_id};
@@ -176,6 +177,8 @@ pub struct EngineConfig {
 pub struct Engine {
     pub fs: Arc<Fs>,
     follower: Option<Follower>,
+    /// The replication of a read-write mount.
+    volume_sync: Option<Arc<VolumeSync>>,
 }
 
 /// Keeps a read-only mount on the newest generation the writer has published.
@@ -284,7 +287,7 @@ pub fn open_engine(
             config.read_only,
         ))?,
     };
-    let sync: Option<Arc<dyn MetadataSync>> = lease.map(|lease| {
+    let volume_sync: Option<Arc<VolumeSync>> = lease.map(|lease| {
         Arc::new(VolumeSync {
             replicator: Replicator::new(
                 store.clone(),
@@ -299,8 +302,11 @@ pub fn open_engine(
             blocks: blocks.clone(),
             rt: rt.clone(),
             last_renewal: std::sync::Mutex::new(Instant::now()),
-        }) as Arc<dyn MetadataSync>
+        })
     });
+    let sync = volume_sync
+        .clone()
+        .map(|sync| sync as Arc<dyn MetadataSync>);
     let staging = config.cache_dir.join("staging");
     let _ = fs::remove_dir_all(&staging);
     let block_size = opened.config.block_size;
@@ -326,7 +332,11 @@ pub fn open_engine(
         fs_config,
         sync,
     )?);
-    Ok(Engine { fs, follower })
+    Ok(Engine {
+        fs,
+        follower,
+        volume_sync,
+    })
 }
 
 /// Mounts and serves until unmounted or signalled. `ready` runs once the mount is usable.
@@ -375,6 +385,19 @@ pub fn run(
         .and_then(fuser::Session::spawn)
         .map_err(io_err(format!("mounting {}", mountpoint.display())))?;
     fs::create_dir_all(&config.run_dir).map_err(io_err("creating the run directory"))?;
+    let _control = match &engine.volume_sync {
+        Some(sync) => {
+            let path = control::socket_path(&config.run_dir, &config.store, &config.volume);
+            let live = LiveVolume {
+                fs: fs.clone(),
+                sync: sync.clone(),
+                volume: config.volume.clone(),
+                work_dir: config.engine.cache_dir.join("meta"),
+            };
+            Some(control::serve(path, live).map_err(io_err("opening the control socket"))?)
+        }
+        None => None,
+    };
     let pid_path = pid_file(&config.run_dir, &mountpoint);
     fs::write(&pid_path, std::process::id().to_string()).map_err(io_err("writing the pid file"))?;
     tracing::info!(

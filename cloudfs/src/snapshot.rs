@@ -105,6 +105,20 @@ pub async fn create(
     )
     .await?;
     let measured = inspect::measure(&opened.meta)?;
+    pin(store, volume, name, generation, manifest, &measured).await
+}
+
+/// Pins generation `generation` (its `manifest`, whose usage is `measured`) of `volume` as
+/// snapshot `name`.
+pub(crate) async fn pin(
+    store: &dyn ObjectStore,
+    volume: &str,
+    name: &str,
+    generation: String,
+    manifest: Generation,
+    measured: &inspect::Measured,
+) -> VolumeResult<SnapshotInfo> {
+    volume::validate_name(name)?;
     let info = SnapshotInfo {
         name: name.to_owned(),
         volume: volume.to_owned(),
@@ -131,6 +145,15 @@ pub async fn create(
     }
     store.sync().await?;
     Ok(info)
+}
+
+/// The generation manifest snapshot `name` pins.
+pub(crate) async fn pinned_manifest(
+    store: &dyn ObjectStore,
+    volume: &str,
+    name: &str,
+) -> VolumeResult<Generation> {
+    Ok(read_record(store, volume, name).await?.manifest)
 }
 
 /// Every snapshot of `volume`, oldest first.
@@ -223,8 +246,8 @@ pub async fn clone_volume(
     Ok(config)
 }
 
-/// What an offline rollback did.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// What a rollback did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RollbackReport {
     pub volume: String,
     pub snapshot: String,

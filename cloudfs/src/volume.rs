@@ -519,6 +519,8 @@ pub(crate) async fn publish_generation(
 #[derive(Debug)]
 struct ReplicaState {
     seq: u64,
+    /// The last generation written: its key and manifest.
+    latest: Option<(String, Generation)>,
     chunks: Vec<Hash>,
     synced_commits: Option<u64>,
     written: Vec<String>,
@@ -549,6 +551,7 @@ impl Replicator {
             epoch,
             state: tokio::sync::Mutex::new(ReplicaState {
                 seq: first_seq,
+                latest: None,
                 chunks,
                 synced_commits: None,
                 written: Vec::new(),
@@ -560,6 +563,33 @@ impl Replicator {
     /// Writes a new generation if anything committed since the last one.
     pub async fn push(&self, meta: &MetaStore, blocks: &BlockStore) -> VolumeResult<()> {
         let mut state = self.state.lock().await;
+        self.push_locked(&mut state, meta, blocks).await
+    }
+
+    /// A generation holding everything committed so far (written now unless the last one
+    /// does): its key and manifest.
+    pub(crate) async fn checkpoint(
+        &self,
+        meta: &MetaStore,
+        blocks: &BlockStore,
+    ) -> VolumeResult<(String, Generation)> {
+        let mut state = self.state.lock().await;
+        if state.latest.is_none() {
+            state.synced_commits = None;
+        }
+        self.push_locked(&mut state, meta, blocks).await?;
+        state
+            .latest
+            .clone()
+            .ok_or_else(|| corrupt(&self.volume, "no generation after a push"))
+    }
+
+    async fn push_locked(
+        &self,
+        state: &mut ReplicaState,
+        meta: &MetaStore,
+        blocks: &BlockStore,
+    ) -> VolumeResult<()> {
         if state.synced_commits == Some(meta.commits()) {
             return Ok(());
         }
@@ -617,11 +647,12 @@ impl Replicator {
         state.seq += 1;
         state.chunks = chunks;
         state.synced_commits = Some(commits);
-        state.written.push(key);
+        state.written.push(key.clone());
+        state.latest = Some((key, generation));
         let pointer_key = pointer_key(&self.volume);
         let (pointed, pruned) = tokio::join!(
             blocks.timed(&pointer_key, self.store.put(&pointer_key, pointer)),
-            self.prune(&mut state)
+            self.prune(state)
         );
         pointed?;
         pruned?;
@@ -695,6 +726,14 @@ impl VolumeSync {
                 Ok(())
             }
         }
+    }
+}
+
+impl VolumeSync {
+    /// A generation of everything committed so far (see [`Replicator::checkpoint`]).
+    pub(crate) async fn checkpoint(&self) -> VolumeResult<(String, Generation)> {
+        self.renew_if_due().await?;
+        self.replicator.checkpoint(&self.meta, &self.blocks).await
     }
 }
 

@@ -1309,8 +1309,21 @@ fn snapshots_mount_beside_the_writer_clone_and_roll_back_through_the_cli() {
     let listed: serde_json::Value = serde_json::from_str(&listed).expect("JSON");
     assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
 
-    let refused = h.cloudfs(&["rollback", &store, VOLUME, "s1"]);
-    assert!(!refused.status.success(), "a rollback of a mounted volume");
+    // From where its mount is not (another run directory: as from another machine), a
+    // rollback of the mounted volume is refused.
+    let elsewhere = h.root().join("elsewhere");
+    let refused = h.cloudfs(&[
+        "--run-dir",
+        utf8(&elsewhere),
+        "rollback",
+        &store,
+        VOLUME,
+        "s1",
+    ]);
+    assert!(
+        !refused.status.success(),
+        "a rollback of a volume mounted elsewhere"
+    );
     assert!(
         String::from_utf8_lossy(&refused.stderr).contains("mounted read-write"),
         "{refused:?}"
@@ -1817,4 +1830,157 @@ fn export_tar_streams_through_curl_into_tar_as_the_same_tree() {
     assert!(!gone.status.success(), "the export is still served");
     let listed = h.cloudfs_ok(&["export", "list", &store, "--json"]);
     assert_eq!(listed.trim(), "[]");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Snapshots and rollback of a mounted volume, through its control socket
+// ---------------------------------------------------------------------------------------------
+
+/// The content of record file `i` of the snapshot-consistency test.
+fn record(i: usize) -> Vec<u8> {
+    pattern(1000 + i as u64, 20_000 + (i % 7) * 3000)
+}
+
+/// Checks one snapshot of the writer's volume: the journal is whole lines `0..j`, every
+/// record it names is complete, and no record beyond the next one exists. Returns `j`.
+fn check_prefix_consistent(root: &Path) -> usize {
+    let journal = fs::read_to_string(root.join("journal")).unwrap_or_default();
+    assert!(
+        journal.is_empty() || journal.ends_with('\n'),
+        "torn journal line"
+    );
+    let lines: Vec<usize> = journal
+        .lines()
+        .map(|l| l.parse().expect("a journal line"))
+        .collect();
+    assert_eq!(lines, (0..lines.len()).collect::<Vec<_>>(), "journal order");
+    for i in 0..lines.len() {
+        assert_content(&root.join(format!("rec-{i:05}")), &record(i));
+    }
+    assert!(
+        !root.join(format!("rec-{:05}", lines.len() + 1)).exists(),
+        "a record written after the journal's last line"
+    );
+    lines.len()
+}
+
+#[test]
+fn a_snapshot_of_a_mounted_volume_is_one_instant_while_a_writer_writes() {
+    let mut h = Harness::new();
+    let store = h.store_url();
+    // No periodic sync: what the snapshots hold can only come through the mount.
+    h.mount(&["--sync-interval", "3600"]);
+
+    // Written and closed, and written but still open: both are in a snapshot taken now.
+    fs::write(h.at("closed"), b"closed, never synced").expect("write");
+    let mut open = File::create(h.at("still-open")).expect("create");
+    open.write_all(b"written, not closed").expect("write");
+    h.cloudfs_ok(&["snapshot", "create", &store, VOLUME, "instant"]);
+    drop(open);
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (root, stop) = (h.mnt(), stop.clone());
+        std::thread::spawn(move || {
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && i < 100_000 {
+                fs::write(root.join(format!("rec-{i:05}")), record(i)).expect("record");
+                let mut journal = OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(root.join("journal"))
+                    .expect("journal");
+                journal
+                    .write_all(format!("{i}\n").as_bytes())
+                    .expect("append");
+                i += 1;
+            }
+            i
+        })
+    };
+    let mut taken = Vec::new();
+    for n in 0..3 {
+        std::thread::sleep(Duration::from_millis(300));
+        let name = format!("busy-{n}");
+        let out = h.cloudfs_ok(&["snapshot", "create", &store, VOLUME, &name, "--json"]);
+        let info: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+        assert_eq!(info["name"], name.as_str(), "{info}");
+        taken.push(name);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let written = writer.join().expect("the writer");
+
+    {
+        let snap = h.mount_extra(VOLUME, "instant", &["--snapshot", "instant"]);
+        assert_content(&snap.mnt.join("closed"), b"closed, never synced");
+        assert_content(&snap.mnt.join("still-open"), b"written, not closed");
+    }
+    let mut seen = Vec::new();
+    for name in &taken {
+        let snap = h.mount_extra(VOLUME, name, &["--snapshot", name]);
+        seen.push(check_prefix_consistent(&snap.mnt));
+    }
+    eprintln!("records in the snapshots: {seen:?} of {written} written");
+    assert!(
+        seen.windows(2).all(|w| w[0] <= w[1]),
+        "later snapshots hold more: {seen:?}"
+    );
+    assert!(seen[2] > 0 && seen[2] <= written, "{seen:?} of {written}");
+    // The live volume went on: it holds everything.
+    assert_eq!(check_prefix_consistent(&h.mnt()), written);
+}
+
+#[test]
+fn rollback_of_a_mounted_volume_switches_it_in_place() {
+    let mut h = Harness::new();
+    let store = h.store_url();
+    h.mount(&["--sync-interval", "3600"]);
+    let (a1, a2, b) = (pattern(1, 150_000), pattern(2, 90_000), pattern(3, 5_000));
+    fs::write(h.at("a"), &a1).expect("write");
+    fs::write(h.at("b"), &b).expect("write");
+    h.cloudfs_ok(&["snapshot", "create", &store, VOLUME, "good"]);
+
+    fs::write(h.at("a"), &a2).expect("overwrite");
+    fs::remove_file(h.at("b")).expect("rm");
+    fs::write(h.at("c"), b"made after the snapshot").expect("write");
+    let c_ino = fs::metadata(h.at("c")).expect("stat").ino();
+    let mut open_c = File::open(h.at("c")).expect("open");
+
+    let out = h.cloudfs_ok(&["rollback", &store, VOLUME, "good", "--json"]);
+    let report: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    let previous = report["previous_state"].as_str().expect("name").to_owned();
+    assert!(previous.starts_with("pre-rollback-"), "{report}");
+
+    // The kernel may serve names and attributes it cached for up to a second.
+    wait_for("the rolled-back names", || {
+        (!h.at("c").exists() && h.at("b").exists()).then_some(())
+    });
+    assert_content(&h.at("a"), &a1);
+    assert_content(&h.at("b"), &b);
+    let mut buf = Vec::new();
+    let stale = open_c.read_to_end(&mut buf);
+    assert!(
+        stale.is_err() || buf.is_empty(),
+        "a handle on a file the snapshot lacks reads nothing of it"
+    );
+    // New files never reuse the inode number of one the rollback removed.
+    fs::write(h.at("d"), b"after the rollback").expect("write");
+    assert_ne!(fs::metadata(h.at("d")).expect("stat").ino(), c_ino);
+
+    {
+        let before = h.mount_extra(VOLUME, "previous", &["--snapshot", &previous]);
+        assert_content(&before.mnt.join("a"), &a2);
+        assert_content(&before.mnt.join("c"), b"made after the snapshot");
+        assert!(!before.mnt.join("b").exists());
+    }
+    // The rolled-back state is what the store holds, from a fresh cache.
+    h.umount();
+    h.mount(&[]);
+    assert_content(&h.at("a"), &a1);
+    assert_content(&h.at("b"), &b);
+    assert!(!h.at("c").exists());
+    assert_content(&h.at("d"), b"after the rollback");
+    h.umount();
+    h.fsck_is_clean();
 }

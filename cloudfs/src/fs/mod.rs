@@ -9,7 +9,7 @@ mod data;
 mod error;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
@@ -165,7 +165,13 @@ pub struct Fs {
     sync: Option<Arc<dyn MetadataSync>>,
     /// Whether any directory may be sealed (spares the ancestry check while none is).
     seals: std::sync::atomic::AtomicBool,
+    /// Shared by every kernel request that changes the volume; [`Fs::freeze`] takes it
+    /// exclusively.
+    changes: std::sync::RwLock<()>,
 }
+
+/// Holds a frozen file system: no change is in flight or can start until it drops.
+pub type Frozen<'a> = std::sync::RwLockWriteGuard<'a, ()>;
 
 /// The extended attribute that seals a directory: set it (any value) to seal, remove it to
 /// unseal. In the `trusted` namespace, so only root (CAP_SYS_ADMIN) can change it.
@@ -261,7 +267,40 @@ impl Fs {
             next_version: AtomicU64::new(1),
             sync,
             seals: std::sync::atomic::AtomicBool::new(seals),
+            changes: std::sync::RwLock::new(()),
         })
+    }
+
+    /// Taken by the kernel adapter around every request that changes the volume (never
+    /// nested), so that [`Fs::freeze`] can wait for the ones in flight and hold off new ones.
+    pub fn change(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.changes
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Stops changes and flushes every file's staged writes into the inode table: while the
+    /// guard lives, the table alone is the whole volume at one instant.
+    pub fn freeze(&self) -> FsResult<Frozen<'_>> {
+        let frozen = self
+            .changes
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        self.flush_all()?;
+        Ok(frozen)
+    }
+
+    /// Replaces the whole inode table with the database at `source` (a rollback), on a frozen
+    /// file system. Inode numbers used before are never handed out again, so a file handle
+    /// still open on a file the restored state lacks fails instead of reaching a newer file.
+    pub fn restore(&self, _frozen: &Frozen<'_>, source: &Path) -> FsResult<()> {
+        self.writable()?;
+        let meta = self.meta.current();
+        meta.restore_from(source)?;
+        let seals = meta.read(meta::has_seals)?;
+        self.seals
+            .store(seals, std::sync::atomic::Ordering::Release);
+        Ok(())
     }
 
     pub fn config(&self) -> &FsConfig {

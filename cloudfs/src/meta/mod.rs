@@ -48,6 +48,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// The highest inode number ever issued (the `AUTOINCREMENT` counter).
+fn issued_inodes(conn: &Connection) -> MetaResult<i64> {
+    Ok(conn.query_row(
+        "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'inodes'), 0)",
+        [],
+        |r| r.get(0),
+    )?)
+}
+
 fn configure(conn: &Connection) -> MetaResult<()> {
     conn.busy_timeout(BUSY_TIMEOUT)?;
     // The store, not this file, is the durable copy: the file is rebuilt from the store on
@@ -142,6 +151,29 @@ impl MetaStore {
     /// How many write transactions have committed since open.
     pub fn commits(&self) -> u64 {
         self.commits.load(Ordering::Acquire)
+    }
+
+    /// Replaces the whole database with a copy of the one at `source` (same schema family),
+    /// in one step readers see atomically. Inode numbers stay unique over the life of the
+    /// volume: the restored counter never goes below the one it replaces.
+    pub fn restore_from(&self, source: &Path) -> MetaResult<()> {
+        let mut conn = lock(&self.writer);
+        let issued_before = issued_inodes(&conn)?;
+        {
+            let from = Connection::open_with_flags(source, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+            rusqlite::backup::Backup::new(&from, &mut conn)?.run_to_completion(
+                1024,
+                Duration::ZERO,
+                None,
+            )?;
+        }
+        schema::migrate(&conn)?;
+        conn.execute(
+            "UPDATE sqlite_sequence SET seq = MAX(seq, ?1) WHERE name = 'inodes'",
+            [issued_before],
+        )?;
+        self.commits.fetch_add(1, Ordering::Release);
+        Ok(())
     }
 
     /// Checkpoints the WAL into the main file and calls `f` with the file's path while no write
