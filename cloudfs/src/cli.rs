@@ -210,7 +210,9 @@ enum SnapshotCommand {
         #[arg(long)]
         json: bool,
     },
-    /// List the volume's snapshots, oldest first.
+    /// List the volume's snapshots, oldest first, with their unique bytes: those neither the
+    /// volume's newest state nor another of its snapshots references (what deleting it
+    /// frees, unless a clone or an export holds them too).
     List {
         store: String,
         volume: String,
@@ -733,28 +735,32 @@ fn daemonize(
     }
 }
 
-fn print_snapshot_row(name: &str, created: &str, files: &str, logical: &str, stored: &str) {
-    println!("{name:<24} {created:>12} {files:>10} {logical:>16} {stored:>16}");
+fn print_snapshot_row(columns: [&str; 6]) {
+    let [name, created, files, logical, stored, unique] = columns;
+    println!("{name:<24} {created:>12} {files:>10} {logical:>16} {stored:>16} {unique:>16}");
 }
 
 fn print_snapshot_header() {
-    print_snapshot_row(
+    print_snapshot_row([
         "NAME",
         "CREATED(s)",
         "FILES",
         "LOGICAL_BYTES",
         "STORED_BYTES",
-    );
+        "UNIQUE_BYTES",
+    ]);
 }
 
 fn print_snapshot(info: &SnapshotInfo) {
-    print_snapshot_row(
+    let unique = info.unique_bytes.map(|b| b.to_string());
+    print_snapshot_row([
         &info.name,
         &info.created_at.to_string(),
         &info.files.to_string(),
         &info.logical_bytes.to_string(),
         &info.stored_bytes.to_string(),
-    );
+        unique.as_deref().unwrap_or("-"),
+    ]);
 }
 
 /// `cloudfs export tar --json`: the export and where to GET it.
@@ -894,8 +900,13 @@ fn snapshot_command(
             volume,
             json,
         } => {
-            let (_, store) = open_store(&store, credentials)?;
-            let snapshots = runtime()?.block_on(snapshot::list(store.as_ref(), &volume))?;
+            let off = Offline::open(&store, credentials)?;
+            let snapshots = off.rt.block_on(snapshot::list_with_unique_bytes(
+                off.store.as_ref(),
+                &off.blocks,
+                &volume,
+                off.scratch.path(),
+            ))?;
             print_report(json, &snapshots, |snapshots| {
                 print_snapshot_header();
                 snapshots.iter().for_each(print_snapshot);

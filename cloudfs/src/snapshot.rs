@@ -6,6 +6,7 @@
 //! publishes it as the volume's newest generation under a fresh lease epoch, after pinning the
 //! state it replaces as an automatic snapshot.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -15,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::cas::BlockStore;
 use crate::inspect;
 use crate::lease::{StoreLease, holder_id};
+use crate::meta::MetaError;
 use crate::store::{ObjectStore, StoreError, list_all, unix_now_secs};
 use crate::volume::{
     self, FORMAT_VERSION, Generation, OpenedVolume, VolumeConfig, VolumeError, VolumeResult,
@@ -35,6 +37,11 @@ pub struct SnapshotInfo {
     pub logical_bytes: u64,
     /// Bytes of the distinct blocks it references.
     pub stored_bytes: u64,
+    /// Bytes of the blocks (data and metadata) that neither the volume's newest state nor
+    /// any other of its snapshots references: what deleting it frees, unless a clone or an
+    /// export holds them too. Computed by [`list_with_unique_bytes`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unique_bytes: Option<u64>,
 }
 
 /// `volumes/<volume>/snapshots/<name>.json`.
@@ -128,6 +135,7 @@ pub(crate) async fn pin(
         directories: measured.usage.directories,
         logical_bytes: measured.usage.logical_bytes,
         stored_bytes: measured.stored_bytes,
+        unique_bytes: None,
     };
     let record = SnapshotRecord {
         info: info.clone(),
@@ -165,6 +173,85 @@ pub async fn list(store: &dyn ObjectStore, volume: &str) -> VolumeResult<Vec<Sna
         .map(|record| record.info)
         .collect();
     snapshots.sort_by(|a, b| (a.created_at, &a.name).cmp(&(b.created_at, &b.name)));
+    Ok(snapshots)
+}
+
+/// [`list`], with each snapshot's unique bytes. Rebuilds the database of every snapshot (each
+/// distinct one once) and of the newest state under `scratch`, and counts the references of
+/// every block in an on-disk table there, so memory stays bounded.
+pub async fn list_with_unique_bytes(
+    store: &dyn ObjectStore,
+    blocks: &BlockStore,
+    volume: &str,
+    scratch: &Path,
+) -> VolumeResult<Vec<SnapshotInfo>> {
+    let mut snapshots = list(store, volume).await?;
+    let mut manifests: HashMap<String, Generation> =
+        pinned_manifests(store, volume).await?.into_iter().collect();
+    let (_, newest) = volume::newest_generation(store, volume).await?;
+    std::fs::create_dir_all(scratch)?;
+    let refs_path = scratch.join("unique-refs.db");
+    let _ = std::fs::remove_file(&refs_path);
+    let refs = rusqlite::Connection::open(&refs_path).map_err(MetaError::from)?;
+    refs.execute_batch(
+        "PRAGMA journal_mode = OFF;
+         PRAGMA synchronous = OFF;
+         CREATE TABLE refs (
+             hash  BLOB NOT NULL,
+             owner INTEGER NOT NULL,
+             len   INTEGER NOT NULL,
+             PRIMARY KEY (hash, owner)
+         ) WITHOUT ROWID;",
+    )
+    .map_err(MetaError::from)?;
+    // Owner 0 is the newest state, snapshot i is owner i + 1.
+    let owners = std::iter::once((0, newest)).chain(
+        snapshots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, info)| Some((i + 1, manifests.remove(&info.name)?))),
+    );
+    let db = scratch.join("unique-owner.db");
+    for (owner, manifest) in owners {
+        let chunks = volume::rebuild_database(blocks, volume, &manifest, "snapshot", &db).await?;
+        let attached = db.to_string_lossy().into_owned();
+        let counted = (|| -> rusqlite::Result<()> {
+            refs.execute("ATTACH ?1 AS owned", [&attached])?;
+            refs.execute(
+                "INSERT OR IGNORE INTO refs SELECT hash, ?1, len FROM owned.blocks",
+                [owner as i64],
+            )?;
+            refs.execute("DETACH owned", [])?;
+            let mut insert =
+                refs.prepare_cached("INSERT OR IGNORE INTO refs VALUES (?1, ?2, ?3)")?;
+            for (hash, len) in chunks.iter().zip(manifest.chunk_lens()) {
+                insert.execute(rusqlite::params![&hash[..], owner as i64, len as i64])?;
+            }
+            Ok(())
+        })();
+        counted.map_err(MetaError::from)?;
+    }
+    let _ = std::fs::remove_file(&db);
+    let mut unique: HashMap<i64, u64> = HashMap::new();
+    let totals = (|| -> rusqlite::Result<()> {
+        let mut stmt = refs.prepare(
+            "SELECT owner, SUM(len) FROM refs WHERE hash IN
+                 (SELECT hash FROM refs GROUP BY hash HAVING COUNT(*) = 1)
+             GROUP BY owner",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))?;
+        for row in rows {
+            let (owner, bytes) = row?;
+            unique.insert(owner, bytes as u64);
+        }
+        Ok(())
+    })();
+    totals.map_err(MetaError::from)?;
+    drop(refs);
+    let _ = std::fs::remove_file(&refs_path);
+    for (i, info) in snapshots.iter_mut().enumerate() {
+        info.unique_bytes = Some(unique.get(&(i as i64 + 1)).copied().unwrap_or(0));
+    }
     Ok(snapshots)
 }
 

@@ -343,6 +343,15 @@ async fn pointed_generation(
 }
 
 impl Generation {
+    /// The length of each chunk of the database, in order.
+    pub(crate) fn chunk_lens(&self) -> impl Iterator<Item = u64> + '_ {
+        (0..self.chunks.len() as u64).map(|i| {
+            self.db_size
+                .saturating_sub(i * self.chunk_size)
+                .min(self.chunk_size)
+        })
+    }
+
     /// The chunks (CAS blocks) of the database, skipping any unreadable name.
     pub(crate) fn chunk_hashes(&self) -> impl Iterator<Item = Hash> + '_ {
         self.chunks.iter().filter_map(|hex_hash| {

@@ -230,3 +230,57 @@ fn deleting_a_volume_leaves_its_clones_whole() {
     let copy = open(&t, "copy", "copy-cache", None, true).expect("open the clone");
     assert_eq!(content(&copy, "a").as_deref(), Some(&b"shared content"[..]));
 }
+
+#[test]
+fn unique_bytes_count_what_only_that_snapshot_references() {
+    let t = TestFs::new(64 << 10);
+    let blocks = scratch_blocks(&t, "scratch-blocks");
+    let scratch = tempfile::tempdir().expect("scratch");
+    let store = store(&t);
+    let (shared, only_s2) = (common::pattern(300_000, 1), common::pattern(640_000, 2));
+    let create = |name: &str| {
+        t.rt.block_on(snapshot::create(
+            store.as_ref(),
+            &blocks,
+            "vol",
+            name,
+            scratch.path(),
+        ))
+        .expect("create")
+    };
+    let unique = || -> Vec<(String, u64)> {
+        t.rt.block_on(snapshot::list_with_unique_bytes(
+            store.as_ref(),
+            &blocks,
+            "vol",
+            &scratch.path().join("unique"),
+        ))
+        .expect("list")
+        .into_iter()
+        .map(|info| (info.name, info.unique_bytes.expect("computed")))
+        .collect()
+    };
+    write(&t, "shared", &shared);
+    create("s1");
+    write(&t, "only-s2", &only_s2);
+    create("s2");
+    t.fs.unlink(ROOT, b"shared").expect("unlink");
+    t.fs.unlink(ROOT, b"only-s2").expect("unlink");
+    write(&t, "live", b"the newest state");
+
+    let listed = unique();
+    let (s1, s2) = (listed[0].1, listed[1].1);
+    assert!(
+        s2 >= only_s2.len() as u64 && s2 < (only_s2.len() + shared.len()) as u64,
+        "{listed:?}"
+    );
+    assert!(s1 < shared.len() as u64, "s2 shares its data: {listed:?}");
+
+    t.rt.block_on(snapshot::delete(store.as_ref(), "vol", "s1"))
+        .expect("delete");
+    let listed = unique();
+    assert!(
+        listed[0].1 >= (only_s2.len() + shared.len()) as u64,
+        "alone now: {listed:?}"
+    );
+}
