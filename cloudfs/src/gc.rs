@@ -320,6 +320,7 @@ pub async fn collect(
             mark(store, blocks, &state, &options.state_dir, &mut report).await?;
             report.marked = state.count()?;
             state.save(true, None, &report)?;
+            tracing::info!(marked = report.marked, "mark saved; sweeping blocks/");
             (started_at, None, report)
         }
     };

@@ -1984,3 +1984,111 @@ fn rollback_of_a_mounted_volume_switches_it_in_place() {
     h.umount();
     h.fsck_is_clean();
 }
+
+#[test]
+fn a_subtree_snapshot_of_100000_files_is_quick_and_stores_no_block() {
+    let mut h = Harness::new();
+    // No periodic sync: nothing but the copy itself could add objects meanwhile.
+    h.mount(&["--sync-interval", "3600"]);
+    // 1,000 files sharing one block, then 99 copies of their directory: 100,000 files.
+    let content = pattern(7, 3000);
+    fs::create_dir_all(h.at("tree/d000")).expect("mkdir");
+    for i in 0..1000 {
+        fs::write(h.at(&format!("tree/d000/f{i:04}")), &content).expect("write");
+    }
+    for k in 1..100 {
+        h.cloudfs_ok(&[
+            "snapshot",
+            "tree",
+            utf8(&h.at("tree/d000")),
+            utf8(&h.at(&format!("tree/d{k:03}"))),
+        ]);
+    }
+    let blocks_before = h.object_keys("blocks/");
+
+    let started = std::time::Instant::now();
+    h.cloudfs_ok(&[
+        "snapshot",
+        "tree",
+        utf8(&h.at("tree")),
+        utf8(&h.at("tree-copy")),
+    ]);
+    let took = started.elapsed();
+    eprintln!("subtree snapshot of 100,000 files: {took:.2?}");
+    assert_eq!(h.object_keys("blocks/"), blocks_before, "no block stored");
+
+    assert_content(&h.at("tree-copy/d099/f0999"), &content);
+    assert_eq!(fs::read_dir(h.at("tree-copy")).expect("ls").count(), 100);
+    fs::write(h.at("tree-copy/d050/f0001"), b"changed").expect("write the copy");
+    assert_content(&h.at("tree/d050/f0001"), &content);
+    h.umount();
+}
+
+#[test]
+fn gc_killed_midway_finishes_the_job_when_run_again() {
+    let mut h = Harness::new();
+    let store = h.store_url();
+    h.mount(&[]);
+    let kept = pattern(5, 200_000);
+    write_durably(&h, "kept", &kept);
+    h.umount();
+    // Garbage: block-named objects nothing references.
+    let garbage = if h.swift_container().is_some() {
+        3000
+    } else {
+        30_000
+    };
+    let keys: Vec<String> = (0..garbage)
+        .map(|i: u32| {
+            let hex = blake3::hash(&i.to_le_bytes()).to_hex();
+            format!("blocks/{}/{}/{hex}", &hex[0..2], &hex[2..4])
+        })
+        .collect();
+    h.put_objects(&keys, b"garbage");
+    // Store clocks count whole seconds: let the garbage age past a zero grace.
+    std::thread::sleep(Duration::from_secs(2));
+
+    let state = h.root().join("gc-state");
+    let mut gc = Command::new(CLOUDFS)
+        .args(["gc", &store, "--grace", "0s", "--state-dir", utf8(&state)])
+        .env("CLOUDFS_RUN_DIR", h.run_dir())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start gc");
+    let stderr = gc.stderr.take().expect("stderr");
+    let (line_tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in io::BufRead::lines(io::BufReader::new(stderr)).map_while(Result::ok) {
+            if line_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    loop {
+        let line = lines.recv_timeout(WAIT).expect("gc reports its mark");
+        if line.contains("mark saved") {
+            break;
+        }
+    }
+    sigkill(gc.id() as i32);
+    let status = gc.wait().expect("wait for gc");
+    assert!(!status.success(), "gc was killed midway");
+
+    let report = gc_report(&h, &["--grace", "0s"]);
+    assert_eq!(report["resumed"], true, "{report}");
+    let left: BTreeSet<String> = h.object_keys("blocks/").into_iter().collect();
+    assert!(
+        keys.iter().all(|key| !left.contains(key)),
+        "garbage left after the second run: {report}"
+    );
+    let again = gc_report(&h, &["--grace", "0s"]);
+    assert_eq!(
+        (&again["resumed"], &again["deleted"]),
+        (&false.into(), &0.into())
+    );
+    h.mount(&[]);
+    assert_content(&h.at("kept"), &kept);
+    h.umount();
+    h.fsck_is_clean();
+}

@@ -131,8 +131,8 @@ impl Harness {
         harness
     }
 
-    /// Replaces an object of the test's store behind cloudfs's back (to damage it).
-    pub fn overwrite_object(&self, key: &str, data: &[u8]) {
+    /// Runs `f` on the test's store, opened behind cloudfs's back.
+    fn with_store<T>(&self, f: impl AsyncFnOnce(&dyn cloudfs::store::ObjectStore) -> T) -> T {
         let store = cloudfs::store::StoreUrl::parse(&self.store_url)
             .and_then(|url| url.open(|k| std::env::var(k).ok()))
             .expect("opening the test's store");
@@ -140,9 +140,37 @@ impl Harness {
             .enable_all()
             .build()
             .expect("a runtime");
-        runtime
-            .block_on(store.put(key, data.to_vec().into()))
+        runtime.block_on(f(store.as_ref()))
+    }
+
+    /// Replaces an object of the test's store behind cloudfs's back (to damage it).
+    pub fn overwrite_object(&self, key: &str, data: &[u8]) {
+        self.with_store(async |store| store.put(key, data.to_vec().into()).await)
             .expect("overwriting the object");
+    }
+
+    /// Writes `data` under every key of `keys` behind cloudfs's back, many at once.
+    pub fn put_objects(&self, keys: &[String], data: &'static [u8]) {
+        use futures::StreamExt;
+        self.with_store(async |store| {
+            futures::stream::iter(keys)
+                .map(|key| store.put(key, bytes::Bytes::from_static(data)))
+                .buffer_unordered(32)
+                .collect::<Vec<_>>()
+                .await
+                .into_iter()
+                .collect::<Result<Vec<()>, _>>()
+        })
+        .expect("writing objects");
+    }
+
+    /// The keys of the test's store under `prefix`.
+    pub fn object_keys(&self, prefix: &str) -> Vec<String> {
+        self.with_store(async |store| cloudfs::store::list_all(store, prefix).await)
+            .expect("listing the store")
+            .into_iter()
+            .map(|object| object.key)
+            .collect()
     }
 
     pub fn root(&self) -> &Path {
