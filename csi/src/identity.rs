@@ -1,0 +1,84 @@
+//! The CSI Identity service: who the plugin is, what it offers, and whether it is ready.
+
+use std::collections::HashMap;
+
+use tonic::{Request, Response, Status};
+
+use crate::DRIVER_NAME;
+use crate::proto::identity_server::Identity;
+use crate::proto::plugin_capability::{self, service};
+use crate::proto::{
+    GetPluginCapabilitiesRequest, GetPluginCapabilitiesResponse, GetPluginInfoRequest,
+    GetPluginInfoResponse, PluginCapability, ProbeRequest, ProbeResponse,
+};
+
+/// Whether what the plugin serves from (the object store) can be reached now.
+#[tonic::async_trait]
+pub trait Readiness: Send + Sync + 'static {
+    /// `Err` says why not.
+    async fn check(&self) -> Result<(), String>;
+}
+
+/// The Identity service of a plugin process.
+pub struct IdentityService<R> {
+    readiness: R,
+    /// Whether this process serves the Controller service too.
+    controller: bool,
+}
+
+impl<R: Readiness> IdentityService<R> {
+    pub fn new(readiness: R, controller: bool) -> IdentityService<R> {
+        IdentityService {
+            readiness,
+            controller,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl<R: Readiness> Identity for IdentityService<R> {
+    async fn get_plugin_info(
+        &self,
+        _request: Request<GetPluginInfoRequest>,
+    ) -> Result<Response<GetPluginInfoResponse>, Status> {
+        Ok(Response::new(GetPluginInfoResponse {
+            name: DRIVER_NAME.to_owned(),
+            vendor_version: env!("CARGO_PKG_VERSION").to_owned(),
+            manifest: HashMap::new(),
+        }))
+    }
+
+    async fn get_plugin_capabilities(
+        &self,
+        _request: Request<GetPluginCapabilitiesRequest>,
+    ) -> Result<Response<GetPluginCapabilitiesResponse>, Status> {
+        let capabilities = if self.controller {
+            vec![PluginCapability {
+                r#type: Some(plugin_capability::Type::Service(
+                    plugin_capability::Service {
+                        r#type: service::Type::ControllerService.into(),
+                    },
+                )),
+            }]
+        } else {
+            Vec::new()
+        };
+        Ok(Response::new(GetPluginCapabilitiesResponse {
+            capabilities,
+        }))
+    }
+
+    async fn probe(
+        &self,
+        _request: Request<ProbeRequest>,
+    ) -> Result<Response<ProbeResponse>, Status> {
+        let ready = match self.readiness.check().await {
+            Ok(()) => true,
+            Err(why) => {
+                tracing::warn!(why, "not ready");
+                false
+            }
+        };
+        Ok(Response::new(ProbeResponse { ready: Some(ready) }))
+    }
+}

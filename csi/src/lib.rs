@@ -1,0 +1,16 @@
+//! cloudfs's Container Storage Interface: the CSI v1 wire types and services (generated from
+//! `proto/csi.proto`), the Identity service, and serving them on a Unix socket. The Node and
+//! Controller services sit on top of the engine behind traits, so kubelet and the Kubernetes
+//! sidecars drive cloudfs through exactly these types.
+
+pub mod identity;
+pub mod server;
+
+/// The CSI v1 messages and services, generated at build time.
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod proto {
+    tonic::include_proto!("csi.v1");
+}
+
+/// The name cloudfs registers under with kubelet and in `CSIDriver` objects.
+pub const DRIVER_NAME: &str = "cloudfs.csi.k8s.io";

@@ -1,0 +1,118 @@
+//! The Identity service over a real Unix socket, as kubelet and the sidecars reach it: a
+//! stale socket is replaced, the calls answer, Probe follows readiness, and shutdown removes
+//! the socket.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use cloudfs_csi::identity::{IdentityService, Readiness};
+use cloudfs_csi::proto::identity_client::IdentityClient;
+use cloudfs_csi::proto::identity_server::IdentityServer;
+use cloudfs_csi::proto::plugin_capability::{self, service};
+use cloudfs_csi::proto::{GetPluginCapabilitiesRequest, GetPluginInfoRequest, ProbeRequest};
+use cloudfs_csi::{DRIVER_NAME, server};
+use hyper_util::rt::TokioIo;
+use tonic::service::Routes;
+use tonic::transport::{Channel, Endpoint};
+
+/// Readiness a test switches.
+#[derive(Clone, Default)]
+struct Switch(Arc<AtomicBool>);
+
+#[tonic::async_trait]
+impl Readiness for Switch {
+    async fn check(&self) -> Result<(), String> {
+        if self.0.load(Ordering::SeqCst) {
+            Ok(())
+        } else {
+            Err("the store is unreachable".into())
+        }
+    }
+}
+
+async fn connect(path: &Path) -> Channel {
+    let path = path.to_path_buf();
+    for _ in 0..200 {
+        let path = path.clone();
+        let connected = Endpoint::from_static("http://csi.invalid")
+            .connect_with_connector(tower::service_fn(move |_| {
+                let path = path.clone();
+                async move {
+                    tokio::net::UnixStream::connect(path)
+                        .await
+                        .map(TokioIo::new)
+                }
+            }))
+            .await;
+        if let Ok(channel) = connected {
+            return channel;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!("the server never listened on {}", path.display());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_answers_on_the_socket_and_probe_follows_readiness() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket: PathBuf = dir.path().join("csi/csi.sock");
+    // A socket left by an earlier process is replaced.
+    std::fs::create_dir_all(socket.parent().expect("parent")).expect("mkdir");
+    drop(std::os::unix::net::UnixListener::bind(&socket).expect("stale socket"));
+
+    let ready = Switch::default();
+    let routes = Routes::new(IdentityServer::new(IdentityService::new(
+        ready.clone(),
+        true,
+    )));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let endpoint = format!("unix://{}", socket.display());
+    let server = tokio::spawn(async move {
+        server::serve(&endpoint, routes, async {
+            let _ = stopped.await;
+        })
+        .await
+    });
+
+    let mut client = IdentityClient::new(connect(&socket).await);
+    let info = client
+        .get_plugin_info(GetPluginInfoRequest {})
+        .await
+        .expect("GetPluginInfo")
+        .into_inner();
+    assert_eq!(info.name, DRIVER_NAME);
+    assert_eq!(info.vendor_version, env!("CARGO_PKG_VERSION"));
+    let capabilities = client
+        .get_plugin_capabilities(GetPluginCapabilitiesRequest {})
+        .await
+        .expect("GetPluginCapabilities")
+        .into_inner()
+        .capabilities;
+    assert_eq!(capabilities.len(), 1);
+    assert!(matches!(
+        &capabilities[0].r#type,
+        Some(plugin_capability::Type::Service(s)) if s.r#type == service::Type::ControllerService as i32
+    ));
+    let probe = |client: &mut IdentityClient<Channel>| {
+        let mut client = client.clone();
+        async move {
+            client
+                .probe(ProbeRequest {})
+                .await
+                .expect("Probe")
+                .into_inner()
+                .ready
+        }
+    };
+    assert_eq!(probe(&mut client).await, Some(false), "not ready yet");
+    ready.0.store(true, Ordering::SeqCst);
+    assert_eq!(probe(&mut client).await, Some(true));
+
+    stop.send(()).expect("stop");
+    server
+        .await
+        .expect("server task")
+        .expect("a clean shutdown");
+    assert!(!socket.exists(), "the socket is removed at shutdown");
+}
