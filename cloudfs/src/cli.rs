@@ -53,6 +53,10 @@ enum Commands {
         /// life of the volume.
         #[arg(long, default_value = "8MiB", value_parser = parse_size)]
         block_size: u64,
+        /// The most bytes its files may hold (e.g. 10GiB): writes past it fail with ENOSPC
+        /// and df reports it as the size [default: unlimited].
+        #[arg(long, value_parser = parse_size)]
+        quota: Option<u64>,
     },
     /// Mount a volume. Returns once the mount is usable, unless --foreground; the mount
     /// process flushes everything to the store and unmounts on SIGTERM/SIGINT or `cloudfs
@@ -158,6 +162,15 @@ enum VolumeCommand {
         /// Print one JSON array of names.
         #[arg(long)]
         json: bool,
+    },
+    /// Set the most bytes a volume's files may hold (e.g. 20GiB), or `none`. A mount on
+    /// this machine applies it at once, one elsewhere within 30 seconds; lowering it below
+    /// what the files hold refuses only writes that grow them.
+    SetQuota {
+        store: String,
+        volume: String,
+        #[arg(value_parser = parse_quota)]
+        quota: QuotaArg,
     },
     /// Delete a volume's metadata and snapshots (fails while it is mounted read-write). Its
     /// blocks are freed by garbage collection once nothing else references them.
@@ -280,6 +293,18 @@ struct MountArgs {
     threads: usize,
 }
 
+/// A quota on the command line: a size, or `none`.
+#[derive(Debug, Clone, Copy)]
+struct QuotaArg(Option<u64>);
+
+fn parse_quota(s: &str) -> Result<QuotaArg, String> {
+    if s == "none" {
+        Ok(QuotaArg(None))
+    } else {
+        parse_size(s).map(|bytes| QuotaArg(Some(bytes)))
+    }
+}
+
 fn parse_size(s: &str) -> Result<u64, String> {
     parse_size::parse_size(s).map_err(|e| format!("{e} (examples: 8MiB, 1GiB, 65536)"))
 }
@@ -368,6 +393,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             store,
             volume,
             block_size,
+            quota,
         } => {
             let off = Offline::open(&store, credentials)?;
             // SAFETY: getuid/getgid have no preconditions.
@@ -380,9 +406,15 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 uid,
                 gid,
             ))?;
+            if quota.is_some() {
+                off.rt
+                    .block_on(volume::set_quota(off.store.as_ref(), &volume, quota))?;
+            }
             println!(
-                "formatted volume {} (block size {} bytes)",
-                config.name, config.block_size
+                "formatted volume {} (block size {} bytes{})",
+                config.name,
+                config.block_size,
+                quota.map_or(String::new(), |q| format!(", quota {q} bytes"))
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -410,6 +442,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             print_report(json, &stats, |stats| {
                 println!("volume:        {}", stats.volume);
                 println!("block size:    {}", stats.block_size);
+                match stats.quota_bytes {
+                    Some(quota) => println!("quota bytes:   {quota}"),
+                    None => println!("quota bytes:   none"),
+                }
                 println!("files:         {}", stats.files);
                 println!("directories:   {}", stats.directories);
                 println!("logical bytes: {}", stats.logical_bytes);
@@ -439,6 +475,27 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             print_report(json, &names, |names| {
                 names.iter().for_each(|name| println!("{name}"));
             })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Commands::Volume {
+            action:
+                VolumeCommand::SetQuota {
+                    store,
+                    volume,
+                    quota: QuotaArg(quota),
+                },
+        } => {
+            let (_, opened) = open_store(&store, credentials)?;
+            runtime()?.block_on(volume::set_quota(opened.as_ref(), &volume, quota))?;
+            let request = Request::SetQuota { bytes: quota };
+            match ask_mount(&run_dir, &store, &volume, &request)? {
+                None | Some(Reply::Quota(_)) => {}
+                Some(other) => return unexpected_reply(other),
+            }
+            match quota {
+                Some(bytes) => println!("volume {volume}: quota {bytes} bytes"),
+                None => println!("volume {volume}: no quota"),
+            }
             Ok(ExitCode::SUCCESS)
         }
         Commands::Volume {

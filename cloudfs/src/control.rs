@@ -57,8 +57,16 @@ pub fn socket_path(run_dir: &Path, store: &StoreUrl, volume: &str) -> PathBuf {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum Request {
-    Snapshot { name: String },
-    Rollback { snapshot: String },
+    Snapshot {
+        name: String,
+    },
+    Rollback {
+        snapshot: String,
+    },
+    /// Apply a quota just written to the volume's config (`None`: none).
+    SetQuota {
+        bytes: Option<u64>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -66,6 +74,7 @@ pub enum Request {
 pub enum Reply {
     Snapshot(SnapshotInfo),
     Rollback(RollbackReport),
+    Quota(Option<u64>),
     Error(String),
 }
 
@@ -147,6 +156,10 @@ impl LiveVolume {
         let result = match &request {
             Request::Snapshot { name } => self.snapshot(name).map(Reply::Snapshot),
             Request::Rollback { snapshot } => self.rollback(snapshot).map(Reply::Rollback),
+            Request::SetQuota { bytes } => {
+                self.fs.set_quota(*bytes);
+                Ok(Reply::Quota(*bytes))
+            }
         };
         result.unwrap_or_else(|e| {
             tracing::warn!(?request, error = %e, "control request failed");

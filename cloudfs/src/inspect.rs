@@ -20,6 +20,8 @@ use crate::volume::{self, OpenedVolume, VolumeResult};
 pub struct VolumeStats {
     pub volume: String,
     pub block_size: u64,
+    /// The most bytes the files may hold; none: unlimited.
+    pub quota_bytes: Option<u64>,
     pub files: u64,
     pub directories: u64,
     pub logical_bytes: u64,
@@ -35,14 +37,7 @@ async fn open_snapshot(
     name: &str,
     scratch: &Path,
 ) -> VolumeResult<OpenedVolume> {
-    volume::open(
-        store,
-        blocks,
-        name,
-        &scratch.join(format!("{name}.db")),
-        true,
-    )
-    .await
+    volume::open(store, blocks, name, &scratch.join(format!("{name}.db"))).await
 }
 
 /// The usage an inode table records, and the distinct blocks it references.
@@ -77,6 +72,7 @@ pub async fn stats(
     Ok(VolumeStats {
         volume: name.to_owned(),
         block_size: opened.config.block_size,
+        quota_bytes: opened.config.quota_bytes,
         files: usage.files,
         directories: usage.directories,
         logical_bytes: usage.logical_bytes,

@@ -214,7 +214,6 @@ impl Engine {
             &follower.blocks,
             &follower.volume,
             &path,
-            true,
         ))?;
         self.fs.replace_meta(opened.meta)?;
         tracing::info!(generation = %opened.generation, "read-only mount now serves a newer generation");
@@ -279,13 +278,7 @@ pub fn open_engine(
             name,
             &db_path,
         ))?,
-        None => rt.block_on(volume::open(
-            store.as_ref(),
-            &blocks,
-            volume_name,
-            &db_path,
-            config.read_only,
-        ))?,
+        None => rt.block_on(volume::open(store.as_ref(), &blocks, volume_name, &db_path))?,
     };
     let volume_sync: Option<Arc<VolumeSync>> = lease.map(|lease| {
         Arc::new(VolumeSync {
@@ -332,12 +325,16 @@ pub fn open_engine(
         fs_config,
         sync,
     )?);
+    fs.set_quota(opened.config.quota_bytes);
     Ok(Engine {
         fs,
         follower,
         volume_sync,
     })
 }
+
+/// How often a read-write mount re-reads its volume's quota from the store.
+const QUOTA_CHECK_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Mounts and serves until unmounted or signalled. `ready` runs once the mount is usable.
 pub fn run(
@@ -414,8 +411,19 @@ pub fn run(
             .map_err(io_err("installing signal handlers"))?;
     }
     let mut last_sync = Instant::now();
+    let mut last_quota_check = Instant::now();
     while !stop.load(Ordering::Acquire) && !session.guard.is_finished() {
         std::thread::sleep(Duration::from_millis(100));
+        if let Some(sync) = &engine.volume_sync
+            && last_quota_check.elapsed() >= QUOTA_CHECK_INTERVAL
+        {
+            // A quota set where no control socket reaches (another machine) applies here.
+            match rt.block_on(volume::read_config(sync.store.as_ref(), &config.volume)) {
+                Ok(volume_config) => fs.set_quota(volume_config.quota_bytes),
+                Err(e) => tracing::warn!(error = %e, "could not re-read the volume's quota"),
+            }
+            last_quota_check = Instant::now();
+        }
         if last_sync.elapsed() >= config.sync_interval {
             if config.engine.read_only {
                 if let Err(e) = engine.refresh(rt.handle()) {

@@ -108,7 +108,6 @@ pub async fn create(
         &manifest,
         &generation,
         &scratch.join(format!("snapshot-{name}.db")),
-        true,
     )
     .await?;
     let measured = inspect::measure(&opened.meta)?;
@@ -305,7 +304,7 @@ pub async fn open(
     let config = volume::read_config(store, volume).await?;
     let record = read_record(store, volume, name).await?;
     let label = snapshot_key(volume, name);
-    volume::open_generation(blocks, config, &record.manifest, &label, db_path, true).await
+    volume::open_generation(blocks, config, &record.manifest, &label, db_path).await
 }
 
 /// Creates `new_volume` from the newest replicated state of `volume`, or from its snapshot
@@ -327,6 +326,7 @@ pub async fn clone_volume(
         name: new_volume.to_owned(),
         block_size: source.block_size,
         created_at: unix_now_secs(),
+        quota_bytes: source.quota_bytes,
     };
     volume::write_config(store, &config).await?;
     volume::publish_generation(store, new_volume, 0, 0, &manifest).await?;

@@ -132,7 +132,7 @@ pub async fn export_tar(
     let db_path = scratch.join(format!("export-{name}.db"));
     let opened = match &source.snapshot {
         Some(snap) => snapshot::open(store, blocks, &source.volume, snap, &db_path).await?,
-        None => volume::open(store, blocks, &source.volume, &db_path, true).await?,
+        None => volume::open(store, blocks, &source.volume, &db_path).await?,
     };
     let layout = lay_out(
         &opened.meta,

@@ -88,6 +88,9 @@ pub struct VolumeConfig {
     pub block_size: u64,
     /// Seconds since the Unix epoch.
     pub created_at: i64,
+    /// The most bytes its files may hold (`statfs` reports it as the size); none: unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota_bytes: Option<u64>,
 }
 
 /// `volumes/<volume>/meta/latest.json`.
@@ -238,6 +241,7 @@ pub async fn format(
         name: volume.to_owned(),
         block_size,
         created_at: unix_now_secs(),
+        quota_bytes: None,
     };
     let scratch = tempfile::tempdir()?;
     let db_path = scratch.path().join("meta.db");
@@ -246,6 +250,21 @@ pub async fn format(
     write_config(store.as_ref(), &config).await?;
     let replica = Replicator::new(store.clone(), volume, 0, 0, Vec::new());
     replica.push(&meta, blocks).await?;
+    Ok(config)
+}
+
+/// Sets (or with `None` lifts) the quota of `volume` in its `config.json`. A mount of it
+/// applies the new value within one lease renewal, or at once through its control socket.
+pub async fn set_quota(
+    store: &dyn ObjectStore,
+    volume: &str,
+    quota_bytes: Option<u64>,
+) -> VolumeResult<VolumeConfig> {
+    let mut config = read_config(store, volume).await?;
+    config.quota_bytes = quota_bytes;
+    let json = serde_json::to_vec_pretty(&config).map_err(io::Error::other)?;
+    store.put(&config_key(volume), Bytes::from(json)).await?;
+    store.sync().await?;
     Ok(config)
 }
 
@@ -393,11 +412,10 @@ pub async fn open(
     blocks: &BlockStore,
     volume: &str,
     db_path: &Path,
-    read_only: bool,
 ) -> VolumeResult<OpenedVolume> {
     let config = read_config(store, volume).await?;
     let (key, generation) = newest_generation(store, volume).await?;
-    open_generation(blocks, config, &generation, &key, db_path, read_only).await
+    open_generation(blocks, config, &generation, &key, db_path).await
 }
 
 /// The newest generation of a volume: its object key and manifest.
@@ -429,10 +447,9 @@ pub(crate) async fn open_generation(
     generation: &Generation,
     label: &str,
     db_path: &Path,
-    read_only: bool,
 ) -> VolumeResult<OpenedVolume> {
     let chunks = rebuild_database(blocks, &config.name, generation, label, db_path).await?;
-    let meta = MetaStore::open(db_path, read_only).map_err(|e| match e {
+    let meta = MetaStore::open(db_path).map_err(|e| match e {
         MetaError::Corrupt(reason) => corrupt(&config.name, reason),
         other => other.into(),
     })?;

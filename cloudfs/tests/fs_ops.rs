@@ -423,3 +423,47 @@ fn getattr_never_loses_a_size_to_a_concurrent_flush() {
     let checks = reader.join().expect("the reader saw every size");
     assert!(checks > 0);
 }
+
+#[test]
+fn a_quota_refuses_growth_past_it_and_statfs_reports_it() {
+    const QUOTA: u64 = 1 << 20;
+    let t = TestFs::new(64 << 10);
+    t.fs.set_quota(Some(QUOTA));
+    let total = |t: &TestFs| {
+        let st = t.fs.statfs().expect("statfs");
+        (
+            st.blocks * u64::from(st.block_size),
+            st.blocks_free * u64::from(st.block_size),
+        )
+    };
+    assert_eq!(total(&t), (QUOTA, QUOTA));
+    let a = t.write_file(ROOT, "a", &common::pattern(700_000, 1));
+    let (size, free) = total(&t);
+    assert_eq!(size, QUOTA);
+    assert!(free <= QUOTA - 700_000 && free > QUOTA - 710_000, "{free}");
+
+    // Growth past the quota fails; growth within it and overwrites in place do not.
+    let b = t.create(ROOT, "b");
+    let fh = t.fs.open(b, libc::O_RDWR).expect("open");
+    assert!(matches!(
+        t.fs.write(b, fh, 0, &[7; 400_000]),
+        Err(FsError::NoSpace)
+    ));
+    t.fs.write(b, fh, 0, &[7; 300_000])
+        .expect("within the quota");
+    t.fs.release(b, fh).expect("release");
+    t.write_at(a, 0, &common::pattern(700_000, 2));
+    let grow = SetAttr {
+        size: Some(800_000),
+        ..SetAttr::default()
+    };
+    assert!(matches!(t.fs.setattr(b, grow), Err(FsError::NoSpace)));
+    assert_eq!(FsError::NoSpace.errno(), libc::ENOSPC);
+
+    // Deleting frees room; lifting the quota ends the limit.
+    t.fs.unlink(ROOT, b"a").expect("unlink");
+    t.write_at(b, 300_000, &[8; 400_000]);
+    t.fs.set_quota(None);
+    t.write_at(b, 0, &vec![9; 3 << 20]);
+    assert!(total(&t).0 >= 1 << 49, "unlimited again");
+}

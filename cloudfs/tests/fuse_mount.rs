@@ -2092,3 +2092,38 @@ fn gc_killed_midway_finishes_the_job_when_run_again() {
     h.umount();
     h.fsck_is_clean();
 }
+
+#[test]
+fn a_quota_is_what_df_reports_and_writes_past_it_fail_with_enospc() {
+    let mut h = Harness::new();
+    let store = h.store_url();
+    h.cloudfs_ok(&["volume", "set-quota", &store, VOLUME, "2MiB"]);
+    h.mount(&[]);
+    let size = |h: &Harness| {
+        let st = statvfs(&h.mnt());
+        st.f_blocks * st.f_frsize
+    };
+    assert_eq!(size(&h), 2 * MIB);
+    fs::write(h.at("a"), pattern(1, (3 * MIB / 2) as usize)).expect("within the quota");
+    assert_errno(
+        fs::write(h.at("b"), pattern(2, MIB as usize)),
+        libc::ENOSPC,
+        "a write past the quota",
+    );
+
+    // Raised while mounted: the mount applies it at once.
+    h.cloudfs_ok(&["volume", "set-quota", &store, VOLUME, "4MiB"]);
+    assert_eq!(size(&h), 4 * MIB);
+    fs::write(h.at("b"), pattern(2, MIB as usize)).expect("within the raised quota");
+    h.umount();
+    let stat: serde_json::Value =
+        serde_json::from_str(&h.cloudfs_ok(&["stat", &store, VOLUME, "--json"])).expect("JSON");
+    assert_eq!(stat["quota_bytes"], 4 * MIB, "{stat}");
+    h.mount(&[]);
+    assert_eq!(size(&h), 4 * MIB, "the quota persists");
+    h.umount();
+    h.cloudfs_ok(&["volume", "set-quota", &store, VOLUME, "none"]);
+    h.mount(&[]);
+    assert!(size(&h) >= 1 << 49, "unlimited");
+    h.umount();
+}

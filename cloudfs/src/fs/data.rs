@@ -360,6 +360,7 @@ impl Fs {
             .checked_add(data.len() as u64)
             .filter(|end| *end <= MAX_FILE_SIZE)
             .ok_or(FsError::FileTooLarge)?;
+        self.check_quota(ino, size, end)?;
         for piece in pieces(offset, data.len() as u64, self.config.block_size) {
             let covers_from_start = piece.start == 0;
             let block = self.stage(
@@ -560,6 +561,25 @@ impl Fs {
     }
 
     /// Sets a file's size; a cut inside a block re-stores that block shortened.
+    /// Refuses to grow file `ino` from `size` to `new_size` past the volume's quota: the
+    /// committed bytes of all files, with this one at its new size, must fit. Growth other
+    /// files have staged but not flushed yet is not counted (the dirty budget bounds it).
+    fn check_quota(&self, ino: u64, size: u64, new_size: u64) -> FsResult<()> {
+        let Some(quota) = self.quota() else {
+            return Ok(());
+        };
+        if new_size <= size {
+            return Ok(());
+        }
+        let (all_files, this_file) = self
+            .meta
+            .read(|c| -> FsResult<(u64, u64)> { Ok((meta::file_bytes(c)?, get(c, ino)?.size)) })?;
+        if all_files.saturating_sub(this_file).saturating_add(new_size) > quota {
+            return Err(FsError::NoSpace);
+        }
+        Ok(())
+    }
+
     pub(super) fn truncate(&self, ino: u64, new_size: u64) -> FsResult<()> {
         if new_size > MAX_FILE_SIZE {
             return Err(FsError::FileTooLarge);
@@ -571,6 +591,7 @@ impl Fs {
         if !inode.is_file() {
             return Err(FsError::Invalid("truncate of a special file"));
         }
+        self.check_quota(ino, inode.size, new_size)?;
         let state = self.file_state(ino);
         let mut staged = lock(&state.staged);
         let bs = self.config.block_size;

@@ -33,6 +33,8 @@ pub enum FsError {
     BadHandle,
     #[error("file too large")]
     FileTooLarge,
+    #[error("the volume's quota is used up")]
+    NoSpace,
     #[error(transparent)]
     Meta(#[from] MetaError),
     #[error(transparent)]
@@ -63,6 +65,7 @@ impl FsError {
             FsError::TooBig => libc::E2BIG,
             FsError::BadHandle => libc::EBADF,
             FsError::FileTooLarge => libc::EFBIG,
+            FsError::NoSpace => libc::ENOSPC,
             FsError::Meta(_)
             | FsError::Blocks(_)
             | FsError::Staging(_)

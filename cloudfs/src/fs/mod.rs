@@ -168,7 +168,11 @@ pub struct Fs {
     /// Shared by every kernel request that changes the volume; [`Fs::freeze`] takes it
     /// exclusively.
     changes: std::sync::RwLock<()>,
+    /// The most bytes the files may hold; `NO_QUOTA` for none.
+    quota: AtomicU64,
 }
+
+const NO_QUOTA: u64 = u64::MAX;
 
 /// Holds a frozen file system: no change is in flight or can start until it drops.
 pub type Frozen<'a> = std::sync::RwLockWriteGuard<'a, ()>;
@@ -268,7 +272,21 @@ impl Fs {
             sync,
             seals: std::sync::atomic::AtomicBool::new(seals),
             changes: std::sync::RwLock::new(()),
+            quota: AtomicU64::new(NO_QUOTA),
         })
+    }
+
+    /// Sets (or with `None` lifts) the most bytes the volume's files may hold. Writes that
+    /// would grow them past it fail with `ENOSPC`; `statfs` reports it as the size.
+    pub fn set_quota(&self, quota_bytes: Option<u64>) {
+        self.quota.store(
+            quota_bytes.unwrap_or(NO_QUOTA),
+            std::sync::atomic::Ordering::Release,
+        );
+    }
+
+    pub fn quota(&self) -> Option<u64> {
+        Some(self.quota.load(std::sync::atomic::Ordering::Acquire)).filter(|q| *q != NO_QUOTA)
     }
 
     /// Taken by the kernel adapter around every request that changes the volume (never
@@ -771,17 +789,19 @@ impl Fs {
     }
 
     pub fn statfs(&self) -> FsResult<StatFs> {
-        // An "unlimited drive": report a petabyte, less what is used.
+        // Without a quota, an "unlimited drive": a petabyte, less what is used.
         const FRAGMENT: u64 = 4096;
-        const TOTAL_BLOCKS: u64 = (1u64 << 50) / FRAGMENT;
+        const UNLIMITED: u64 = 1 << 50;
         const TOTAL_FILES: u64 = 1 << 40;
-        let usage = self.meta.read(meta::usage)?;
-        let used = usage.logical_bytes.div_ceil(FRAGMENT);
+        let (file_bytes, inodes) = self.meta.read(|c| -> FsResult<(u64, u64)> {
+            Ok((meta::file_bytes(c)?, meta::inode_count(c)?))
+        })?;
+        let total_blocks = self.quota().unwrap_or(UNLIMITED) / FRAGMENT;
         Ok(StatFs {
-            blocks: TOTAL_BLOCKS,
-            blocks_free: TOTAL_BLOCKS.saturating_sub(used),
+            blocks: total_blocks,
+            blocks_free: total_blocks.saturating_sub(file_bytes.div_ceil(FRAGMENT)),
             files: TOTAL_FILES,
-            files_free: TOTAL_FILES.saturating_sub(usage.inodes),
+            files_free: TOTAL_FILES.saturating_sub(inodes),
             block_size: FRAGMENT as u32,
             name_max: NAME_MAX as u32,
         })

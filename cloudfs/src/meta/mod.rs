@@ -70,13 +70,15 @@ fn configure(conn: &Connection) -> MetaResult<()> {
 impl MetaStore {
     /// Creates a fresh database with the root directory owned by `uid`:`gid`.
     pub fn create(path: &Path, uid: u32, gid: u32, now_ns: i64) -> MetaResult<MetaStore> {
-        let store = MetaStore::open(path, false)?;
+        let store = MetaStore::open(path)?;
         store.write(|tx| queries::create_root(tx, uid, gid, now_ns))?;
         Ok(store)
     }
 
-    /// Opens (and migrates, unless `read_only`) an existing database file.
-    pub fn open(path: &Path, read_only: bool) -> MetaResult<MetaStore> {
+    /// Opens an existing database file and migrates it to the current schema. The file is
+    /// always this process's own copy (a mount's working copy, or one rebuilt to be read), so
+    /// migrating a read-only volume's copy changes nothing in the store.
+    pub fn open(path: &Path) -> MetaResult<MetaStore> {
         let writer = Connection::open(path)?;
         let mode: String =
             writer.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
@@ -90,11 +92,7 @@ impl MetaStore {
         if ok != "ok" {
             return Err(MetaError::Corrupt(ok));
         }
-        if !read_only {
-            schema::migrate(&writer)?;
-        } else {
-            schema::check_version(&writer)?;
-        }
+        schema::migrate(&writer)?;
         let mut readers = Vec::with_capacity(READERS);
         for _ in 0..READERS {
             let conn = Connection::open_with_flags(

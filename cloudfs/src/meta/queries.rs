@@ -377,6 +377,21 @@ pub fn usage(conn: &Connection) -> MetaResult<Usage> {
     )?)
 }
 
+pub fn inode_count(conn: &Connection) -> MetaResult<u64> {
+    let count: i64 = conn
+        .prepare_cached("SELECT count(*) FROM inodes")?
+        .query_row([], |r| r.get(0))?;
+    Ok(count as u64)
+}
+
+/// The bytes of all regular files, unlinked ones still open included (a trigger-kept counter).
+pub fn file_bytes(conn: &Connection) -> MetaResult<u64> {
+    let bytes: i64 = conn
+        .prepare_cached("SELECT value FROM counters WHERE name = 'file_bytes'")?
+        .query_row([], |r| r.get(0))?;
+    Ok(bytes.max(0) as u64)
+}
+
 pub fn volume_value(conn: &Connection, key: &str) -> MetaResult<Option<String>> {
     Ok(conn
         .query_row("SELECT value FROM volume WHERE key = ?1", [key], |r| {
