@@ -481,26 +481,29 @@ pub fn unmount(mountpoint: &Path, run_dir: &Path, timeout: Duration) -> Result<(
         .ok()
         .and_then(|s| s.trim().parse::<i32>().ok())
         .filter(|pid| process_alive(*pid));
-    let Some(pid) = pid else {
-        if mounted_at(&mountpoint).is_some_and(|m| m.is_cloudfs()) {
-            // No process serves it any more (it was killed): just detach the dead mount.
-            lazy_unmount(&mountpoint);
-            let _ = fs::remove_file(&pid_path);
-            return Ok(());
+    if let Some(pid) = pid {
+        // SAFETY: sending SIGTERM to a pid we read from our own pid file.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let start = Instant::now();
+        while process_alive(pid) {
+            if start.elapsed() > timeout {
+                return Err(MountError::StuckUnmount {
+                    pid,
+                    secs: timeout.as_secs(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
-        return Err(MountError::NotMounted(mountpoint));
-    };
-    // SAFETY: sending SIGTERM to a pid we read from our own pid file.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
-    let start = Instant::now();
-    while process_alive(pid) {
-        if start.elapsed() > timeout {
-            return Err(MountError::StuckUnmount {
-                pid,
-                secs: timeout.as_secs(),
-            });
-        }
-        std::thread::sleep(Duration::from_millis(50));
     }
-    Ok(())
+    // A mount process that was killed (even one still being reaped when asked) leaves its
+    // mount behind, dead: detach it.
+    if mounted_at(&mountpoint).is_some_and(|m| m.is_cloudfs()) {
+        lazy_unmount(&mountpoint);
+        let _ = fs::remove_file(&pid_path);
+        return Ok(());
+    }
+    match pid {
+        Some(_) => Ok(()),
+        None => Err(MountError::NotMounted(mountpoint)),
+    }
 }

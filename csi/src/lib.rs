@@ -1,10 +1,15 @@
 //! cloudfs's Container Storage Interface: the CSI v1 wire types and services (generated from
-//! `proto/csi.proto`), the Identity service, and serving them on a Unix socket. The Node and
-//! Controller services sit on top of the engine behind traits, so kubelet and the Kubernetes
-//! sidecars drive cloudfs through exactly these types.
+//! `proto/csi.proto`), the Identity and Node services, and serving them on a Unix socket. The
+//! Node service starts mounts through the [`node::Mounter`] trait ([`process_mounter`] runs
+//! `cloudfs mount` processes), so kubelet and the Kubernetes sidecars drive cloudfs through
+//! exactly these types.
 
 pub mod identity;
+pub mod mounts;
+pub mod node;
+pub mod process_mounter;
 pub mod server;
+pub mod volume_id;
 
 /// The CSI v1 messages and services, generated at build time.
 #[allow(clippy::all, clippy::pedantic, missing_docs)]

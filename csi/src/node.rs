@@ -1,0 +1,384 @@
+//! The CSI Node service: publishes volumes at the target paths kubelet gives.
+//!
+//! Each volume a node uses is served by one mount process, started by a [`Mounter`], at
+//! `<state dir>/volumes/<digest of the volume id>/mnt`; every target path is a bind mount of
+//! it (read-only where asked), so all pods of a node share one mount of a volume. The mount
+//! processes are not children of this service: they keep serving when it is restarted, and
+//! because it reads the kernel's mount table rather than remembering what it published, a
+//! restarted service unpublishes what an earlier one published.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use tonic::{Request, Response, Status};
+
+use crate::mounts::{self, MountEntry};
+use crate::proto::node_server::Node;
+use crate::proto::node_service_capability::{self, rpc};
+use crate::proto::volume_capability::AccessType;
+use crate::proto::volume_capability::access_mode::Mode;
+use crate::proto::volume_usage::Unit;
+use crate::proto::{
+    NodeGetCapabilitiesRequest, NodeGetCapabilitiesResponse, NodeGetInfoRequest,
+    NodeGetInfoResponse, NodeGetVolumeStatsRequest, NodeGetVolumeStatsResponse,
+    NodePublishVolumeRequest, NodePublishVolumeResponse, NodeServiceCapability,
+    NodeUnpublishVolumeRequest, NodeUnpublishVolumeResponse, VolumeCapability, VolumeCondition,
+    VolumeUsage,
+};
+use crate::volume_id::VolumeId;
+
+/// What a mount of a volume needs.
+#[derive(Debug)]
+pub struct MountRequest<'a> {
+    pub id: &'a VolumeId,
+    pub mountpoint: &'a Path,
+    pub read_only: bool,
+    /// Swift credentials: the keys of the `cloudfs` credentials file. Never logged.
+    pub secrets: &'a HashMap<String, String>,
+}
+
+/// Why a mount could not be started or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum MountFailure {
+    #[error("the store refused the credentials: {0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<MountFailure> for Status {
+    fn from(failure: MountFailure) -> Status {
+        match failure {
+            MountFailure::Unauthenticated(m) => Status::unauthenticated(m),
+            MountFailure::NotFound(m) => Status::not_found(m),
+            MountFailure::InvalidArgument(m) => Status::invalid_argument(m),
+            MountFailure::Failed(m) => Status::internal(m),
+        }
+    }
+}
+
+/// Starts and stops the mount processes that serve volumes. A local one runs `cloudfs mount`
+/// as a detached process; a cluster one may run mounts in pods of their own.
+#[tonic::async_trait]
+pub trait Mounter: Send + Sync + 'static {
+    /// Serves the volume at `request.mountpoint`; returns once the mount is usable.
+    async fn mount(&self, request: MountRequest<'_>) -> Result<(), MountFailure>;
+    /// Flushes the mount at `mountpoint` to the store and stops it.
+    async fn unmount(&self, mountpoint: &Path) -> Result<(), MountFailure>;
+}
+
+/// The Node service of one node.
+pub struct NodeService<M> {
+    node_id: String,
+    state_dir: PathBuf,
+    mounter: M,
+    /// Volumes with a call in flight: a second call on one of them is refused (`Aborted`).
+    busy: Mutex<HashSet<String>>,
+}
+
+/// Marks a volume busy for the life of one call.
+struct Claim<'a> {
+    busy: &'a Mutex<HashSet<String>>,
+    id: String,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.busy
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(&self.id);
+    }
+}
+
+fn internal(what: &str, error: impl std::fmt::Display) -> Status {
+    Status::internal(format!("{what}: {error}"))
+}
+
+fn required<'a>(value: &'a str, field: &str) -> Result<&'a str, Status> {
+    if value.is_empty() {
+        Err(Status::invalid_argument(format!("{field} is required")))
+    } else {
+        Ok(value)
+    }
+}
+
+/// Checks a capability this node can publish; returns whether it allows no writer at all.
+fn reader_only(capability: Option<&VolumeCapability>) -> Result<bool, Status> {
+    let capability =
+        capability.ok_or_else(|| Status::invalid_argument("volume_capability is required"))?;
+    match capability.access_type {
+        Some(AccessType::Mount(_)) => {}
+        Some(AccessType::Block(_)) => {
+            return Err(Status::invalid_argument(
+                "cloudfs volumes are file systems: block access is not offered",
+            ));
+        }
+        None => {
+            return Err(Status::invalid_argument(
+                "volume_capability needs an access type (mount)",
+            ));
+        }
+    }
+    let mode = capability
+        .access_mode
+        .as_ref()
+        .and_then(|m| Mode::try_from(m.mode).ok())
+        .unwrap_or(Mode::Unknown);
+    match mode {
+        Mode::SingleNodeReaderOnly | Mode::MultiNodeReaderOnly => Ok(true),
+        Mode::SingleNodeWriter | Mode::SingleNodeSingleWriter | Mode::SingleNodeMultiWriter => {
+            Ok(false)
+        }
+        Mode::MultiNodeSingleWriter | Mode::MultiNodeMultiWriter => Err(Status::invalid_argument(
+            "cloudfs volumes have one writer node (the SQLite inode table has one writer); \
+             use a single-node access mode or a reader-only one",
+        )),
+        Mode::Unknown => Err(Status::invalid_argument(
+            "volume_capability needs an access mode",
+        )),
+    }
+}
+
+impl<M: Mounter> NodeService<M> {
+    pub fn new(node_id: String, state_dir: PathBuf, mounter: M) -> NodeService<M> {
+        NodeService {
+            node_id,
+            state_dir,
+            mounter,
+            busy: Mutex::new(HashSet::new()),
+        }
+    }
+
+    fn claim(&self, id: &str) -> Result<Claim<'_>, Status> {
+        let mut busy = self
+            .busy
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if !busy.insert(id.to_owned()) {
+            return Err(Status::aborted(format!(
+                "an operation on volume {id} is in progress"
+            )));
+        }
+        Ok(Claim {
+            busy: &self.busy,
+            id: id.to_owned(),
+        })
+    }
+
+    /// Where this node's one mount of volume `id` lives.
+    pub fn shared_mountpoint(&self, id: &VolumeId) -> PathBuf {
+        let digest = blake3::hash(id.to_string().as_bytes()).to_hex();
+        self.state_dir
+            .join("volumes")
+            .join(&digest[..24])
+            .join("mnt")
+    }
+
+    fn table() -> Result<Vec<MountEntry>, Status> {
+        mounts::mount_table().map_err(|e| internal("reading the mount table", e))
+    }
+}
+
+#[tonic::async_trait]
+impl<M: Mounter> Node for NodeService<M> {
+    async fn node_publish_volume(
+        &self,
+        request: Request<NodePublishVolumeRequest>,
+    ) -> Result<Response<NodePublishVolumeResponse>, Status> {
+        let r = request.into_inner();
+        let volume_id = required(&r.volume_id, "volume_id")?;
+        let target = PathBuf::from(required(&r.target_path, "target_path")?);
+        let reader_only = reader_only(r.volume_capability.as_ref())?;
+        let id = VolumeId::parse(volume_id)
+            .ok_or_else(|| Status::not_found(format!("no volume {volume_id}")))?;
+        let _claim = self.claim(volume_id)?;
+        let shared = self.shared_mountpoint(&id);
+        let read_only = r.readonly || reader_only;
+
+        let table = Self::table()?;
+        let shared_mount = mounts::mount_at(&table, &shared).cloned();
+        if let Some(existing) = mounts::mount_at(&table, &target) {
+            return match &shared_mount {
+                Some(mount)
+                    if mount.device == existing.device && existing.read_only == read_only =>
+                {
+                    Ok(Response::new(NodePublishVolumeResponse {}))
+                }
+                _ => Err(Status::already_exists(format!(
+                    "{} is already published, differently",
+                    target.display()
+                ))),
+            };
+        }
+        match &shared_mount {
+            Some(mount) if mount.read_only && !read_only => {
+                return Err(Status::failed_precondition(format!(
+                    "volume {volume_id} is mounted read-only on this node; unpublish its \
+                     read-only users before publishing it read-write"
+                )));
+            }
+            Some(_) => {}
+            None => {
+                std::fs::create_dir_all(&shared)
+                    .map_err(|e| internal("creating the volume's mount directory", e))?;
+                self.mounter
+                    .mount(MountRequest {
+                        id: &id,
+                        mountpoint: &shared,
+                        read_only: reader_only,
+                        secrets: &r.secrets,
+                    })
+                    .await?;
+            }
+        }
+        std::fs::create_dir_all(&target).map_err(|e| internal("creating the target path", e))?;
+        mounts::bind(&shared, &target, read_only)
+            .map_err(|e| internal(&format!("bind-mounting {}", target.display()), e))?;
+        tracing::info!(volume = volume_id, target = %target.display(), read_only, "published");
+        Ok(Response::new(NodePublishVolumeResponse {}))
+    }
+
+    async fn node_unpublish_volume(
+        &self,
+        request: Request<NodeUnpublishVolumeRequest>,
+    ) -> Result<Response<NodeUnpublishVolumeResponse>, Status> {
+        let r = request.into_inner();
+        let volume_id = required(&r.volume_id, "volume_id")?;
+        let target = PathBuf::from(required(&r.target_path, "target_path")?);
+        let _claim = self.claim(volume_id)?;
+        let table = Self::table()?;
+        if mounts::mount_at(&table, &target).is_some() {
+            mounts::unmount(&target)
+                .map_err(|e| internal(&format!("unmounting {}", target.display()), e))?;
+        }
+        match std::fs::remove_dir(&target) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(internal("removing the target path", e)),
+        }
+        // The last user gone, the volume's mount stops too.
+        if let Some(id) = VolumeId::parse(volume_id) {
+            let shared = self.shared_mountpoint(&id);
+            let table = Self::table()?;
+            if let Some(mount) = mounts::mount_at(&table, &shared) {
+                let users = table
+                    .iter()
+                    .filter(|e| e.device == mount.device && e.mount_point != shared)
+                    .count();
+                if users == 0 {
+                    self.mounter.unmount(&shared).await?;
+                }
+            }
+        }
+        tracing::info!(volume = volume_id, target = %target.display(), "unpublished");
+        Ok(Response::new(NodeUnpublishVolumeResponse {}))
+    }
+
+    async fn node_get_volume_stats(
+        &self,
+        request: Request<NodeGetVolumeStatsRequest>,
+    ) -> Result<Response<NodeGetVolumeStatsResponse>, Status> {
+        let r = request.into_inner();
+        let volume_id = required(&r.volume_id, "volume_id")?;
+        let path = PathBuf::from(required(&r.volume_path, "volume_path")?);
+        if VolumeId::parse(volume_id).is_none() {
+            return Err(Status::not_found(format!("no volume {volume_id}")));
+        }
+        let table = Self::table()?;
+        if mounts::mount_at(&table, &path).is_none() {
+            return Err(Status::not_found(format!(
+                "volume {volume_id} is not published at {}",
+                path.display()
+            )));
+        }
+        let response = match statvfs(&path) {
+            Ok(st) => NodeGetVolumeStatsResponse {
+                usage: usage(&st),
+                volume_condition: Some(VolumeCondition {
+                    abnormal: false,
+                    message: "mounted and answering".into(),
+                }),
+            },
+            Err(e) => NodeGetVolumeStatsResponse {
+                usage: Vec::new(),
+                volume_condition: Some(VolumeCondition {
+                    abnormal: true,
+                    message: format!("the mount does not answer: {e}"),
+                }),
+            },
+        };
+        Ok(Response::new(response))
+    }
+
+    async fn node_get_capabilities(
+        &self,
+        _request: Request<NodeGetCapabilitiesRequest>,
+    ) -> Result<Response<NodeGetCapabilitiesResponse>, Status> {
+        let capabilities = [
+            rpc::Type::GetVolumeStats,
+            rpc::Type::VolumeCondition,
+            rpc::Type::SingleNodeMultiWriter,
+        ]
+        .into_iter()
+        .map(|t| NodeServiceCapability {
+            r#type: Some(node_service_capability::Type::Rpc(
+                node_service_capability::Rpc { r#type: t.into() },
+            )),
+        })
+        .collect();
+        Ok(Response::new(NodeGetCapabilitiesResponse { capabilities }))
+    }
+
+    async fn node_get_info(
+        &self,
+        _request: Request<NodeGetInfoRequest>,
+    ) -> Result<Response<NodeGetInfoResponse>, Status> {
+        Ok(Response::new(NodeGetInfoResponse {
+            node_id: self.node_id.clone(),
+            max_volumes_per_node: 0,
+            accessible_topology: None,
+        }))
+    }
+}
+
+fn statvfs(path: &Path) -> std::io::Result<libc::statvfs> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: statvfs is plain old data, fully written on success.
+    let mut out: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C string and a writable statvfs.
+    if unsafe { libc::statvfs(c_path.as_ptr(), &mut out) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(out)
+}
+
+fn usage(st: &libc::statvfs) -> Vec<VolumeUsage> {
+    let fragment = st.f_frsize;
+    let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    vec![
+        VolumeUsage {
+            total: clamp(st.f_blocks.saturating_mul(fragment)),
+            available: clamp(st.f_bavail.saturating_mul(fragment)),
+            used: clamp(
+                st.f_blocks
+                    .saturating_sub(st.f_bfree)
+                    .saturating_mul(fragment),
+            ),
+            unit: Unit::Bytes.into(),
+        },
+        VolumeUsage {
+            total: clamp(st.f_files),
+            available: clamp(st.f_favail),
+            used: clamp(st.f_files.saturating_sub(st.f_ffree)),
+            unit: Unit::Inodes.into(),
+        },
+    ]
+}

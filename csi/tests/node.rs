@@ -1,0 +1,267 @@
+//! The Node service as kubelet drives it, with real `cloudfs mount` processes on a local
+//! pool: one volume published at two target paths (one read-only) shares one mount; the
+//! service is replaced by a fresh one (a plugin restart) while the mounts keep serving, and
+//! the new one unpublishes both; a mount whose process died is reported abnormal and still
+//! unpublished; bad requests get the right codes. Needs root and the `cloudfs` binary
+//! (`cargo build -p cloudfs`, which `cargo test --workspace` does).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use cloudfs_csi::mounts;
+use cloudfs_csi::node::NodeService;
+use cloudfs_csi::process_mounter::ProcessMounter;
+use cloudfs_csi::proto::node_server::Node;
+use cloudfs_csi::proto::volume_capability::access_mode::Mode;
+use cloudfs_csi::proto::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
+use cloudfs_csi::proto::volume_usage::Unit;
+use cloudfs_csi::proto::{
+    NodeGetVolumeStatsRequest, NodePublishVolumeRequest, NodeUnpublishVolumeRequest,
+    VolumeCapability,
+};
+use tonic::{Code, Request};
+
+/// The `cloudfs` binary beside this test's own directory of the target dir.
+fn cloudfs_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>")
+        .join("cloudfs");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it with `cargo build -p cloudfs`",
+        bin.display()
+    );
+    bin
+}
+
+fn capability(mode: Mode) -> Option<VolumeCapability> {
+    Some(VolumeCapability {
+        access_type: Some(AccessType::Mount(MountVolume::default())),
+        access_mode: Some(AccessMode { mode: mode.into() }),
+    })
+}
+
+fn publish(volume_id: &str, target: &Path, readonly: bool) -> NodePublishVolumeRequest {
+    NodePublishVolumeRequest {
+        volume_id: volume_id.to_owned(),
+        target_path: target.display().to_string(),
+        volume_capability: capability(Mode::SingleNodeMultiWriter),
+        readonly,
+        ..NodePublishVolumeRequest::default()
+    }
+}
+
+fn unpublish(volume_id: &str, target: &Path) -> NodeUnpublishVolumeRequest {
+    NodeUnpublishVolumeRequest {
+        volume_id: volume_id.to_owned(),
+        target_path: target.display().to_string(),
+    }
+}
+
+fn stats_of(volume_id: &str, path: &Path) -> Request<NodeGetVolumeStatsRequest> {
+    Request::new(NodeGetVolumeStatsRequest {
+        volume_id: volume_id.to_owned(),
+        volume_path: path.display().to_string(),
+        ..NodeGetVolumeStatsRequest::default()
+    })
+}
+
+fn is_mounted(path: &Path) -> bool {
+    let table = mounts::mount_table().expect("mountinfo");
+    mounts::mount_at(&table, path).is_some()
+}
+
+/// Unmounts whatever a failed test left under `dir`.
+struct Cleanup(PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let table = mounts::mount_table().unwrap_or_default();
+        for entry in table.iter().rev() {
+            if entry.mount_point.starts_with(&self.0) {
+                let _ = mounts::unmount(&entry.mount_point);
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_published_twice_shares_one_mount_that_outlives_the_service() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _cleanup = Cleanup(dir.path().to_path_buf());
+    let pool = dir.path().join("pool");
+    std::fs::create_dir(&pool).expect("mkdir");
+    let pool_url = format!("file://{}", pool.display());
+    let formatted = Command::new(cloudfs_binary())
+        .args(["format", &pool_url, "vol"])
+        .output()
+        .expect("cloudfs format");
+    assert!(formatted.status.success(), "{formatted:?}");
+    let volume_id = format!("vol@{pool_url}");
+    let state = dir.path().join("state");
+    let service = || {
+        NodeService::new(
+            "node-1".into(),
+            state.clone(),
+            ProcessMounter::new(cloudfs_binary(), dir.path().join("run")),
+        )
+    };
+    let node = service();
+    let (writer, reader) = (dir.path().join("pod-a/vol"), dir.path().join("pod-b/vol"));
+    node.node_publish_volume(Request::new(publish(&volume_id, &writer, false)))
+        .await
+        .expect("publish read-write");
+    node.node_publish_volume(Request::new(publish(&volume_id, &reader, true)))
+        .await
+        .expect("publish read-only");
+    // Publishing again is a no-op.
+    node.node_publish_volume(Request::new(publish(&volume_id, &reader, true)))
+        .await
+        .expect("publish again");
+    std::fs::write(writer.join("hello"), b"from pod a").expect("write through one");
+    assert_eq!(
+        std::fs::read(reader.join("hello")).expect("read through the other"),
+        b"from pod a"
+    );
+    let refused = std::fs::write(reader.join("nope"), b"x").expect_err("read-only");
+    assert_eq!(refused.raw_os_error(), Some(libc::EROFS));
+    let stats = node
+        .node_get_volume_stats(stats_of(&volume_id, &writer))
+        .await
+        .expect("stats")
+        .into_inner();
+    let bytes = stats
+        .usage
+        .iter()
+        .find(|u| u.unit == Unit::Bytes as i32)
+        .expect("bytes");
+    assert!(bytes.used >= 10 && bytes.total > bytes.used, "{bytes:?}");
+    assert_eq!(stats.volume_condition.map(|c| c.abnormal), Some(false));
+
+    // A restarted plugin: a fresh service, nothing remembered. The mounts kept serving.
+    drop(node);
+    let node = service();
+    std::fs::write(writer.join("after"), b"still here").expect("write after the restart");
+    assert_eq!(
+        std::fs::read(reader.join("after")).expect("read"),
+        b"still here"
+    );
+    let shared =
+        node.shared_mountpoint(&cloudfs_csi::volume_id::VolumeId::parse(&volume_id).expect("id"));
+    node.node_unpublish_volume(Request::new(unpublish(&volume_id, &writer)))
+        .await
+        .expect("unpublish one");
+    assert!(!writer.exists(), "the target path is removed");
+    assert!(is_mounted(&shared), "the other pod still uses the mount");
+    node.node_unpublish_volume(Request::new(unpublish(&volume_id, &reader)))
+        .await
+        .expect("unpublish the other");
+    assert!(
+        !is_mounted(&shared),
+        "the last user gone, the mount stopped"
+    );
+    node.node_unpublish_volume(Request::new(unpublish(&volume_id, &reader)))
+        .await
+        .expect("unpublishing again is a no-op");
+
+    // A mount whose process died: reported abnormal, and still unpublished.
+    node.node_publish_volume(Request::new(publish(&volume_id, &writer, false)))
+        .await
+        .expect("publish");
+    let killed = Command::new("pkill")
+        .args(["-9", "-f", &format!("mount {pool_url} vol")])
+        .status()
+        .expect("pkill");
+    assert!(killed.success(), "the mount process was found");
+    let stats = node
+        .node_get_volume_stats(stats_of(&volume_id, &writer))
+        .await
+        .expect("stats of a broken mount")
+        .into_inner();
+    assert_eq!(stats.volume_condition.map(|c| c.abnormal), Some(true));
+    node.node_unpublish_volume(Request::new(unpublish(&volume_id, &writer)))
+        .await
+        .expect("unpublish a broken mount");
+    assert!(!writer.exists(), "the broken target is removed");
+    assert!(!is_mounted(&shared), "the dead mount is detached");
+}
+
+#[tokio::test]
+async fn bad_requests_get_the_codes_the_spec_names() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = NodeService::new(
+        "node-1".into(),
+        dir.path().join("state"),
+        ProcessMounter::new(
+            PathBuf::from("/nonexistent/cloudfs"),
+            dir.path().join("run"),
+        ),
+    );
+    let target = dir.path().join("target");
+    fn code<T: std::fmt::Debug>(result: Result<tonic::Response<T>, tonic::Status>) -> Code {
+        result.expect_err("refused").code()
+    }
+    let mut missing_id = publish("", &target, false);
+    assert_eq!(
+        code(
+            node.node_publish_volume(Request::new(missing_id.clone()))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    missing_id.volume_id = "vol@file:///x".into();
+    missing_id.target_path.clear();
+    assert_eq!(
+        code(node.node_publish_volume(Request::new(missing_id)).await),
+        Code::InvalidArgument
+    );
+    let mut no_capability = publish("vol@file:///x", &target, false);
+    no_capability.volume_capability = None;
+    assert_eq!(
+        code(node.node_publish_volume(Request::new(no_capability)).await),
+        Code::InvalidArgument
+    );
+    let mut block = publish("vol@file:///x", &target, false);
+    block.volume_capability = Some(VolumeCapability {
+        access_type: Some(AccessType::Block(BlockVolume {})),
+        access_mode: Some(AccessMode {
+            mode: Mode::SingleNodeWriter.into(),
+        }),
+    });
+    assert_eq!(
+        code(node.node_publish_volume(Request::new(block)).await),
+        Code::InvalidArgument
+    );
+    let mut many_writers = publish("vol@file:///x", &target, false);
+    many_writers.volume_capability = capability(Mode::MultiNodeMultiWriter);
+    let status = node
+        .node_publish_volume(Request::new(many_writers))
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("one writer"), "{status:?}");
+    assert_eq!(
+        code(
+            node.node_publish_volume(Request::new(publish("not-an-id", &target, false)))
+                .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(
+            node.node_unpublish_volume(Request::new(unpublish("", &target)))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            node.node_get_volume_stats(stats_of("vol@file:///x", &target))
+                .await
+        ),
+        Code::NotFound
+    );
+}
