@@ -1,4 +1,4 @@
-//! Serving CSI services on the Unix socket kubelet and the sidecars dial.
+//! Serving CSI services on the Unix socket kubelet and the sidecars dial, and dialing one.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -75,6 +75,21 @@ pub async fn serve(
         .await;
     let _ = std::fs::remove_file(&path);
     Ok(served?)
+}
+
+/// A gRPC channel to the CSI socket at `path`.
+pub async fn connect(path: &Path) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    let path = path.to_path_buf();
+    tonic::transport::Endpoint::from_static("http://csi.invalid")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                tokio::net::UnixStream::connect(path)
+                    .await
+                    .map(hyper_util::rt::TokioIo::new)
+            }
+        }))
+        .await
 }
 
 #[cfg(test)]

@@ -12,9 +12,8 @@ use cloudfs_csi::proto::identity_server::IdentityServer;
 use cloudfs_csi::proto::plugin_capability::{self, service};
 use cloudfs_csi::proto::{GetPluginCapabilitiesRequest, GetPluginInfoRequest, ProbeRequest};
 use cloudfs_csi::{DRIVER_NAME, server};
-use hyper_util::rt::TokioIo;
 use tonic::service::Routes;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// Readiness a test switches.
 #[derive(Clone, Default)]
@@ -31,21 +30,10 @@ impl Readiness for Switch {
     }
 }
 
+/// Dials the server, waiting for it to listen.
 async fn connect(path: &Path) -> Channel {
-    let path = path.to_path_buf();
     for _ in 0..200 {
-        let path = path.clone();
-        let connected = Endpoint::from_static("http://csi.invalid")
-            .connect_with_connector(tower::service_fn(move |_| {
-                let path = path.clone();
-                async move {
-                    tokio::net::UnixStream::connect(path)
-                        .await
-                        .map(TokioIo::new)
-                }
-            }))
-            .await;
-        if let Ok(channel) = connected {
+        if let Ok(channel) = server::connect(path).await {
             return channel;
         }
         tokio::time::sleep(std::time::Duration::from_millis(25)).await;

@@ -8,57 +8,22 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use cloudfs_csi::mounts;
 use cloudfs_csi::node::NodeService;
 use cloudfs_csi::process_mounter::ProcessMounter;
 use cloudfs_csi::proto::node_server::Node;
 use cloudfs_csi::proto::volume_capability::access_mode::Mode;
-use cloudfs_csi::proto::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
+use cloudfs_csi::proto::volume_capability::{AccessMode, AccessType, BlockVolume};
 use cloudfs_csi::proto::volume_usage::Unit;
-use cloudfs_csi::proto::{
-    NodeGetVolumeStatsRequest, NodePublishVolumeRequest, NodeUnpublishVolumeRequest,
-    VolumeCapability,
-};
+use cloudfs_csi::proto::{NodeGetVolumeStatsRequest, VolumeCapability};
+use support::{Cleanup, capability, is_mounted, publish, unpublish};
 use tonic::{Code, Request};
 
-/// The `cloudfs` binary beside this test's own directory of the target dir.
+mod support;
+
+/// The `cloudfs` binary of this test's target directory.
 fn cloudfs_binary() -> PathBuf {
     let exe = std::env::current_exe().expect("the test binary's path");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>")
-        .join("cloudfs");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it with `cargo build -p cloudfs`",
-        bin.display()
-    );
-    bin
-}
-
-fn capability(mode: Mode) -> Option<VolumeCapability> {
-    Some(VolumeCapability {
-        access_type: Some(AccessType::Mount(MountVolume::default())),
-        access_mode: Some(AccessMode { mode: mode.into() }),
-    })
-}
-
-fn publish(volume_id: &str, target: &Path, readonly: bool) -> NodePublishVolumeRequest {
-    NodePublishVolumeRequest {
-        volume_id: volume_id.to_owned(),
-        target_path: target.display().to_string(),
-        volume_capability: capability(Mode::SingleNodeMultiWriter),
-        readonly,
-        ..NodePublishVolumeRequest::default()
-    }
-}
-
-fn unpublish(volume_id: &str, target: &Path) -> NodeUnpublishVolumeRequest {
-    NodeUnpublishVolumeRequest {
-        volume_id: volume_id.to_owned(),
-        target_path: target.display().to_string(),
-    }
+    support::cloudfs_binary(exe.parent().expect("target/<profile>/deps"))
 }
 
 fn stats_of(volume_id: &str, path: &Path) -> Request<NodeGetVolumeStatsRequest> {
@@ -69,38 +34,12 @@ fn stats_of(volume_id: &str, path: &Path) -> Request<NodeGetVolumeStatsRequest> 
     })
 }
 
-fn is_mounted(path: &Path) -> bool {
-    let table = mounts::mount_table().expect("mountinfo");
-    mounts::mount_at(&table, path).is_some()
-}
-
-/// Unmounts whatever a failed test left under `dir`.
-struct Cleanup(PathBuf);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let table = mounts::mount_table().unwrap_or_default();
-        for entry in table.iter().rev() {
-            if entry.mount_point.starts_with(&self.0) {
-                let _ = mounts::unmount(&entry.mount_point);
-            }
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_volume_published_twice_shares_one_mount_that_outlives_the_service() {
     let dir = tempfile::tempdir().expect("tempdir");
     let _cleanup = Cleanup(dir.path().to_path_buf());
-    let pool = dir.path().join("pool");
-    std::fs::create_dir(&pool).expect("mkdir");
-    let pool_url = format!("file://{}", pool.display());
-    let formatted = Command::new(cloudfs_binary())
-        .args(["format", &pool_url, "vol"])
-        .output()
-        .expect("cloudfs format");
-    assert!(formatted.status.success(), "{formatted:?}");
-    let volume_id = format!("vol@{pool_url}");
+    let volume_id = support::formatted_volume(&cloudfs_binary(), dir.path());
+    let pool_url = volume_id.trim_start_matches("vol@").to_owned();
     let state = dir.path().join("state");
     let service = || {
         NodeService::new(

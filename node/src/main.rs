@@ -1,0 +1,110 @@
+//! `cloudfs-node`: the CSI node plugin. Serves the Identity and Node services on a Unix
+//! socket for kubelet; each published volume is served by a `cloudfs mount` process of its
+//! own, which keeps serving when this process is restarted (a restarted plugin finds the
+//! mounts in the kernel's mount table).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use cloudfs_csi::identity::{IdentityService, Readiness};
+use cloudfs_csi::node::NodeService;
+use cloudfs_csi::process_mounter::ProcessMounter;
+use cloudfs_csi::proto::identity_server::IdentityServer;
+use cloudfs_csi::proto::node_server::NodeServer;
+use cloudfs_csi::server;
+use tonic::service::Routes;
+
+/// cloudfs CSI node plugin: publishes cloudfs volumes at the target paths kubelet asks for.
+#[derive(Debug, Parser)]
+#[command(name = "cloudfs-node", version, max_term_width = 100)]
+struct Args {
+    /// The socket to serve CSI on.
+    #[arg(long, env = "CSI_ENDPOINT", default_value = "unix:///csi/csi.sock")]
+    endpoint: String,
+    /// This node's id, as the controller and kubelet know it [default: the host name].
+    #[arg(long, env = "CLOUDFS_NODE_ID")]
+    node_id: Option<String>,
+    /// Where volumes are mounted before being bound into pods, with their caches.
+    #[arg(long, env = "CLOUDFS_STATE_DIR", default_value = "/var/lib/cloudfs")]
+    state_dir: PathBuf,
+    /// The `cloudfs` binary that serves mounts [default: the one beside this binary, else
+    /// `cloudfs` on the PATH].
+    #[arg(long, env = "CLOUDFS_BIN")]
+    cloudfs: Option<PathBuf>,
+}
+
+/// Ready once the `cloudfs` binary that serves mounts is there to run.
+struct BinaryReadiness(PathBuf);
+
+#[tonic::async_trait]
+impl Readiness for BinaryReadiness {
+    async fn check(&self) -> Result<(), String> {
+        let out = tokio::process::Command::new(&self.0)
+            .arg("--version")
+            .output()
+            .await
+            .map_err(|e| format!("{}: {e}", self.0.display()))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!("{} --version failed", self.0.display()))
+        }
+    }
+}
+
+fn default_cloudfs() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.join("cloudfs")))
+        .filter(|beside| beside.exists())
+        .unwrap_or_else(|| PathBuf::from("cloudfs"))
+}
+
+async fn stop_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(e) => {
+            tracing::error!(error = %e, "no SIGTERM handler; stopping on Ctrl-C only");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("stopping: finishing the calls in flight");
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let node_id = match args.node_id {
+        Some(id) => id,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .context("reading the host name (or pass --node-id)")?
+            .trim()
+            .to_owned(),
+    };
+    let cloudfs = args.cloudfs.unwrap_or_else(default_cloudfs);
+    let mounter = ProcessMounter::new(cloudfs.clone(), args.state_dir.join("run"));
+    let routes = Routes::new(IdentityServer::new(IdentityService::new(
+        BinaryReadiness(cloudfs),
+        false,
+    )))
+    .add_service(NodeServer::new(NodeService::new(
+        node_id,
+        args.state_dir,
+        mounter,
+    )));
+    server::serve(&args.endpoint, routes, stop_signal()).await?;
+    Ok(())
+}
