@@ -4,10 +4,12 @@
 //! `cloudfs mount` processes), so kubelet and the Kubernetes sidecars drive cloudfs through
 //! exactly these types.
 
+pub mod controller;
 pub mod identity;
 pub mod mounts;
 pub mod node;
 pub mod process_mounter;
+mod request;
 pub mod server;
 pub mod volume_id;
 

@@ -7,17 +7,14 @@
 //! because it reads the kernel's mount table rather than remembering what it published, a
 //! restarted service unpublishes what an earlier one published.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use tonic::{Request, Response, Status};
 
 use crate::mounts::{self, MountEntry};
 use crate::proto::node_server::Node;
 use crate::proto::node_service_capability::{self, rpc};
-use crate::proto::volume_capability::AccessType;
-use crate::proto::volume_capability::access_mode::Mode;
 use crate::proto::volume_usage::Unit;
 use crate::proto::{
     NodeGetCapabilitiesRequest, NodeGetCapabilitiesResponse, NodeGetInfoRequest,
@@ -26,6 +23,7 @@ use crate::proto::{
     NodeUnpublishVolumeRequest, NodeUnpublishVolumeResponse, VolumeCapability, VolumeCondition,
     VolumeUsage,
 };
+use crate::request::{self, InFlight, required};
 use crate::volume_id::VolumeId;
 
 /// What a mount of a volume needs.
@@ -78,71 +76,18 @@ pub struct NodeService<M> {
     state_dir: PathBuf,
     mounter: M,
     /// Volumes with a call in flight: a second call on one of them is refused (`Aborted`).
-    busy: Mutex<HashSet<String>>,
-}
-
-/// Marks a volume busy for the life of one call.
-struct Claim<'a> {
-    busy: &'a Mutex<HashSet<String>>,
-    id: String,
-}
-
-impl Drop for Claim<'_> {
-    fn drop(&mut self) {
-        self.busy
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .remove(&self.id);
-    }
+    in_flight: InFlight,
 }
 
 fn internal(what: &str, error: impl std::fmt::Display) -> Status {
     Status::internal(format!("{what}: {error}"))
 }
 
-fn required<'a>(value: &'a str, field: &str) -> Result<&'a str, Status> {
-    if value.is_empty() {
-        Err(Status::invalid_argument(format!("{field} is required")))
-    } else {
-        Ok(value)
-    }
-}
-
 /// Checks a capability this node can publish; returns whether it allows no writer at all.
 fn reader_only(capability: Option<&VolumeCapability>) -> Result<bool, Status> {
     let capability =
         capability.ok_or_else(|| Status::invalid_argument("volume_capability is required"))?;
-    match capability.access_type {
-        Some(AccessType::Mount(_)) => {}
-        Some(AccessType::Block(_)) => {
-            return Err(Status::invalid_argument(
-                "cloudfs volumes are file systems: block access is not offered",
-            ));
-        }
-        None => {
-            return Err(Status::invalid_argument(
-                "volume_capability needs an access type (mount)",
-            ));
-        }
-    }
-    let mode = capability
-        .access_mode
-        .as_ref()
-        .and_then(|m| Mode::try_from(m.mode).ok())
-        .unwrap_or(Mode::Unknown);
-    match mode {
-        Mode::SingleNodeReaderOnly | Mode::MultiNodeReaderOnly => Ok(true),
-        Mode::SingleNodeWriter | Mode::SingleNodeSingleWriter | Mode::SingleNodeMultiWriter => {
-            Ok(false)
-        }
-        Mode::MultiNodeSingleWriter | Mode::MultiNodeMultiWriter => Err(Status::invalid_argument(
-            "cloudfs volumes have one writer node (the SQLite inode table has one writer); \
-             use a single-node access mode or a reader-only one",
-        )),
-        Mode::Unknown => Err(Status::invalid_argument(
-            "volume_capability needs an access mode",
-        )),
-    }
+    request::reader_only(capability).map_err(Status::invalid_argument)
 }
 
 impl<M: Mounter> NodeService<M> {
@@ -151,24 +96,8 @@ impl<M: Mounter> NodeService<M> {
             node_id,
             state_dir,
             mounter,
-            busy: Mutex::new(HashSet::new()),
+            in_flight: InFlight::default(),
         }
-    }
-
-    fn claim(&self, id: &str) -> Result<Claim<'_>, Status> {
-        let mut busy = self
-            .busy
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if !busy.insert(id.to_owned()) {
-            return Err(Status::aborted(format!(
-                "an operation on volume {id} is in progress"
-            )));
-        }
-        Ok(Claim {
-            busy: &self.busy,
-            id: id.to_owned(),
-        })
     }
 
     /// Where this node's one mount of volume `id` lives.
@@ -197,7 +126,7 @@ impl<M: Mounter> Node for NodeService<M> {
         let reader_only = reader_only(r.volume_capability.as_ref())?;
         let id = VolumeId::parse(volume_id)
             .ok_or_else(|| Status::not_found(format!("no volume {volume_id}")))?;
-        let _claim = self.claim(volume_id)?;
+        let _claim = self.in_flight.claim(volume_id)?;
         let shared = self.shared_mountpoint(&id);
         let read_only = r.readonly || reader_only;
 
@@ -251,7 +180,7 @@ impl<M: Mounter> Node for NodeService<M> {
         let r = request.into_inner();
         let volume_id = required(&r.volume_id, "volume_id")?;
         let target = PathBuf::from(required(&r.target_path, "target_path")?);
-        let _claim = self.claim(volume_id)?;
+        let _claim = self.in_flight.claim(volume_id)?;
         let table = Self::table()?;
         if mounts::mount_at(&table, &target).is_some() {
             mounts::unmount(&target)

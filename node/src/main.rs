@@ -61,31 +61,9 @@ fn default_cloudfs() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("cloudfs"))
 }
 
-async fn stop_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(e) => {
-            tracing::error!(error = %e, "no SIGTERM handler; stopping on Ctrl-C only");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
-    tracing::info!("stopping: finishing the calls in flight");
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    server::init_logging();
     let args = Args::parse();
     let node_id = match args.node_id {
         Some(id) => id,
@@ -105,6 +83,6 @@ async fn main() -> Result<()> {
         args.state_dir,
         mounter,
     )));
-    server::serve(&args.endpoint, routes, stop_signal()).await?;
+    server::serve(&args.endpoint, routes, server::stop_signal()).await?;
     Ok(())
 }
