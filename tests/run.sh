@@ -46,6 +46,16 @@ CLOUDFS_TEST_STORE=swift cargo test -p cloudfs --test fuse_mount 2>&1 | tee -a t
 swift_status=${PIPESTATUS[0]}
 set -e
 
+log "csi-sanity against cloudfs-node and cloudfs-controller on Swift"
+set +e
+bash tests/csi/sanity.sh --swift 2>&1 | tee target/sanity-output.log
+sanity_status=${PIPESTATUS[0]}
+set -e
+read -r sanity_passed sanity_failed < <(awk '/ Passed \| / {
+    for (i = 2; i <= NF; i++) { if ($(i) == "Passed") p = $(i-1); if ($(i) == "Failed") f = $(i-1) }
+  } END { print p + 0, f + 0 }' target/sanity-output.log)
+if [ "$sanity_status" -ne 0 ] && [ "$sanity_failed" -eq 0 ]; then sanity_failed=1; fi
+
 log "quick start (README)"
 quick=0
 if ./tests/quickstart.sh --check; then quick=1; fi
@@ -53,8 +63,9 @@ if ./tests/quickstart.sh --check; then quick=1; fi
 read -r passed failed < <(awk '/^test result:/ {
     for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1) }
   } END { print p + 0, f + 0 }' target/test-output.log)
-passed=$((passed + quick))
+passed=$((passed + quick + sanity_passed))
+failed=$((failed + sanity_failed))
 if [ "$quick" -eq 0 ]; then failed=$((failed + 1)); fi
 echo
 echo "summary: ${passed} passed, ${failed} failed"
-[ "$status" -eq 0 ] && [ "$swift_status" -eq 0 ] && [ "$failed" -eq 0 ]
+[ "$status" -eq 0 ] && [ "$swift_status" -eq 0 ] && [ "$sanity_status" -eq 0 ] && [ "$failed" -eq 0 ]

@@ -46,10 +46,9 @@ async fn main() -> Result<()> {
     server::init_logging();
     let args = Args::parse();
     let backend = EngineBackend::new(args.pools);
-    let routes = Routes::new(IdentityServer::new(IdentityService::new(
-        PoolReadiness(backend.clone()),
-        true,
-    )))
+    let routes = Routes::new(IdentityServer::new(IdentityService::new(PoolReadiness(
+        backend.clone(),
+    ))))
     .add_service(ControllerServer::new(ControllerService::new(backend)));
     server::serve(&args.endpoint, routes, server::stop_signal()).await?;
     Ok(())

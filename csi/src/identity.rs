@@ -19,19 +19,15 @@ pub trait Readiness: Send + Sync + 'static {
     async fn check(&self) -> Result<(), String>;
 }
 
-/// The Identity service of a plugin process.
+/// The Identity service of a plugin process. Both plugins report the Controller service:
+/// it is a capability of the driver as a whole (served by `cloudfs-controller`).
 pub struct IdentityService<R> {
     readiness: R,
-    /// Whether this process serves the Controller service too.
-    controller: bool,
 }
 
 impl<R: Readiness> IdentityService<R> {
-    pub fn new(readiness: R, controller: bool) -> IdentityService<R> {
-        IdentityService {
-            readiness,
-            controller,
-        }
+    pub fn new(readiness: R) -> IdentityService<R> {
+        IdentityService { readiness }
     }
 }
 
@@ -52,17 +48,13 @@ impl<R: Readiness> Identity for IdentityService<R> {
         &self,
         _request: Request<GetPluginCapabilitiesRequest>,
     ) -> Result<Response<GetPluginCapabilitiesResponse>, Status> {
-        let capabilities = if self.controller {
-            vec![PluginCapability {
-                r#type: Some(plugin_capability::Type::Service(
-                    plugin_capability::Service {
-                        r#type: service::Type::ControllerService.into(),
-                    },
-                )),
-            }]
-        } else {
-            Vec::new()
-        };
+        let capabilities = vec![PluginCapability {
+            r#type: Some(plugin_capability::Type::Service(
+                plugin_capability::Service {
+                    r#type: service::Type::ControllerService.into(),
+                },
+            )),
+        }];
         Ok(Response::new(GetPluginCapabilitiesResponse {
             capabilities,
         }))

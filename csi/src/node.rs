@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status};
 use crate::mounts::{self, MountEntry};
 use crate::proto::node_server::Node;
 use crate::proto::node_service_capability::{self, rpc};
+use crate::proto::volume_capability::access_mode::Mode;
 use crate::proto::volume_usage::Unit;
 use crate::proto::{
     NodeGetCapabilitiesRequest, NodeGetCapabilitiesResponse, NodeGetInfoRequest,
@@ -90,6 +91,13 @@ fn reader_only(capability: Option<&VolumeCapability>) -> Result<bool, Status> {
     request::reader_only(capability).map_err(Status::invalid_argument)
 }
 
+/// Whether the capability allows the volume at one target path only.
+fn single_writer(capability: Option<&VolumeCapability>) -> bool {
+    capability
+        .and_then(|c| c.access_mode.as_ref())
+        .is_some_and(|m| m.mode == Mode::SingleNodeSingleWriter as i32)
+}
+
 impl<M: Mounter> NodeService<M> {
     pub fn new(node_id: String, state_dir: PathBuf, mounter: M) -> NodeService<M> {
         NodeService {
@@ -144,6 +152,17 @@ impl<M: Mounter> Node for NodeService<M> {
                     target.display()
                 ))),
             };
+        }
+        if let Some(mount) = &shared_mount
+            && single_writer(r.volume_capability.as_ref())
+            && table
+                .iter()
+                .any(|e| e.device == mount.device && e.mount_point != shared)
+        {
+            return Err(Status::failed_precondition(format!(
+                "volume {volume_id} has the single-writer access mode and is published \
+                 elsewhere on this node already"
+            )));
         }
         match &shared_mount {
             Some(mount) if mount.read_only && !read_only => {

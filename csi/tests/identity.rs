@@ -50,10 +50,7 @@ async fn identity_answers_on_the_socket_and_probe_follows_readiness() {
     drop(std::os::unix::net::UnixListener::bind(&socket).expect("stale socket"));
 
     let ready = Switch::default();
-    let routes = Routes::new(IdentityServer::new(IdentityService::new(
-        ready.clone(),
-        true,
-    )));
+    let routes = Routes::new(IdentityServer::new(IdentityService::new(ready.clone())));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let endpoint = format!("unix://{}", socket.display());
     let server = tokio::spawn(async move {

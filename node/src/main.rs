@@ -74,10 +74,9 @@ async fn main() -> Result<()> {
     };
     let cloudfs = args.cloudfs.unwrap_or_else(default_cloudfs);
     let mounter = ProcessMounter::new(cloudfs.clone(), args.state_dir.join("run"));
-    let routes = Routes::new(IdentityServer::new(IdentityService::new(
-        BinaryReadiness(cloudfs),
-        false,
-    )))
+    let routes = Routes::new(IdentityServer::new(IdentityService::new(BinaryReadiness(
+        cloudfs,
+    ))))
     .add_service(NodeServer::new(NodeService::new(
         node_id,
         args.state_dir,
