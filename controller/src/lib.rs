@@ -45,7 +45,7 @@ fn store_error(e: StoreError) -> BackendError {
     let message = e.to_string();
     match e {
         StoreError::Unauthorized(_) => BackendError::Unauthenticated(message),
-        StoreError::InvalidUrl { .. } | StoreError::InvalidKey(_) => {
+        StoreError::InvalidUrl { .. } | StoreError::InvalidKey(_) | StoreError::Config(_) => {
             BackendError::InvalidArgument(message)
         }
         StoreError::NotFound(_) => BackendError::NotFound(message),

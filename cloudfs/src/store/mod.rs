@@ -39,6 +39,9 @@ pub enum StoreError {
     InvalidUrl { url: String, reason: String },
     #[error("object store refused the credentials: {0}")]
     Unauthorized(String),
+    /// Credentials or settings that cannot work (missing keys, a bad URL in them).
+    #[error("invalid store configuration: {0}")]
+    Config(String),
     #[error("{0}")]
     Unsupported(String),
     #[error(transparent)]

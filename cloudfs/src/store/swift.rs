@@ -22,6 +22,7 @@ fn store_error(e: SwiftError) -> StoreError {
     match e {
         SwiftError::NotFound(what) => StoreError::NotFound(what),
         SwiftError::Unauthorized(what) => StoreError::Unauthorized(what),
+        SwiftError::Config(what) => StoreError::Config(what),
         other => StoreError::Swift(other),
     }
 }
