@@ -9,6 +9,9 @@ cd "$(dirname "$0")/.."
 
 log() { printf '\n== %s\n' "$*"; }
 
+# A clean CI clone builds once: incremental caches would only double the disk it needs.
+if [ "${CI:-}" = true ]; then export CARGO_INCREMENTAL=0; fi
+
 log "installing system packages"
 missing=()
 command -v fusermount3 >/dev/null 2>&1 || missing+=(fuse3)
