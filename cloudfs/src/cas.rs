@@ -16,6 +16,7 @@ use bytes::Bytes;
 use tokio::sync::OnceCell;
 
 use crate::meta::Hash;
+use crate::metrics::{CacheTier, EngineMetrics};
 use crate::store::{ObjectStore, StoreError, unix_now_secs};
 
 /// Errors of the block layer.
@@ -211,6 +212,7 @@ pub struct BlockStore {
     damaged: Mutex<HashSet<Hash>>,
     hot: Mutex<HotBlocks>,
     timeout: Duration,
+    metrics: EngineMetrics,
 }
 
 const KNOWN_LIMIT: usize = 1 << 20;
@@ -270,7 +272,14 @@ impl BlockStore {
             }),
             cache,
             timeout,
+            metrics: EngineMetrics::new(),
         }
+    }
+
+    /// Counts cache hits and misses in `metrics`.
+    pub fn with_metrics(mut self, metrics: EngineMetrics) -> BlockStore {
+        self.metrics = metrics;
+        self
     }
 
     /// The longest one store request may take.
@@ -394,13 +403,16 @@ impl BlockStore {
     /// per block however many readers want it at once).
     pub async fn fetch(&self, hash: &Hash, len: u64) -> CasResult<Bytes> {
         if let Some(data) = lock(&self.hot).get(hash) {
+            self.metrics.cache_hit(CacheTier::Memory);
             return Ok(data);
         }
         if let Some(data) = self.cache.read(hash, 0, len as usize) {
+            self.metrics.cache_hit(CacheTier::Disk);
             let data = Bytes::from(data);
             lock(&self.hot).insert(*hash, data.clone());
             return Ok(data);
         }
+        self.metrics.cache_miss();
         let cell = lock(&self.inflight).entry(*hash).or_default().clone();
         let result = cell
             .get_or_try_init(|| async {
@@ -434,7 +446,10 @@ impl BlockStore {
         let hot = lock(&self.hot).get(hash);
         if whole || hot.is_some() {
             let block = match hot {
-                Some(block) => block,
+                Some(block) => {
+                    self.metrics.cache_hit(CacheTier::Memory);
+                    block
+                }
                 None => self.fetch(hash, block_len).await?,
             };
             let start = (offset as usize).min(block.len());
@@ -442,8 +457,10 @@ impl BlockStore {
             return Ok(block.slice(start..end));
         }
         if let Some(data) = self.cache.read(hash, offset, len as usize) {
+            self.metrics.cache_hit(CacheTier::Disk);
             return Ok(Bytes::from(data));
         }
+        self.metrics.cache_miss();
         let key = block_key(hash);
         self.timed(&key, self.store.get(&key, Some(offset..offset + len)))
             .await

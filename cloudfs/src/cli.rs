@@ -291,6 +291,10 @@ struct MountArgs {
     /// Threads serving FUSE requests.
     #[arg(long, default_value_t = 16)]
     threads: usize,
+    /// Serve Prometheus metrics at /metrics on this address: HOST:PORT, :PORT, or
+    /// unix:/path/to/socket (how the CSI node plugin collects them).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<cloudfs_metrics::Endpoint>,
 }
 
 /// A quota on the command line: a size, or `none`.
@@ -692,6 +696,7 @@ fn mount_command(
             sync_interval: Duration::from_secs(args.sync_interval.max(1)),
             fuse_threads: args.threads,
             run_dir,
+            metrics: args.metrics.clone(),
         };
         mount::run(config, opened, || {})?;
         return Ok(ExitCode::SUCCESS);
@@ -745,6 +750,9 @@ fn daemonize(
     }
     if let Some(name) = &args.snapshot {
         command.args(["--snapshot", name]);
+    }
+    if let Some(endpoint) = &args.metrics {
+        command.args(["--metrics", &endpoint.to_string()]);
     }
     if let Some(file) = credentials {
         command.arg("--credentials").arg(file);

@@ -5,7 +5,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
@@ -16,20 +16,41 @@ use fuser::{
 
 use crate::fs::{Caller, Fs, FsError, RenameMode, SetAttr, SetTime, XattrMode};
 use crate::meta::Inode;
+use crate::metrics::EngineMetrics;
 
 const TTL: Duration = Duration::from_secs(1);
 const MAX_WRITE: u32 = 1 << 20;
 const READDIR_BATCH: usize = 256;
 
-/// Serves an [`Fs`] to the kernel.
+/// Serves an [`Fs`] to the kernel, measuring every operation.
 #[derive(Debug)]
 pub struct FuseFs {
     fs: Arc<Fs>,
+    metrics: EngineMetrics,
 }
 
 impl FuseFs {
-    pub fn new(fs: Arc<Fs>) -> FuseFs {
-        FuseFs { fs }
+    pub fn new(fs: Arc<Fs>, metrics: EngineMetrics) -> FuseFs {
+        FuseFs { fs, metrics }
+    }
+
+    /// Runs operation `op`, counting and timing it, and logging it if it failed (as
+    /// opposed to being refused).
+    fn measured<T>(
+        &self,
+        op: &str,
+        run: impl FnOnce() -> Result<T, FsError>,
+    ) -> Result<T, FsError> {
+        let started = Instant::now();
+        let result = run();
+        if let Err(e) = &result
+            && e.is_failure()
+        {
+            tracing::error!(op, error = %e, "file-system operation failed");
+        }
+        let error = result.as_ref().err().map(FsError::errno_name);
+        self.metrics.fs_operation(op, started.elapsed(), error);
+        result
     }
 }
 
@@ -80,10 +101,7 @@ fn attr(inode: &Inode, block_size: u64) -> FileAttr {
     }
 }
 
-fn errno(e: &FsError, op: &str) -> Errno {
-    if e.is_failure() {
-        tracing::error!(op, error = %e, "file-system operation failed");
-    }
+fn errno(e: &FsError) -> Errno {
     Errno::from_i32(e.errno())
 }
 
@@ -102,10 +120,10 @@ fn set_time(t: TimeOrNow) -> SetTime {
 }
 
 impl FuseFs {
-    fn entry(&self, reply: ReplyEntry, result: Result<Inode, FsError>, op: &str) {
+    fn entry(&self, reply: ReplyEntry, result: Result<Inode, FsError>) {
         match result {
             Ok(inode) => reply.entry(&TTL, &self.attr(&inode), Generation(inode.generation)),
-            Err(e) => reply.error(errno(&e, op)),
+            Err(e) => reply.error(errno(&e)),
         }
     }
 
@@ -114,19 +132,19 @@ impl FuseFs {
     }
 }
 
-fn empty(reply: ReplyEmpty, result: Result<(), FsError>, op: &str) {
+fn empty(reply: ReplyEmpty, result: Result<(), FsError>) {
     match result {
         Ok(()) => reply.ok(),
-        Err(e) => reply.error(errno(&e, op)),
+        Err(e) => reply.error(errno(&e)),
     }
 }
 
-fn xattr_reply(reply: ReplyXattr, size: u32, data: Result<Vec<u8>, FsError>, op: &str) {
+fn xattr_reply(reply: ReplyXattr, size: u32, data: Result<Vec<u8>, FsError>) {
     match data {
         Ok(data) if size == 0 => reply.size(data.len() as u32),
         Ok(data) if data.len() > size as usize => reply.error(Errno::ERANGE),
         Ok(data) => reply.data(&data),
-        Err(e) => reply.error(errno(&e, op)),
+        Err(e) => reply.error(errno(&e)),
     }
 }
 
@@ -143,13 +161,14 @@ impl Filesystem for FuseFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        self.entry(reply, self.fs.lookup(parent.0, name.as_bytes()), "lookup");
+        let result = self.measured("lookup", || self.fs.lookup(parent.0, name.as_bytes()));
+        self.entry(reply, result);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.fs.getattr(ino.0) {
+        match self.measured("getattr", || self.fs.getattr(ino.0)) {
             Ok(inode) => reply.attr(&TTL, &self.attr(&inode)),
-            Err(e) => reply.error(errno(&e, "getattr")),
+            Err(e) => reply.error(errno(&e)),
         }
     }
 
@@ -180,16 +199,16 @@ impl Filesystem for FuseFs {
             atime: atime.map(set_time),
             mtime: mtime.map(set_time),
         };
-        match self.fs.setattr(ino.0, change) {
+        match self.measured("setattr", || self.fs.setattr(ino.0, change)) {
             Ok(inode) => reply.attr(&TTL, &self.attr(&inode)),
-            Err(e) => reply.error(errno(&e, "setattr")),
+            Err(e) => reply.error(errno(&e)),
         }
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.fs.readlink(ino.0) {
+        match self.measured("readlink", || self.fs.readlink(ino.0)) {
             Ok(target) => reply.data(&target),
-            Err(e) => reply.error(errno(&e, "readlink")),
+            Err(e) => reply.error(errno(&e)),
         }
     }
 
@@ -204,10 +223,11 @@ impl Filesystem for FuseFs {
         reply: ReplyEntry,
     ) {
         let _change = self.fs.change();
-        let result = self
-            .fs
-            .mknod(caller(req), parent.0, name.as_bytes(), mode, umask, rdev);
-        self.entry(reply, result, "mknod");
+        let result = self.measured("mknod", || {
+            self.fs
+                .mknod(caller(req), parent.0, name.as_bytes(), mode, umask, rdev)
+        });
+        self.entry(reply, result);
     }
 
     fn mkdir(
@@ -220,20 +240,23 @@ impl Filesystem for FuseFs {
         reply: ReplyEntry,
     ) {
         let _change = self.fs.change();
-        let result = self
-            .fs
-            .mkdir(caller(req), parent.0, name.as_bytes(), mode, umask);
-        self.entry(reply, result, "mkdir");
+        let result = self.measured("mkdir", || {
+            self.fs
+                .mkdir(caller(req), parent.0, name.as_bytes(), mode, umask)
+        });
+        self.entry(reply, result);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _change = self.fs.change();
-        empty(reply, self.fs.unlink(parent.0, name.as_bytes()), "unlink");
+        let result = self.measured("unlink", || self.fs.unlink(parent.0, name.as_bytes()));
+        empty(reply, result);
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _change = self.fs.change();
-        empty(reply, self.fs.rmdir(parent.0, name.as_bytes()), "rmdir");
+        let result = self.measured("rmdir", || self.fs.rmdir(parent.0, name.as_bytes()));
+        empty(reply, result);
     }
 
     fn symlink(
@@ -245,13 +268,15 @@ impl Filesystem for FuseFs {
         reply: ReplyEntry,
     ) {
         let _change = self.fs.change();
-        let result = self.fs.symlink(
-            caller(req),
-            parent.0,
-            link_name.as_bytes(),
-            target.as_os_str().as_bytes(),
-        );
-        self.entry(reply, result, "symlink");
+        let result = self.measured("symlink", || {
+            self.fs.symlink(
+                caller(req),
+                parent.0,
+                link_name.as_bytes(),
+                target.as_os_str().as_bytes(),
+            )
+        });
+        self.entry(reply, result);
     }
 
     fn rename(
@@ -272,14 +297,16 @@ impl Filesystem for FuseFs {
         } else {
             RenameMode::Replace
         };
-        let result = self.fs.rename(
-            parent.0,
-            name.as_bytes(),
-            newparent.0,
-            newname.as_bytes(),
-            mode,
-        );
-        empty(reply, result, "rename");
+        let result = self.measured("rename", || {
+            self.fs.rename(
+                parent.0,
+                name.as_bytes(),
+                newparent.0,
+                newname.as_bytes(),
+                mode,
+            )
+        });
+        empty(reply, result);
     }
 
     fn link(
@@ -291,18 +318,17 @@ impl Filesystem for FuseFs {
         reply: ReplyEntry,
     ) {
         let _change = self.fs.change();
-        self.entry(
-            reply,
-            self.fs.link(ino.0, newparent.0, newname.as_bytes()),
-            "link",
-        );
+        let result = self.measured("link", || {
+            self.fs.link(ino.0, newparent.0, newname.as_bytes())
+        });
+        self.entry(reply, result);
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let _change = self.fs.change();
-        match self.fs.open(ino.0, flags.0) {
+        match self.measured("open", || self.fs.open(ino.0, flags.0)) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-            Err(e) => reply.error(errno(&e, "open")),
+            Err(e) => reply.error(errno(&e)),
         }
     }
 
@@ -317,9 +343,12 @@ impl Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.fs.read(ino.0, fh.0, offset, size) {
-            Ok(data) => reply.data(&data),
-            Err(e) => reply.error(errno(&e, "read")),
+        match self.measured("read", || self.fs.read(ino.0, fh.0, offset, size)) {
+            Ok(data) => {
+                self.metrics.bytes_read(data.len());
+                reply.data(&data)
+            }
+            Err(e) => reply.error(errno(&e)),
         }
     }
 
@@ -336,9 +365,12 @@ impl Filesystem for FuseFs {
         reply: ReplyWrite,
     ) {
         let _change = self.fs.change();
-        match self.fs.write(ino.0, fh.0, offset, data) {
-            Ok(n) => reply.written(n),
-            Err(e) => reply.error(errno(&e, "write")),
+        match self.measured("write", || self.fs.write(ino.0, fh.0, offset, data)) {
+            Ok(n) => {
+                self.metrics.bytes_written(n as usize);
+                reply.written(n)
+            }
+            Err(e) => reply.error(errno(&e)),
         }
     }
 
@@ -351,7 +383,7 @@ impl Filesystem for FuseFs {
         reply: ReplyEmpty,
     ) {
         let _change = self.fs.change();
-        empty(reply, self.fs.flush(ino.0, fh.0), "flush");
+        empty(reply, self.measured("flush", || self.fs.flush(ino.0, fh.0)));
     }
 
     fn release(
@@ -365,7 +397,10 @@ impl Filesystem for FuseFs {
         reply: ReplyEmpty,
     ) {
         let _change = self.fs.change();
-        empty(reply, self.fs.release(ino.0, fh.0), "release");
+        empty(
+            reply,
+            self.measured("release", || self.fs.release(ino.0, fh.0)),
+        );
     }
 
     fn fsync(
@@ -377,14 +412,14 @@ impl Filesystem for FuseFs {
         reply: ReplyEmpty,
     ) {
         let _change = self.fs.change();
-        empty(reply, self.fs.fsync(ino.0), "fsync");
+        empty(reply, self.measured("fsync", || self.fs.fsync(ino.0)));
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.fs.getattr(ino.0) {
+        match self.measured("opendir", || self.fs.getattr(ino.0)) {
             Ok(inode) if inode.is_dir() => reply.opened(FileHandle(0), FopenFlags::empty()),
             Ok(_) => reply.error(Errno::ENOTDIR),
-            Err(e) => reply.error(errno(&e, "opendir")),
+            Err(e) => reply.error(errno(&e)),
         }
     }
 
@@ -396,7 +431,7 @@ impl Filesystem for FuseFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        match self.fs.readdir(ino.0, offset, READDIR_BATCH) {
+        match self.measured("readdir", || self.fs.readdir(ino.0, offset, READDIR_BATCH)) {
             Ok(entries) => {
                 for e in entries {
                     let name = OsStr::from_bytes(&e.name);
@@ -406,7 +441,7 @@ impl Filesystem for FuseFs {
                 }
                 reply.ok();
             }
-            Err(e) => reply.error(errno(&e, "readdir")),
+            Err(e) => reply.error(errno(&e)),
         }
     }
 
@@ -418,7 +453,9 @@ impl Filesystem for FuseFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        match self.fs.readdir(ino.0, offset, READDIR_BATCH) {
+        match self.measured("readdirplus", || {
+            self.fs.readdir(ino.0, offset, READDIR_BATCH)
+        }) {
             Ok(entries) => {
                 for e in entries {
                     let name = OsStr::from_bytes(&e.name);
@@ -437,7 +474,7 @@ impl Filesystem for FuseFs {
                 }
                 reply.ok();
             }
-            Err(e) => reply.error(errno(&e, "readdirplus")),
+            Err(e) => reply.error(errno(&e)),
         }
     }
 
@@ -450,11 +487,11 @@ impl Filesystem for FuseFs {
         reply: ReplyEmpty,
     ) {
         let _change = self.fs.change();
-        empty(reply, self.fs.fsyncdir(), "fsyncdir");
+        empty(reply, self.measured("fsyncdir", || self.fs.fsyncdir()));
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        match self.fs.statfs() {
+        match self.measured("statfs", || self.fs.statfs()) {
             Ok(s) => reply.statfs(
                 s.blocks,
                 s.blocks_free,
@@ -465,7 +502,7 @@ impl Filesystem for FuseFs {
                 s.name_max,
                 s.block_size,
             ),
-            Err(e) => reply.error(errno(&e, "statfs")),
+            Err(e) => reply.error(errno(&e)),
         }
     }
 
@@ -487,44 +524,44 @@ impl Filesystem for FuseFs {
         } else {
             XattrMode::Any
         };
-        let result = self.fs.setxattr(ino.0, name.as_bytes(), value, mode);
-        empty(reply, result, "setxattr");
+        let result = self.measured("setxattr", || {
+            self.fs.setxattr(ino.0, name.as_bytes(), value, mode)
+        });
+        empty(reply, result);
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        xattr_reply(
-            reply,
-            size,
-            self.fs.getxattr(ino.0, name.as_bytes()),
-            "getxattr",
-        );
+        let value = self.measured("getxattr", || self.fs.getxattr(ino.0, name.as_bytes()));
+        xattr_reply(reply, size, value);
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let names = self.fs.listxattr(ino.0).map(|names| {
-            names
-                .into_iter()
-                .flat_map(|mut n| {
-                    n.push(0);
-                    n
-                })
-                .collect()
-        });
-        xattr_reply(reply, size, names, "listxattr");
+        let names = self
+            .measured("listxattr", || self.fs.listxattr(ino.0))
+            .map(|names| {
+                names
+                    .into_iter()
+                    .flat_map(|mut n| {
+                        n.push(0);
+                        n
+                    })
+                    .collect()
+            });
+        xattr_reply(reply, size, names);
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _change = self.fs.change();
-        empty(
-            reply,
-            self.fs.removexattr(ino.0, name.as_bytes()),
-            "removexattr",
-        );
+        let result = self.measured("removexattr", || {
+            self.fs.removexattr(ino.0, name.as_bytes())
+        });
+        empty(reply, result);
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
         // Permission bits are checked by the kernel (`default_permissions`).
-        empty(reply, self.fs.getattr(ino.0).map(|_| ()), "access");
+        let result = self.measured("access", || self.fs.getattr(ino.0));
+        empty(reply, result.map(|_| ()));
     }
 
     fn create(
@@ -538,10 +575,11 @@ impl Filesystem for FuseFs {
         reply: ReplyCreate,
     ) {
         let _change = self.fs.change();
-        match self
-            .fs
-            .create(caller(req), parent.0, name.as_bytes(), mode, umask, flags)
-        {
+        let result = self.measured("create", || {
+            self.fs
+                .create(caller(req), parent.0, name.as_bytes(), mode, umask, flags)
+        });
+        match result {
             Ok((inode, fh)) => reply.created(
                 &TTL,
                 &self.attr(&inode),
@@ -549,7 +587,7 @@ impl Filesystem for FuseFs {
                 FileHandle(fh),
                 FopenFlags::empty(),
             ),
-            Err(e) => reply.error(errno(&e, "create")),
+            Err(e) => reply.error(errno(&e)),
         }
     }
 }

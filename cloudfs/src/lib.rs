@@ -4,7 +4,7 @@
 //! Layers, bottom up: [`store`] (the `ObjectStore` seam and its implementations), [`meta`]
 //! (the SQLite inode table), [`cas`] (blocks: naming, dedup, cache), [`fs`] (POSIX operations),
 //! [`fuse`] (the kernel adapter), [`volume`] (format, open, metadata replication), [`lease`] (one writer per volume), [`mount`]
-//! (a mount process's life) [`inspect`] (`stat`, `fsck`), [`snapshot`], [`gc`] and [`tar`] (server-side
+//! (a mount process's life), [`metrics`] (what a mount measures), [`inspect`] (`stat`, `fsck`), [`snapshot`], [`gc`] and [`tar`] (server-side
 //! exports).
 
 pub mod cas;
@@ -15,6 +15,7 @@ pub mod gc;
 pub mod inspect;
 pub mod lease;
 pub mod meta;
+pub mod metrics;
 pub mod mount;
 pub mod snapshot;
 pub mod store;

@@ -18,6 +18,7 @@ use crate::control::{self, LiveVolume};
 use crate::fs::{Fs, FsConfig, FsError, MetadataSync};
 use crate::fuse::FuseFs;
 use crate::lease::{StoreLease, holder_id};
+use crate::metrics::{EngineMetrics, MeteredStore};
 use crate::store::{ObjectStore, StoreError, StoreUrl};
 use crate::volume::{self, Replicator, VolumeError, VolumeSync};
 
@@ -46,6 +47,10 @@ pub enum MountError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Fs(#[from] FsError),
+    #[error(transparent)]
+    Metrics(#[from] cloudfs_metrics::MetricsError),
+    #[error("setting up metrics: {0}")]
+    MetricsRegistry(#[from] cloudfs_metrics::prometheus::Error),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -71,6 +76,8 @@ pub struct MountConfig {
     pub sync_interval: Duration,
     pub fuse_threads: usize,
     pub run_dir: PathBuf,
+    /// Where to serve `/metrics`, if anywhere.
+    pub metrics: Option<cloudfs_metrics::Endpoint>,
 }
 
 /// Where a mount process announces its pid, keyed by mountpoint.
@@ -176,6 +183,8 @@ pub struct EngineConfig {
 #[derive(Debug)]
 pub struct Engine {
     pub fs: Arc<Fs>,
+    /// What the engine measures (not registered anywhere yet).
+    pub metrics: EngineMetrics,
     follower: Option<Follower>,
     /// The replication of a read-write mount.
     volume_sync: Option<Arc<VolumeSync>>,
@@ -249,9 +258,13 @@ pub fn open_engine(
     config: &EngineConfig,
     rt: &tokio::runtime::Handle,
 ) -> Result<Engine, MountError> {
+    let metrics = EngineMetrics::new();
+    let store = MeteredStore::wrap(store, metrics.clone());
     let cache = BlockCache::open(&config.cache_dir.join("blocks"), config.cache_size / 2)
         .map_err(io_err("opening the block cache"))?;
-    let blocks = Arc::new(BlockStore::new(store.clone(), cache, config.store_timeout));
+    let blocks = Arc::new(
+        BlockStore::new(store.clone(), cache, config.store_timeout).with_metrics(metrics.clone()),
+    );
     if config.snapshot.is_some() && !config.read_only {
         return Err(MountError::SnapshotNeedsReadOnly);
     }
@@ -328,6 +341,7 @@ pub fn open_engine(
     fs.set_quota(opened.config.quota_bytes);
     Ok(Engine {
         fs,
+        metrics,
         follower,
         volume_sync,
     })
@@ -335,6 +349,23 @@ pub fn open_engine(
 
 /// How often a read-write mount re-reads its volume's quota from the store.
 const QUOTA_CHECK_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Serves the engine's metrics at `endpoint`, every series labelled with the volume and
+/// its pool.
+fn serve_metrics(
+    endpoint: &cloudfs_metrics::Endpoint,
+    config: &MountConfig,
+    metrics: &EngineMetrics,
+    rt: &tokio::runtime::Handle,
+) -> Result<cloudfs_metrics::MetricsServer, MountError> {
+    let labels = [
+        ("volume".to_owned(), config.volume.clone()),
+        ("pool".to_owned(), config.store.to_string()),
+    ];
+    let registry = cloudfs_metrics::prometheus::Registry::new_custom(None, Some(labels.into()))?;
+    metrics.register(&registry)?;
+    Ok(rt.block_on(cloudfs_metrics::start(endpoint, Arc::new(registry)))?)
+}
 
 /// Mounts and serves until unmounted or signalled. `ready` runs once the mount is usable.
 pub fn run(
@@ -378,7 +409,17 @@ pub fn run(
         SessionACL::Owner
     };
     fuse_config.n_threads = Some(config.fuse_threads.max(1));
-    let session = fuser::Session::new(FuseFs::new(fs.clone()), &mountpoint, &fuse_config)
+    let _metrics_server = match &config.metrics {
+        Some(endpoint) => Some(serve_metrics(
+            endpoint,
+            &config,
+            &engine.metrics,
+            rt.handle(),
+        )?),
+        None => None,
+    };
+    let fuse_fs = FuseFs::new(fs.clone(), engine.metrics.clone());
+    let session = fuser::Session::new(fuse_fs, &mountpoint, &fuse_config)
         .and_then(fuser::Session::spawn)
         .map_err(io_err(format!("mounting {}", mountpoint.display())))?;
     fs::create_dir_all(&config.run_dir).map_err(io_err("creating the run directory"))?;

@@ -113,7 +113,7 @@ impl EngineBackend {
 #[tonic::async_trait]
 impl VolumeBackend for EngineBackend {
     fn pool_for(&self, parameters: &HashMap<String, String>) -> Result<String, BackendError> {
-        match parameters.get("pool") {
+        match parameters.get(cloudfs_csi::mount_options::POOL_PARAMETER) {
             Some(pool) => {
                 StoreUrl::parse(pool).map_err(store_error)?;
                 Ok(pool.clone())

@@ -1,11 +1,14 @@
 //! `cloudfs-controller`: the CSI controller plugin. Serves the Identity and Controller
 //! services on a Unix socket for the external provisioner and snapshotter.
 
+use std::sync::Arc;
+
 use anyhow::Result;
 use clap::Parser;
 use cloudfs_controller::EngineBackend;
 use cloudfs_csi::controller::ControllerService;
 use cloudfs_csi::identity::{IdentityService, Readiness};
+use cloudfs_csi::metrics::RpcMetrics;
 use cloudfs_csi::proto::controller_server::ControllerServer;
 use cloudfs_csi::proto::identity_server::IdentityServer;
 use cloudfs_csi::server;
@@ -29,6 +32,9 @@ struct Args {
         required = true
     )]
     pools: Vec<String>,
+    /// Where to serve Prometheus metrics: HOST:PORT, :PORT or unix:/path.
+    #[arg(long, env = "CLOUDFS_METRICS_ADDR", default_value = ":9811")]
+    metrics_addr: cloudfs_metrics::Endpoint,
 }
 
 /// Ready once the default pool answers.
@@ -45,11 +51,14 @@ impl Readiness for PoolReadiness {
 async fn main() -> Result<()> {
     server::init_logging();
     let args = Args::parse();
+    let registry = cloudfs_metrics::prometheus::Registry::new();
+    let rpc_metrics = RpcMetrics::register(&registry)?;
+    let _metrics = cloudfs_metrics::start(&args.metrics_addr, Arc::new(registry)).await?;
     let backend = EngineBackend::new(args.pools);
     let routes = Routes::new(IdentityServer::new(IdentityService::new(PoolReadiness(
         backend.clone(),
     ))))
     .add_service(ControllerServer::new(ControllerService::new(backend)));
-    server::serve(&args.endpoint, routes, server::stop_signal()).await?;
+    server::serve(&args.endpoint, routes, rpc_metrics, server::stop_signal()).await?;
     Ok(())
 }

@@ -257,6 +257,44 @@ async fn volumes_and_snapshots_through_the_controller() {
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().contains("one writer"), "{status:?}");
 
+    // StorageClass parameters: mount options travel to the nodes in the volume context;
+    // an unknown or bad one is refused.
+    let mut tuned = create("pvc-tuned", GIB, None).into_inner();
+    tuned.parameters = [
+        ("cacheSize", "256MiB"),
+        ("syncInterval", "10s"),
+        ("csi.storage.k8s.io/pvc/name", "data"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    let context = controller
+        .create_volume(Request::new(tuned))
+        .await
+        .expect("create with parameters")
+        .into_inner()
+        .volume
+        .expect("a volume")
+        .volume_context;
+    assert_eq!(
+        context,
+        [
+            ("cacheSize".to_owned(), (256u64 << 20).to_string()),
+            ("syncInterval".to_owned(), "10s".to_owned()),
+        ]
+        .into()
+    );
+    for (key, value) in [("cachesize", "1GiB"), ("syncInterval", "never")] {
+        let mut bad = create("pvc-bad", GIB, None).into_inner();
+        bad.parameters = [(key.to_owned(), value.to_owned())].into();
+        let status = controller
+            .create_volume(Request::new(bad))
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains(key), "{status:?}");
+    }
+
     // Expansion raises the quota, with no node step.
     let expanded = controller
         .controller_expand_volume(Request::new(ControllerExpandVolumeRequest {
@@ -331,7 +369,8 @@ async fn volumes_and_snapshots_through_the_controller() {
             }))
             .await
             .expect("delete snapshot");
-        for id in [&volume.volume_id, &restored.volume_id] {
+        let tuned_id = format!("pvc-tuned@{pool_url}");
+        for id in [&volume.volume_id, &restored.volume_id, &tuned_id] {
             controller
                 .delete_volume(Request::new(DeleteVolumeRequest {
                     volume_id: id.clone(),

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 
 use tonic::{Request, Response, Status};
 
+use crate::mount_options::MountOptions;
 use crate::proto::controller_server::Controller;
 use crate::proto::controller_service_capability::{self, rpc};
 use crate::proto::volume_content_source::{self, SnapshotSource, VolumeSource};
@@ -228,11 +229,12 @@ fn volume_message(
     id: &VolumeId,
     quota: Option<u64>,
     source: Option<VolumeContentSource>,
+    volume_context: HashMap<String, String>,
 ) -> Volume {
     Volume {
         capacity_bytes: quota.map_or(0, |q| i64::try_from(q).unwrap_or(i64::MAX)),
         volume_id: id.to_string(),
-        volume_context: HashMap::new(),
+        volume_context,
         content_source: source,
         accessible_topology: Vec::new(),
     }
@@ -310,6 +312,8 @@ impl<B: VolumeBackend> Controller for ControllerService<B> {
         let name = required(&r.name, "name")?;
         check_capabilities(&r.volume_capabilities).map_err(Status::invalid_argument)?;
         let quota = quota_of(r.capacity_range.as_ref())?;
+        let options =
+            MountOptions::from_parameters(&r.parameters).map_err(Status::invalid_argument)?;
         let pool = self.backend.pool_for(&r.parameters)?;
         let id = VolumeId {
             volume: name_for(name),
@@ -334,7 +338,12 @@ impl<B: VolumeBackend> Controller for ControllerService<B> {
             }
         }
         Ok(Response::new(CreateVolumeResponse {
-            volume: Some(volume_message(&id, quota, r.volume_content_source)),
+            volume: Some(volume_message(
+                &id,
+                quota,
+                r.volume_content_source,
+                options.to_context(),
+            )),
         }))
     }
 
@@ -400,7 +409,7 @@ impl<B: VolumeBackend> Controller for ControllerService<B> {
             entries: entries
                 .into_iter()
                 .map(|(id, quota)| list_volumes_response::Entry {
-                    volume: Some(volume_message(&id, quota, None)),
+                    volume: Some(volume_message(&id, quota, None, HashMap::new())),
                     status: None,
                 })
                 .collect(),

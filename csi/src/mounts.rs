@@ -14,6 +14,8 @@ pub struct MountEntry {
     pub device: String,
     pub mount_point: PathBuf,
     pub read_only: bool,
+    /// The per-mount options (`rw`, `nosuid`, `noexec`, …).
+    pub options: Vec<String>,
     pub fs_type: String,
 }
 
@@ -44,10 +46,12 @@ fn unescape(field: &str) -> String {
 fn parse_line(line: &str) -> Option<MountEntry> {
     let fields: Vec<&str> = line.split(' ').collect();
     let separator = fields.iter().position(|f| *f == "-")?;
+    let options: Vec<String> = fields.get(5)?.split(',').map(str::to_owned).collect();
     Some(MountEntry {
         device: (*fields.get(2)?).to_owned(),
         mount_point: PathBuf::from(unescape(fields.get(4)?)),
-        read_only: fields.get(5)?.split(',').any(|o| o == "ro"),
+        read_only: options.iter().any(|o| o == "ro"),
+        options,
         fs_type: (*fields.get(separator + 1)?).to_owned(),
     })
 }
@@ -68,8 +72,9 @@ fn c_path(path: &Path) -> io::Result<CString> {
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a path with a NUL byte"))
 }
 
-/// Bind-mounts `source` on `target`, read-only when asked.
-pub fn bind(source: &Path, target: &Path, read_only: bool) -> io::Result<()> {
+/// Bind-mounts `source` on `target` with the per-mount `flags` (`MS_RDONLY`, `MS_NOEXEC`,
+/// …), which a bind mount only takes when remounted.
+pub fn bind(source: &Path, target: &Path, flags: libc::c_ulong) -> io::Result<()> {
     let (source, target) = (c_path(source)?, c_path(target)?);
     // SAFETY: valid NUL-terminated paths; a bind mount takes no type and no data.
     let bound = unsafe {
@@ -84,8 +89,8 @@ pub fn bind(source: &Path, target: &Path, read_only: bool) -> io::Result<()> {
     if bound != 0 {
         return Err(io::Error::last_os_error());
     }
-    if read_only {
-        let flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY;
+    if flags != 0 {
+        let flags = libc::MS_BIND | libc::MS_REMOUNT | flags;
         // SAFETY: as above; remounting the bind just made.
         let remounted = unsafe {
             libc::mount(

@@ -12,9 +12,11 @@ use std::path::{Path, PathBuf};
 
 use tonic::{Request, Response, Status};
 
+use crate::mount_options::{MountOptions, bind_flags};
 use crate::mounts::{self, MountEntry};
 use crate::proto::node_server::Node;
 use crate::proto::node_service_capability::{self, rpc};
+use crate::proto::volume_capability::AccessType;
 use crate::proto::volume_capability::access_mode::Mode;
 use crate::proto::volume_usage::Unit;
 use crate::proto::{
@@ -35,6 +37,8 @@ pub struct MountRequest<'a> {
     pub read_only: bool,
     /// Swift credentials: the keys of the `cloudfs` credentials file. Never logged.
     pub secrets: &'a HashMap<String, String>,
+    /// How the mount process runs (from the volume context).
+    pub options: &'a MountOptions,
 }
 
 /// Why a mount could not be started or stopped.
@@ -91,6 +95,15 @@ fn reader_only(capability: Option<&VolumeCapability>) -> Result<bool, Status> {
     request::reader_only(capability).map_err(Status::invalid_argument)
 }
 
+/// The flags of a pod's bind mount, from a mount capability's `mount_flags`.
+fn mount_flags(capability: Option<&VolumeCapability>) -> Result<libc::c_ulong, Status> {
+    let flags = match capability.and_then(|c| c.access_type.as_ref()) {
+        Some(AccessType::Mount(mount)) => mount.mount_flags.as_slice(),
+        _ => &[],
+    };
+    bind_flags(flags).map_err(Status::invalid_argument)
+}
+
 /// Whether the capability allows the volume at one target path only.
 fn single_writer(capability: Option<&VolumeCapability>) -> bool {
     capability
@@ -132,11 +145,17 @@ impl<M: Mounter> Node for NodeService<M> {
         let volume_id = required(&r.volume_id, "volume_id")?;
         let target = PathBuf::from(required(&r.target_path, "target_path")?);
         let reader_only = reader_only(r.volume_capability.as_ref())?;
+        let mut flags = mount_flags(r.volume_capability.as_ref())?;
+        let options =
+            MountOptions::from_parameters(&r.volume_context).map_err(Status::invalid_argument)?;
         let id = VolumeId::parse(volume_id)
             .ok_or_else(|| Status::not_found(format!("no volume {volume_id}")))?;
         let _claim = self.in_flight.claim(volume_id)?;
         let shared = self.shared_mountpoint(&id);
-        let read_only = r.readonly || reader_only;
+        if r.readonly || reader_only {
+            flags |= libc::MS_RDONLY;
+        }
+        let read_only = flags & libc::MS_RDONLY != 0;
 
         let table = Self::table()?;
         let shared_mount = mounts::mount_at(&table, &shared).cloned();
@@ -181,14 +200,15 @@ impl<M: Mounter> Node for NodeService<M> {
                         mountpoint: &shared,
                         read_only: reader_only,
                         secrets: &r.secrets,
+                        options: &options,
                     })
                     .await?;
             }
         }
         std::fs::create_dir_all(&target).map_err(|e| internal("creating the target path", e))?;
-        mounts::bind(&shared, &target, read_only)
+        mounts::bind(&shared, &target, flags)
             .map_err(|e| internal(&format!("bind-mounting {}", target.display()), e))?;
-        tracing::info!(volume = volume_id, target = %target.display(), read_only, "published");
+        tracing::info!(volume = volume_id, target = %target.display(), flags, "published");
         Ok(Response::new(NodePublishVolumeResponse {}))
     }
 

@@ -5,6 +5,7 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use crate::metrics::MOUNT_METRICS_SOCKET;
 use crate::mounts;
 use crate::node::{MountFailure, MountRequest, Mounter};
 
@@ -83,10 +84,13 @@ impl Mounter for ProcessMounter {
             .arg(&request.id.volume)
             .arg(request.mountpoint)
             .arg("--cache-dir")
-            .arg(dir.join("cache"));
+            .arg(dir.join("cache"))
+            .arg("--metrics")
+            .arg(format!("unix:{}", dir.join(MOUNT_METRICS_SOCKET).display()));
         if request.read_only {
             command.arg("--read-only");
         }
+        command.args(request.options.mount_args());
         let out = command.output().await.map_err(|e| {
             MountFailure::Failed(format!("running {}: {e}", self.cloudfs.display()))
         })?;

@@ -7,6 +7,8 @@ use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::service::Routes;
 
+use crate::metrics::{RpcMetrics, RpcMetricsLayer};
+
 /// Errors of serving.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -60,16 +62,18 @@ fn bind(path: &Path) -> Result<UnixListener, ServeError> {
 }
 
 /// Serves `routes` on the socket of `endpoint` until `shutdown` completes, then lets the
-/// calls in flight finish and removes the socket.
+/// calls in flight finish and removes the socket. Every call is counted in `metrics`.
 pub async fn serve(
     endpoint: &str,
     routes: Routes,
+    metrics: RpcMetrics,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let path = socket_path(endpoint)?;
     let listener = bind(&path)?;
     tracing::info!(socket = %path.display(), "serving CSI");
     let served = tonic::transport::Server::builder()
+        .layer(RpcMetricsLayer(metrics))
         .add_routes(routes)
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await;

@@ -1,17 +1,19 @@
 //! The Identity service over a real Unix socket, as kubelet and the sidecars reach it: a
-//! stale socket is replaced, the calls answer, Probe follows readiness, and shutdown removes
-//! the socket.
+//! stale socket is replaced, the calls answer and are counted, Probe follows readiness, and
+//! shutdown removes the socket.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use cloudfs_csi::identity::{IdentityService, Readiness};
+use cloudfs_csi::metrics::RpcMetrics;
 use cloudfs_csi::proto::identity_client::IdentityClient;
 use cloudfs_csi::proto::identity_server::IdentityServer;
 use cloudfs_csi::proto::plugin_capability::{self, service};
 use cloudfs_csi::proto::{GetPluginCapabilitiesRequest, GetPluginInfoRequest, ProbeRequest};
 use cloudfs_csi::{DRIVER_NAME, server};
+use cloudfs_metrics::{encode, prometheus::Registry};
 use tonic::service::Routes;
 use tonic::transport::Channel;
 
@@ -53,8 +55,10 @@ async fn identity_answers_on_the_socket_and_probe_follows_readiness() {
     let routes = Routes::new(IdentityServer::new(IdentityService::new(ready.clone())));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let endpoint = format!("unix://{}", socket.display());
+    let registry = Registry::new();
+    let rpc_metrics = RpcMetrics::register(&registry).expect("metrics");
     let server = tokio::spawn(async move {
-        server::serve(&endpoint, routes, async {
+        server::serve(&endpoint, routes, rpc_metrics, async {
             let _ = stopped.await;
         })
         .await
@@ -93,6 +97,15 @@ async fn identity_answers_on_the_socket_and_probe_follows_readiness() {
     assert_eq!(probe(&mut client).await, Some(false), "not ready yet");
     ready.0.store(true, Ordering::SeqCst);
     assert_eq!(probe(&mut client).await, Some(true));
+
+    let metrics = encode(&registry.gather());
+    for counted in [
+        r#"cloudfs_csi_requests_total{code="Ok",method="GetPluginInfo"} 1"#,
+        r#"cloudfs_csi_requests_total{code="Ok",method="Probe"} 2"#,
+        r#"cloudfs_csi_request_duration_seconds_count{method="Probe"} 2"#,
+    ] {
+        assert!(metrics.contains(counted), "{counted} in\n{metrics}");
+    }
 
     stop.send(()).expect("stop");
     server

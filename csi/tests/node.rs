@@ -2,7 +2,8 @@
 //! pool: one volume published at two target paths (one read-only) shares one mount; the
 //! service is replaced by a fresh one (a plugin restart) while the mounts keep serving, and
 //! the new one unpublishes both; a mount whose process died is reported abnormal and still
-//! unpublished; bad requests get the right codes. Needs root and the `cloudfs` binary
+//! unpublished; mount flags and the volume context shape the mounts; bad requests get the
+//! right codes. Needs root and the `cloudfs` binary
 //! (`cargo build -p cloudfs`, which `cargo test --workspace` does).
 
 use std::path::{Path, PathBuf};
@@ -12,7 +13,7 @@ use cloudfs_csi::node::NodeService;
 use cloudfs_csi::process_mounter::ProcessMounter;
 use cloudfs_csi::proto::node_server::Node;
 use cloudfs_csi::proto::volume_capability::access_mode::Mode;
-use cloudfs_csi::proto::volume_capability::{AccessMode, AccessType, BlockVolume};
+use cloudfs_csi::proto::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
 use cloudfs_csi::proto::volume_usage::Unit;
 use cloudfs_csi::proto::{NodeGetVolumeStatsRequest, VolumeCapability};
 use support::{Cleanup, capability, is_mounted, publish, unpublish};
@@ -126,6 +127,104 @@ async fn a_volume_published_twice_shares_one_mount_that_outlives_the_service() {
         .expect("unpublish a broken mount");
     assert!(!writer.exists(), "the broken target is removed");
     assert!(!is_mounted(&shared), "the dead mount is detached");
+}
+
+/// The command line of the process serving the mount at `mountpoint`.
+fn mount_process_args(mountpoint: &Path) -> Vec<String> {
+    let wanted = mountpoint.display().to_string();
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(Result::ok)
+        .filter_map(|entry| std::fs::read(entry.path().join("cmdline")).ok())
+        .map(|cmdline| {
+            cmdline
+                .split(|b| *b == 0)
+                .map(|arg| String::from_utf8_lossy(arg).into_owned())
+                .collect::<Vec<_>>()
+        })
+        .find(|args| args.iter().any(|a| a == "mount") && args.contains(&wanted))
+        .expect("the mount process")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mount_flags_and_the_volume_context_shape_the_mounts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _cleanup = Cleanup(dir.path().to_path_buf());
+    let volume_id = support::formatted_volume(&cloudfs_binary(), dir.path());
+    let node = NodeService::new(
+        "node-1".into(),
+        dir.path().join("state"),
+        ProcessMounter::new(cloudfs_binary(), dir.path().join("run")),
+    );
+    let target = dir.path().join("pod/vol");
+    let mut request = publish(&volume_id, &target, false);
+    request.volume_capability = Some(VolumeCapability {
+        access_type: Some(AccessType::Mount(MountVolume {
+            mount_flags: vec!["noexec,nosuid".into(), "nodev".into()],
+            ..MountVolume::default()
+        })),
+        access_mode: Some(AccessMode {
+            mode: Mode::SingleNodeWriter.into(),
+        }),
+    });
+    request.volume_context = [
+        ("cacheSize", "64MiB"),
+        ("fuseThreads", "4"),
+        ("syncInterval", "2s"),
+        ("csi.storage.k8s.io/pod.name", "app-0"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    node.node_publish_volume(Request::new(request.clone()))
+        .await
+        .expect("publish");
+
+    let table = cloudfs_csi::mounts::mount_table().expect("mountinfo");
+    let bound = cloudfs_csi::mounts::mount_at(&table, &target).expect("the pod's mount");
+    for flag in ["noexec", "nosuid", "nodev", "rw"] {
+        assert!(bound.options.iter().any(|o| o == flag), "{flag}: {bound:?}");
+    }
+    let shared =
+        node.shared_mountpoint(&cloudfs_csi::volume_id::VolumeId::parse(&volume_id).expect("id"));
+    let args = mount_process_args(&shared).join(" ");
+    for option in ["--cache-size 67108864", "--threads 4", "--sync-interval 2"] {
+        assert!(args.contains(option), "{option} in {args}");
+    }
+    std::fs::write(target.join("file"), b"data").expect("the mount works");
+
+    // Bad flags and options are refused before anything is mounted.
+    let other = dir.path().join("pod-2/vol");
+    let mut bad_flag = publish(&volume_id, &other, false);
+    if let Some(AccessType::Mount(mount)) = bad_flag
+        .volume_capability
+        .as_mut()
+        .and_then(|c| c.access_type.as_mut())
+    {
+        mount.mount_flags = vec!["sync".into()];
+    }
+    let status = node
+        .node_publish_volume(Request::new(bad_flag))
+        .await
+        .expect_err("an unsupported flag");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("sync"), "{status:?}");
+    let mut bad_context = publish(&volume_id, &other, false);
+    bad_context.volume_context = [("cacheSize".to_owned(), "lots".to_owned())].into();
+    let status = node
+        .node_publish_volume(Request::new(bad_context))
+        .await
+        .expect_err("a bad cache size");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        !other.exists(),
+        "nothing was made for the refused publishes"
+    );
+
+    node.node_unpublish_volume(Request::new(unpublish(&volume_id, &target)))
+        .await
+        .expect("unpublish");
+    assert!(!is_mounted(&shared), "the mount stopped");
 }
 
 #[tokio::test]

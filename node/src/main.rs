@@ -4,10 +4,12 @@
 //! mounts in the kernel's mount table).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Parser;
 use cloudfs_csi::identity::{IdentityService, Readiness};
+use cloudfs_csi::metrics::{NodeExposition, RpcMetrics};
 use cloudfs_csi::node::NodeService;
 use cloudfs_csi::process_mounter::ProcessMounter;
 use cloudfs_csi::proto::identity_server::IdentityServer;
@@ -32,6 +34,10 @@ struct Args {
     /// `cloudfs` on the PATH].
     #[arg(long, env = "CLOUDFS_BIN")]
     cloudfs: Option<PathBuf>,
+    /// Where to serve Prometheus metrics (this plugin's calls, and the metrics of every
+    /// mount process it started): HOST:PORT, :PORT or unix:/path.
+    #[arg(long, env = "CLOUDFS_METRICS_ADDR", default_value = ":9810")]
+    metrics_addr: cloudfs_metrics::Endpoint,
 }
 
 /// Ready once the `cloudfs` binary that serves mounts is there to run.
@@ -72,6 +78,10 @@ async fn main() -> Result<()> {
             .trim()
             .to_owned(),
     };
+    let registry = cloudfs_metrics::prometheus::Registry::new();
+    let rpc_metrics = RpcMetrics::register(&registry)?;
+    let exposition = NodeExposition::new(registry, args.state_dir.join("volumes"))?;
+    let _metrics = cloudfs_metrics::start(&args.metrics_addr, Arc::new(exposition)).await?;
     let cloudfs = args.cloudfs.unwrap_or_else(default_cloudfs);
     let mounter = ProcessMounter::new(cloudfs.clone(), args.state_dir.join("run"));
     let routes = Routes::new(IdentityServer::new(IdentityService::new(BinaryReadiness(
@@ -82,6 +92,6 @@ async fn main() -> Result<()> {
         args.state_dir,
         mounter,
     )));
-    server::serve(&args.endpoint, routes, server::stop_signal()).await?;
+    server::serve(&args.endpoint, routes, rpc_metrics, server::stop_signal()).await?;
     Ok(())
 }

@@ -25,6 +25,29 @@ fn cloudfs() -> PathBuf {
     support::cloudfs_binary(Path::new(NODE))
 }
 
+fn metrics_socket(dir: &Path) -> PathBuf {
+    dir.join("node-metrics.sock")
+}
+
+/// What the plugin's `/metrics` says now.
+async fn node_metrics(dir: &Path) -> String {
+    cloudfs_metrics::scrape(&metrics_socket(dir), Duration::from_secs(10))
+        .await
+        .expect("the node plugin's metrics")
+}
+
+/// The value of the first series of metric `name` whose labels include all of `labels`.
+fn value(metrics: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    metrics
+        .lines()
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(['{', ' ']))
+        })
+        .find(|line| labels.iter().all(|label| line.contains(label)))
+        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+}
+
 /// A running `cloudfs-node`, killed when dropped.
 struct Plugin(Child);
 
@@ -38,6 +61,8 @@ impl Plugin {
             .arg(dir.join("state"))
             .arg("--cloudfs")
             .arg(cloudfs())
+            .arg("--metrics-addr")
+            .arg(format!("unix:{}", metrics_socket(dir).display()))
             .stdin(Stdio::null())
             .spawn()
             .expect("start cloudfs-node");
@@ -119,6 +144,32 @@ async fn mounts_keep_serving_across_a_plugin_restart_and_the_new_plugin_unpublis
         b"written through a"
     );
 
+    // The plugin's metrics: its calls, and the mount process's file-system work.
+    let metrics = node_metrics(dir.path()).await;
+    let publishes = r#"method="NodePublishVolume""#;
+    assert_eq!(
+        value(
+            &metrics,
+            "cloudfs_csi_requests_total",
+            &[publishes, r#"code="Ok""#]
+        ),
+        Some(2.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        value(&metrics, "cloudfs_node_mount_processes", &[]),
+        Some(1.0)
+    );
+    let written = |metrics: &str| {
+        value(
+            metrics,
+            "cloudfs_fs_written_bytes_total",
+            &[r#"volume="vol""#],
+        )
+        .unwrap_or(0.0)
+    };
+    assert_eq!(written(&metrics), 17.0, "{metrics}");
+
     // The plugin dies; the pods' mounts do not.
     plugin.signal(libc::SIGKILL);
     plugin.wait();
@@ -128,9 +179,16 @@ async fn mounts_keep_serving_across_a_plugin_restart_and_the_new_plugin_unpublis
         b"while the plugin is down"
     );
 
-    // A new plugin takes over and unpublishes what the old one published.
+    // A new plugin takes over, shows the mount's metrics again and unpublishes what the
+    // old one published.
     let mut plugin = Plugin::start(dir.path());
     let mut node = NodeClient::new(ready_channel(dir.path()).await);
+    let metrics = node_metrics(dir.path()).await;
+    assert_eq!(written(&metrics), 17.0 + 24.0, "{metrics}");
+    assert_eq!(
+        value(&metrics, "cloudfs_csi_requests_total", &[publishes]),
+        None
+    );
     node.node_unpublish_volume(unpublish(&volume_id, &a))
         .await
         .expect("unpublish a");

@@ -43,6 +43,22 @@ pub(crate) fn transient_status(status: u16) -> bool {
 }
 
 impl SwiftError {
+    /// A short, stable name of the kind of error (for metrics labels).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SwiftError::NotFound(_) => "not_found",
+            SwiftError::Unauthorized(_) => "unauthorized",
+            SwiftError::PreconditionFailed(_) => "precondition_failed",
+            SwiftError::Throttled { .. } => "throttled",
+            SwiftError::Http { .. } => "http",
+            SwiftError::Transport { .. } => "transport",
+            SwiftError::TimedOut { .. } => "timed_out",
+            SwiftError::Auth(_) => "auth",
+            SwiftError::Config(_) => "config",
+            SwiftError::BadResponse { .. } => "bad_response",
+        }
+    }
+
     /// Whether trying again later may succeed (an unreachable or overloaded server).
     pub(crate) fn is_transient(&self) -> bool {
         match self {

@@ -62,10 +62,11 @@ fi
 printf 'pool: "%s"\n' "$pool" >"$work/parameters.yaml"
 
 "$bin/cloudfs-node" --endpoint "unix://$work/node.sock" --node-id sanity-node \
-  --state-dir "$work/state" --cloudfs "$bin/cloudfs" 2>"$work/node.log" &
+  --state-dir "$work/state" --cloudfs "$bin/cloudfs" \
+  --metrics-addr "unix:$work/node-metrics.sock" 2>"$work/node.log" &
 pids+=($!)
 "$bin/cloudfs-controller" --endpoint "unix://$work/controller.sock" --pool "$pool" \
-  2>"$work/controller.log" &
+  --metrics-addr "unix:$work/controller-metrics.sock" 2>"$work/controller.log" &
 pids+=($!)
 for _ in $(seq 100); do
   [ -S "$work/node.sock" ] && [ -S "$work/controller.sock" ] && break
@@ -83,6 +84,15 @@ status=0
   --csi.testvolumesize 1073741824 \
   -ginkgo.no-color \
   "${extra[@]}" || status=$?
+# The calls csi-sanity made are counted on each plugin's /metrics.
+for check in node:NodePublishVolume controller:CreateVolume; do
+  plugin=${check%%:*} method=${check#*:}
+  if ! curl -sf --unix-socket "$work/$plugin-metrics.sock" http://localhost/metrics |
+    grep -q "^cloudfs_csi_requests_total{.*method=\"$method\"}"; then
+    echo "sanity.sh: the /metrics of cloudfs-$plugin does not count its $method calls" >&2
+    status=1
+  fi
+done
 if ((status)); then
   echo "--- cloudfs-node log (tail)"; tail -n 30 "$work/node.log"
   echo "--- cloudfs-controller log (tail)"; tail -n 30 "$work/controller.log"

@@ -50,26 +50,35 @@ pub type FsResult<T> = Result<T, FsError>;
 impl FsError {
     /// The errno a caller of the file system sees.
     pub fn errno(&self) -> i32 {
+        self.errno_and_name().0
+    }
+
+    /// The errno's symbolic name (`ENOENT`), for metrics labels.
+    pub fn errno_name(&self) -> &'static str {
+        self.errno_and_name().1
+    }
+
+    fn errno_and_name(&self) -> (i32, &'static str) {
         match self {
-            FsError::NotFound => libc::ENOENT,
-            FsError::Exists => libc::EEXIST,
-            FsError::NotDir => libc::ENOTDIR,
-            FsError::IsDir => libc::EISDIR,
-            FsError::NotEmpty => libc::ENOTEMPTY,
-            FsError::Invalid(_) => libc::EINVAL,
-            FsError::NameTooLong => libc::ENAMETOOLONG,
-            FsError::ReadOnly => libc::EROFS,
-            FsError::NotPermitted => libc::EPERM,
-            FsError::NoAttribute => libc::ENODATA,
-            FsError::Range => libc::ERANGE,
-            FsError::TooBig => libc::E2BIG,
-            FsError::BadHandle => libc::EBADF,
-            FsError::FileTooLarge => libc::EFBIG,
-            FsError::NoSpace => libc::ENOSPC,
+            FsError::NotFound => (libc::ENOENT, "ENOENT"),
+            FsError::Exists => (libc::EEXIST, "EEXIST"),
+            FsError::NotDir => (libc::ENOTDIR, "ENOTDIR"),
+            FsError::IsDir => (libc::EISDIR, "EISDIR"),
+            FsError::NotEmpty => (libc::ENOTEMPTY, "ENOTEMPTY"),
+            FsError::Invalid(_) => (libc::EINVAL, "EINVAL"),
+            FsError::NameTooLong => (libc::ENAMETOOLONG, "ENAMETOOLONG"),
+            FsError::ReadOnly => (libc::EROFS, "EROFS"),
+            FsError::NotPermitted => (libc::EPERM, "EPERM"),
+            FsError::NoAttribute => (libc::ENODATA, "ENODATA"),
+            FsError::Range => (libc::ERANGE, "ERANGE"),
+            FsError::TooBig => (libc::E2BIG, "E2BIG"),
+            FsError::BadHandle => (libc::EBADF, "EBADF"),
+            FsError::FileTooLarge => (libc::EFBIG, "EFBIG"),
+            FsError::NoSpace => (libc::ENOSPC, "ENOSPC"),
             FsError::Meta(_)
             | FsError::Blocks(_)
             | FsError::Staging(_)
-            | FsError::Replication(_) => libc::EIO,
+            | FsError::Replication(_) => (libc::EIO, "EIO"),
         }
     }
 

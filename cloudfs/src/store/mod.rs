@@ -49,6 +49,21 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// A short, stable name of the kind of error (for metrics labels).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreError::NotFound(_) => "not_found",
+            StoreError::InvalidKey(_) => "invalid_key",
+            StoreError::Io { .. } => "io",
+            StoreError::Unavailable(_) => "unavailable",
+            StoreError::InvalidUrl { .. } => "invalid_url",
+            StoreError::Unauthorized(_) => "unauthorized",
+            StoreError::Config(_) => "config",
+            StoreError::Unsupported(_) => "unsupported",
+            StoreError::Swift(e) => e.kind(),
+        }
+    }
+
     pub(crate) fn io(key: &str, source: std::io::Error) -> Self {
         StoreError::Io {
             key: key.to_owned(),
