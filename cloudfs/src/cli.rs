@@ -12,6 +12,7 @@ use cloudfs::cas::{BlockCache, BlockStore};
 use cloudfs::control::{self, Reply, Request};
 use cloudfs::gc;
 use cloudfs::inspect;
+use cloudfs::mailbox;
 use cloudfs::mount::{self, EngineConfig, MountConfig};
 use cloudfs::snapshot::{self, SnapshotInfo};
 use cloudfs::store::{ObjectStore, StoreUrl};
@@ -92,10 +93,11 @@ enum Commands {
         #[command(subcommand)]
         action: SnapshotCommand,
     },
-    /// Roll a volume back to one of its snapshots. A volume mounted read-write on this
-    /// machine switches in place, through its mount; an unmounted one is rolled back in the
-    /// store (fails while it is mounted read-write elsewhere). The state it replaces is kept
-    /// as the snapshot pre-rollback-<unix time> until deleted.
+    /// Roll a volume back to one of its snapshots. A volume mounted read-write switches in
+    /// place, through its mount (on this machine over the control socket, on another
+    /// through requests left in the store, which the mount answers within seconds); an
+    /// unmounted one is rolled back in the store. The state it replaces is kept as the
+    /// snapshot pre-rollback-<unix time> until deleted.
     Rollback {
         store: String,
         volume: String,
@@ -148,6 +150,10 @@ enum Commands {
         /// cache directory].
         #[arg(long)]
         state_dir: Option<PathBuf>,
+        /// Also keep the outcome (the report, or the error) in the pool as
+        /// gc-reports/NAME.json, for whoever started the run without seeing its output.
+        #[arg(long, value_name = "NAME")]
+        report_as: Option<String>,
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
@@ -211,10 +217,10 @@ enum ExportCommand {
 
 #[derive(Debug, Subcommand)]
 enum SnapshotCommand {
-    /// Pin the volume's state under NAME. A volume mounted read-write on this machine is
-    /// snapshotted by its mount at one instant (changes in flight finish first, new ones wait
-    /// meanwhile); otherwise its newest replicated state is pinned (of a volume mounted
-    /// elsewhere: as of that mount's last metadata sync).
+    /// Pin the volume's state under NAME. A volume mounted read-write is snapshotted by its
+    /// mount at one instant (changes in flight finish first, new ones wait meanwhile),
+    /// reached over the control socket on this machine or through the store from any other;
+    /// an unmounted volume's newest replicated state is pinned.
     Create {
         store: String,
         volume: String,
@@ -523,13 +529,15 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 Some(Reply::Rollback(report)) => report,
                 Some(other) => return unexpected_reply(other),
                 None => {
+                    // A mount on another machine is asked through the store.
                     let off = Offline::open(&store, credentials)?;
-                    off.rt.block_on(snapshot::rollback(
+                    off.rt.block_on(mailbox::rollback(
                         off.store.as_ref(),
                         &off.blocks,
                         &volume,
                         &name,
                         off.scratch.path(),
+                        mailbox::ANSWER_TIMEOUT,
                     ))?
                 }
             };
@@ -565,6 +573,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             grace,
             dry_run,
             state_dir,
+            report_as,
             json,
         } => {
             if grace < gc::SAFE_GRACE {
@@ -584,9 +593,15 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 dry_run,
                 state_dir,
             };
-            let report = off
+            let collected = off
                 .rt
-                .block_on(gc::collect(off.store.as_ref(), &off.blocks, &options))?;
+                .block_on(gc::collect(off.store.as_ref(), &off.blocks, &options));
+            if let Some(name) = &report_as {
+                let outcome = collected.as_ref().map_err(ToString::to_string);
+                off.rt
+                    .block_on(gc::store_outcome(off.store.as_ref(), name, outcome))?;
+            }
+            let report = collected?;
             print_report(json, &report, |r| {
                 let verb = if r.dry_run { "would delete" } else { "deleted" };
                 println!(
@@ -945,13 +960,15 @@ fn snapshot_command(
                 Some(Reply::Snapshot(info)) => info,
                 Some(other) => return unexpected_reply(other),
                 None => {
+                    // A mount on another machine is asked through the store.
                     let off = Offline::open(&store, credentials)?;
-                    let create = snapshot::create(
+                    let create = mailbox::snapshot(
                         off.store.as_ref(),
                         &off.blocks,
                         &volume,
                         &name,
                         off.scratch.path(),
+                        mailbox::ANSWER_TIMEOUT,
                     );
                     off.rt.block_on(create)?
                 }

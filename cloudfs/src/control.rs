@@ -39,6 +39,22 @@ pub enum ControlError {
     },
     #[error("the mount answered {0:?}")]
     BadReply(String),
+    #[error("the mount refused: {0}")]
+    Refused(String),
+    #[error("the mount of volume {volume} did not answer within {secs}s")]
+    NoAnswer { volume: String, secs: u64 },
+}
+
+impl From<crate::store::StoreError> for ControlError {
+    fn from(e: crate::store::StoreError) -> ControlError {
+        ControlError::Volume(VolumeError::from(e))
+    }
+}
+
+impl From<io::Error> for ControlError {
+    fn from(e: io::Error) -> ControlError {
+        ControlError::Volume(VolumeError::from(e))
+    }
 }
 
 /// Where the mount of `volume` in `store` listens.
@@ -78,16 +94,28 @@ pub enum Reply {
     Error(String),
 }
 
-/// The mounted volume the socket acts on.
+/// The mounted volume the socket (and the store's mailbox) acts on.
 pub struct LiveVolume {
     pub fs: Arc<Fs>,
     pub sync: Arc<VolumeSync>,
     pub volume: String,
     /// Where a snapshot's database is rebuilt for a rollback.
     pub work_dir: PathBuf,
+    /// One request at a time, from whichever channel.
+    serial: std::sync::Mutex<()>,
 }
 
 impl LiveVolume {
+    pub fn new(fs: Arc<Fs>, sync: Arc<VolumeSync>, volume: String, work_dir: PathBuf) -> Self {
+        LiveVolume {
+            fs,
+            sync,
+            volume,
+            work_dir,
+            serial: std::sync::Mutex::new(()),
+        }
+    }
+
     /// Pins the volume as it is at one instant: every write that returned before is in it,
     /// none that started after.
     pub fn snapshot(&self, name: &str) -> Result<SnapshotInfo, ControlError> {
@@ -152,7 +180,8 @@ impl LiveVolume {
         result
     }
 
-    fn handle(&self, request: Request) -> Reply {
+    pub(crate) fn handle(&self, request: Request) -> Reply {
+        let _serial = crate::fs::lock(&self.serial);
         let result = match &request {
             Request::Snapshot { name } => self.snapshot(name).map(Reply::Snapshot),
             Request::Rollback { snapshot } => self.rollback(snapshot).map(Reply::Rollback),
@@ -181,7 +210,7 @@ impl Drop for ControlSocket {
 }
 
 /// Serves `live` on `path` from a thread of its own, one request at a time.
-pub fn serve(path: PathBuf, live: LiveVolume) -> io::Result<ControlSocket> {
+pub fn serve(path: PathBuf, live: Arc<LiveVolume>) -> io::Result<ControlSocket> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }

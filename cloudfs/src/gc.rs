@@ -119,6 +119,59 @@ pub struct GcReport {
     pub seconds: f64,
 }
 
+/// How a run named with `cloudfs gc --report-as` ended, kept in the pool for whoever
+/// started it (the operator's collection Jobs, whose output it may not be able to read).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredOutcome {
+    /// Seconds since the Unix epoch when the run ended.
+    pub finished_at: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<GcReport>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+fn outcome_key(name: &str) -> String {
+    format!("gc-reports/{name}.json")
+}
+
+/// Keeps the outcome of run `name` in the pool.
+pub async fn store_outcome(
+    store: &dyn ObjectStore,
+    name: &str,
+    outcome: Result<&GcReport, String>,
+) -> GcResult<()> {
+    volume::validate_name(name)?;
+    let (report, error) = match outcome {
+        Ok(report) => (Some(report.clone()), None),
+        Err(error) => (None, Some(error)),
+    };
+    let stored = StoredOutcome {
+        finished_at: unix_now_secs(),
+        report,
+        error,
+    };
+    let json = serde_json::to_vec_pretty(&stored).map_err(io::Error::other)?;
+    store.put(&outcome_key(name), json.into()).await?;
+    Ok(())
+}
+
+/// The outcome of run `name`, once it has ended.
+pub async fn read_outcome(store: &dyn ObjectStore, name: &str) -> GcResult<Option<StoredOutcome>> {
+    volume::validate_name(name)?;
+    match store.get(&outcome_key(name), None).await {
+        Ok(raw) => Ok(serde_json::from_slice(&raw).ok()),
+        Err(StoreError::NotFound(_)) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Forgets the outcome of run `name` (when its record is pruned).
+pub async fn delete_outcome(store: &dyn ObjectStore, name: &str) -> GcResult<()> {
+    volume::validate_name(name)?;
+    Ok(store.delete(&outcome_key(name)).await?)
+}
+
 /// The mark set and the run's progress, in `<state_dir>/marks.db`; or a throwaway mark set
 /// (`scratch.db`, for dry runs and `fsck`) that always starts afresh and is not kept.
 struct State {

@@ -294,7 +294,7 @@ async fn verify_blocks(
     while let Some(checked) = checks.next().await {
         let (hash, damaged) = checked?;
         report.verified_blocks += 1;
-        if report.verified_blocks % 1000 == 0 {
+        if report.verified_blocks.is_multiple_of(1000) {
             tracing::info!(verified = report.verified_blocks, total, "verifying blocks");
         }
         let Some(data) = damaged else { continue };

@@ -58,6 +58,56 @@ async fn read_json<T: for<'de> Deserialize<'de>>(
     }
 }
 
+/// Who holds a volume's lease now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveHolder {
+    pub holder: String,
+    /// Seconds until the lease expires unless renewed.
+    pub expires_in_secs: u64,
+}
+
+/// The newest epoch of `volume`'s lease, and its holder while it is held.
+async fn newest_epoch(
+    store: &dyn ObjectStore,
+    volume: &str,
+) -> VolumeResult<(Option<u64>, Option<LiveHolder>)> {
+    let mut newest: Option<u64> = None;
+    for object in list_all(store, &lease_prefix(volume)).await? {
+        let name = &object.key[lease_prefix(volume).len()..];
+        if let Ok(epoch) = name.parse::<u64>() {
+            newest = newest.max(Some(epoch));
+        }
+    }
+    let Some(epoch) = newest else {
+        return Ok((None, None));
+    };
+    let record: Option<LeaseRecord> = read_json(store, &record_key(volume, epoch)).await?;
+    let renewal: Option<Renewal> = read_json(store, &renewal_key(volume, epoch)).await?;
+    let Some(record) = record else {
+        return Ok((newest, None));
+    };
+    let released = renewal.as_ref().is_some_and(|r| r.released);
+    let last = renewal.map_or(record.acquired_at_ns, |r| {
+        r.renewed_at_ns.max(record.acquired_at_ns)
+    });
+    let expires = last + Duration::from_secs(record.ttl_secs).as_nanos() as i64;
+    let now = now_ns();
+    let live = (!released && now < expires).then(|| LiveHolder {
+        holder: record.holder,
+        expires_in_secs: ((expires - now) / 1_000_000_000).max(1) as u64,
+    });
+    Ok((newest, live))
+}
+
+/// Who holds the lease of `volume` now (a read-write mount, or an offline operation), if
+/// anyone.
+pub async fn live_holder(
+    store: &dyn ObjectStore,
+    volume: &str,
+) -> VolumeResult<Option<LiveHolder>> {
+    Ok(newest_epoch(store, volume).await?.1)
+}
+
 /// A lease this process holds.
 #[derive(Debug)]
 pub struct StoreLease {
@@ -83,31 +133,13 @@ impl StoreLease {
         holder: &str,
         ttl: Duration,
     ) -> VolumeResult<StoreLease> {
-        let mut newest: Option<u64> = None;
-        for object in list_all(store, &lease_prefix(volume)).await? {
-            let name = &object.key[lease_prefix(volume).len()..];
-            if let Ok(epoch) = name.parse::<u64>() {
-                newest = newest.max(Some(epoch));
-            }
-        }
-        if let Some(epoch) = newest {
-            let record: Option<LeaseRecord> = read_json(store, &record_key(volume, epoch)).await?;
-            let renewal: Option<Renewal> = read_json(store, &renewal_key(volume, epoch)).await?;
-            if let Some(record) = record {
-                let released = renewal.as_ref().is_some_and(|r| r.released);
-                let last = renewal.map_or(record.acquired_at_ns, |r| {
-                    r.renewed_at_ns.max(record.acquired_at_ns)
-                });
-                let expires = last + Duration::from_secs(record.ttl_secs).as_nanos() as i64;
-                let now = now_ns();
-                if !released && now < expires {
-                    return Err(VolumeError::LeaseHeld {
-                        volume: volume.to_owned(),
-                        holder: record.holder,
-                        expires_in_secs: ((expires - now) / 1_000_000_000).max(1) as u64,
-                    });
-                }
-            }
+        let (newest, live) = newest_epoch(store, volume).await?;
+        if let Some(live) = live {
+            return Err(VolumeError::LeaseHeld {
+                volume: volume.to_owned(),
+                holder: live.holder,
+                expires_in_secs: live.expires_in_secs,
+            });
         }
         let floor = latest_generation_epoch(store, volume).await?.unwrap_or(0);
         let epoch = newest.unwrap_or(0).max(floor) + 1;

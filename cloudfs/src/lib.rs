@@ -3,7 +3,7 @@
 //!
 //! Layers, bottom up: [`store`] (the `ObjectStore` seam and its implementations), [`meta`]
 //! (the SQLite inode table), [`cas`] (blocks: naming, dedup, cache), [`fs`] (POSIX operations),
-//! [`fuse`] (the kernel adapter), [`volume`] (format, open, metadata replication), [`lease`] (one writer per volume), [`mount`]
+//! [`fuse`] (the kernel adapter), [`volume`] (format, open, metadata replication), [`lease`] (one writer per volume), [`control`] and [`mailbox`] (operations on a mounted volume, from its machine or any other), [`mount`]
 //! (a mount process's life), [`metrics`] (what a mount measures), [`inspect`] (`stat`, `fsck`), [`snapshot`], [`gc`] and [`tar`] (server-side
 //! exports).
 
@@ -14,6 +14,7 @@ pub mod fuse;
 pub mod gc;
 pub mod inspect;
 pub mod lease;
+pub mod mailbox;
 pub mod meta;
 pub mod metrics;
 pub mod mount;

@@ -18,6 +18,7 @@ use crate::control::{self, LiveVolume};
 use crate::fs::{Fs, FsConfig, FsError, MetadataSync};
 use crate::fuse::FuseFs;
 use crate::lease::{StoreLease, holder_id};
+use crate::mailbox;
 use crate::metrics::{EngineMetrics, MeteredStore};
 use crate::store::{ObjectStore, StoreError, StoreUrl};
 use crate::volume::{self, Replicator, VolumeError, VolumeSync};
@@ -104,12 +105,13 @@ fn unescape_mountinfo(field: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 3 < bytes.len() {
-            if let Ok(v) = u8::from_str_radix(&field[i + 1..i + 4], 8) {
-                out.push(v);
-                i += 4;
-                continue;
-            }
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && let Ok(v) = u8::from_str_radix(&field[i + 1..i + 4], 8)
+        {
+            out.push(v);
+            i += 4;
+            continue;
         }
         out.push(bytes[i]);
         i += 1;
@@ -423,16 +425,18 @@ pub fn run(
         .and_then(fuser::Session::spawn)
         .map_err(io_err(format!("mounting {}", mountpoint.display())))?;
     fs::create_dir_all(&config.run_dir).map_err(io_err("creating the run directory"))?;
-    let _control = match &engine.volume_sync {
-        Some(sync) => {
+    let live = engine.volume_sync.as_ref().map(|sync| {
+        Arc::new(LiveVolume::new(
+            fs.clone(),
+            sync.clone(),
+            config.volume.clone(),
+            config.engine.cache_dir.join("meta"),
+        ))
+    });
+    let _control = match &live {
+        Some(live) => {
             let path = control::socket_path(&config.run_dir, &config.store, &config.volume);
-            let live = LiveVolume {
-                fs: fs.clone(),
-                sync: sync.clone(),
-                volume: config.volume.clone(),
-                work_dir: config.engine.cache_dir.join("meta"),
-            };
-            Some(control::serve(path, live).map_err(io_err("opening the control socket"))?)
+            Some(control::serve(path, live.clone()).map_err(io_err("opening the control socket"))?)
         }
         None => None,
     };
@@ -453,8 +457,19 @@ pub fn run(
     }
     let mut last_sync = Instant::now();
     let mut last_quota_check = Instant::now();
+    let mut last_mailbox_check = Instant::now();
     while !stop.load(Ordering::Acquire) && !session.guard.is_finished() {
         std::thread::sleep(Duration::from_millis(100));
+        if let Some(live) = &live
+            && last_mailbox_check.elapsed() >= mailbox::POLL_INTERVAL
+        {
+            // Snapshots and rollbacks asked for from other machines (the CSI controller,
+            // the operator).
+            if let Err(e) = mailbox::answer_pending(live) {
+                tracing::warn!(error = %e, "could not answer requests left in the store; will retry");
+            }
+            last_mailbox_check = Instant::now();
+        }
         if let Some(sync) = &engine.volume_sync
             && last_quota_check.elapsed() >= QUOTA_CHECK_INTERVAL
         {
@@ -478,11 +493,11 @@ pub fn run(
     }
     tracing::info!("unmounting: flushing to the store");
     let flushed = fs.sync_all();
-    if !session.guard.is_finished() {
-        if let Err(e) = session.umount_and_join() {
-            tracing::warn!(error = %e, "unmount failed; detaching the mount");
-            lazy_unmount(&mountpoint);
-        }
+    if !session.guard.is_finished()
+        && let Err(e) = session.umount_and_join()
+    {
+        tracing::warn!(error = %e, "unmount failed; detaching the mount");
+        lazy_unmount(&mountpoint);
     }
     let _ = fs::remove_file(&pid_path);
     flushed?;

@@ -209,10 +209,10 @@ impl Authenticator {
     /// A valid token, fetching a new one when there is none or it is about to expire.
     pub(crate) async fn token(&self, http: &reqwest::Client) -> SwiftResult<Token> {
         let mut current = self.current.lock().await;
-        if let Some(token) = current.as_ref() {
-            if token.refresh_at.is_none_or(|at| Instant::now() < at) {
-                return Ok(token.clone());
-            }
+        if let Some(token) = current.as_ref()
+            && token.refresh_at.is_none_or(|at| Instant::now() < at)
+        {
+            return Ok(token.clone());
         }
         let mut fresh = self.authenticate(http).await?;
         if current.as_ref().is_some_and(|old| old.value == fresh.value) {

@@ -420,15 +420,15 @@ impl Fs {
             drop(permit);
             // Never wait for the lock on an I/O thread: a flush holding it waits for I/O.
             // Without it the flush simply uploads the block itself.
-            if let Ok(mut staged) = state.staged.try_lock() {
-                if let Some(block) = staged.get_mut(&idx).filter(|b| b.version == version) {
-                    block.uploaded = Some(Uploaded {
-                        version,
-                        len,
-                        hash,
-                        at: Instant::now(),
-                    });
-                }
+            if let Ok(mut staged) = state.staged.try_lock()
+                && let Some(block) = staged.get_mut(&idx).filter(|b| b.version == version)
+            {
+                block.uploaded = Some(Uploaded {
+                    version,
+                    len,
+                    hash,
+                    at: Instant::now(),
+                });
             }
         });
         Ok(())
@@ -628,20 +628,20 @@ impl Fs {
             self.flush_file(ino)
         };
         let state = lock(&self.files).get(&ino).cloned();
-        if let Some(state) = state {
-            if state.opens.fetch_sub(1, Ordering::AcqRel) == 1 {
-                let unlinked = self
-                    .meta
-                    .read(|c| meta::get_inode(c, ino))?
-                    .is_some_and(|i| i.nlink == 0);
-                if unlinked && !self.config.read_only {
-                    self.meta.write(|tx| meta::delete_inode(tx, ino))?;
-                    self.forget_file(ino);
-                } else if state.size.load(Ordering::Acquire) == CLEAN {
-                    let mut files = lock(&self.files);
-                    if state.opens.load(Ordering::Acquire) == 0 {
-                        files.remove(&ino);
-                    }
+        if let Some(state) = state
+            && state.opens.fetch_sub(1, Ordering::AcqRel) == 1
+        {
+            let unlinked = self
+                .meta
+                .read(|c| meta::get_inode(c, ino))?
+                .is_some_and(|i| i.nlink == 0);
+            if unlinked && !self.config.read_only {
+                self.meta.write(|tx| meta::delete_inode(tx, ino))?;
+                self.forget_file(ino);
+            } else if state.size.load(Ordering::Acquire) == CLEAN {
+                let mut files = lock(&self.files);
+                if state.opens.load(Ordering::Acquire) == 0 {
+                    files.remove(&ino);
                 }
             }
         }

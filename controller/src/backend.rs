@@ -1,0 +1,302 @@
+//! The [`VolumeBackend`] that carries out the CSI Controller service on the engine (format,
+//! clone, quota, snapshots, delete), pool by pool.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cloudfs::cas::{BlockCache, BlockStore};
+use cloudfs::control::ControlError;
+use cloudfs::mailbox;
+use cloudfs::snapshot::{self, SnapshotInfo};
+use cloudfs::store::{ObjectStore, StoreError, StoreUrl};
+use cloudfs::volume::{self, VolumeError};
+use cloudfs_csi::controller::{BackendError, Origin, Secrets, SnapshotRecord, VolumeBackend};
+use cloudfs_csi::volume_id::VolumeId;
+
+/// How long a call waits for a volume's mount (on some node) to take a snapshot.
+const MOUNT_ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Block size of the volumes the controller formats.
+const BLOCK_SIZE: u64 = 8 << 20;
+
+/// The engine behind the Controller service.
+#[derive(Debug, Clone)]
+pub struct EngineBackend {
+    /// The pools `ListVolumes` shows; the first is where volumes go unless a StorageClass
+    /// parameter `pool` says otherwise.
+    pools: Vec<String>,
+}
+
+fn backend_error(e: VolumeError) -> BackendError {
+    let message = e.to_string();
+    match e {
+        VolumeError::NotFound(_) | VolumeError::SnapshotNotFound { .. } => {
+            BackendError::NotFound(message)
+        }
+        VolumeError::InvalidName(_) | VolumeError::InvalidBlockSize(_) => {
+            BackendError::InvalidArgument(message)
+        }
+        VolumeError::Exists(_) | VolumeError::SnapshotExists { .. } => {
+            BackendError::AlreadyExists(message)
+        }
+        VolumeError::LeaseHeld { .. } => BackendError::FailedPrecondition(message),
+        VolumeError::Store(store) => store_error(store),
+        _ => BackendError::Internal(message),
+    }
+}
+
+fn control_error(e: ControlError) -> BackendError {
+    let message = e.to_string();
+    match e {
+        ControlError::Volume(e) => backend_error(e),
+        ControlError::NoAnswer { .. } => BackendError::Unavailable(message),
+        ControlError::Refused(_)
+        | ControlError::Fs(_)
+        | ControlError::Meta(_)
+        | ControlError::Socket { .. }
+        | ControlError::BadReply(_) => BackendError::Internal(message),
+    }
+}
+
+fn store_error(e: StoreError) -> BackendError {
+    let message = e.to_string();
+    match e {
+        StoreError::Unauthorized(_) => BackendError::Unauthenticated(message),
+        StoreError::InvalidUrl { .. } | StoreError::InvalidKey(_) | StoreError::Config(_) => {
+            BackendError::InvalidArgument(message)
+        }
+        StoreError::NotFound(_) => BackendError::NotFound(message),
+        _ => BackendError::Unavailable(message),
+    }
+}
+
+fn record(info: SnapshotInfo, volume: &VolumeId) -> SnapshotRecord {
+    SnapshotRecord {
+        name: info.name,
+        volume: volume.clone(),
+        created_at: info.created_at,
+        size_bytes: info.logical_bytes,
+    }
+}
+
+/// A pool opened for one call: the store, a block store with a scratch cache, and the
+/// scratch directory.
+struct Pool {
+    store: Arc<dyn ObjectStore>,
+    blocks: BlockStore,
+    scratch: tempfile::TempDir,
+}
+
+impl EngineBackend {
+    /// `pools`: the store URLs of the pools to serve, the default first.
+    pub fn new(pools: Vec<String>) -> EngineBackend {
+        EngineBackend { pools }
+    }
+
+    /// Opens `pool` with the credentials in `secrets`, or (none given) those of this
+    /// process's environment.
+    fn open(&self, pool: &str, secrets: &Secrets) -> Result<Pool, BackendError> {
+        let url = StoreUrl::parse(pool).map_err(store_error)?;
+        let store = if secrets.is_empty() {
+            url.open(|key| std::env::var(key).ok())
+        } else {
+            url.open(|key| secrets.get(key).cloned())
+        }
+        .map_err(store_error)?;
+        let scratch = tempfile::tempdir().map_err(|e| BackendError::Internal(e.to_string()))?;
+        let cache = BlockCache::open(&scratch.path().join("blocks"), 64 << 20)
+            .map_err(|e| BackendError::Internal(e.to_string()))?;
+        let blocks = BlockStore::new(store.clone(), cache, Duration::from_secs(120));
+        Ok(Pool {
+            store,
+            blocks,
+            scratch,
+        })
+    }
+
+    /// Whether the default pool can be listed now (for Probe).
+    pub async fn check(&self) -> Result<(), String> {
+        let pool = self.pools.first().ok_or("no pool configured")?;
+        let opened = self
+            .open(pool, &HashMap::new())
+            .map_err(|e| e.to_string())?;
+        volume::list_volumes(opened.store.as_ref())
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}
+
+#[tonic::async_trait]
+impl VolumeBackend for EngineBackend {
+    fn pool_for(&self, parameters: &HashMap<String, String>) -> Result<String, BackendError> {
+        match parameters.get(cloudfs_csi::mount_options::POOL_PARAMETER) {
+            Some(pool) => {
+                StoreUrl::parse(pool).map_err(store_error)?;
+                Ok(pool.clone())
+            }
+            None => self.pools.first().cloned().ok_or_else(|| {
+                BackendError::InvalidArgument(
+                    "no pool: set the StorageClass parameter `pool` or start the controller \
+                     with --pool"
+                        .into(),
+                )
+            }),
+        }
+    }
+
+    fn listed_pools(&self) -> Vec<String> {
+        self.pools.clone()
+    }
+
+    async fn volume_quota(
+        &self,
+        id: &VolumeId,
+        secrets: &Secrets,
+    ) -> Result<Option<Option<u64>>, BackendError> {
+        let pool = self.open(&id.pool, secrets)?;
+        match volume::read_config(pool.store.as_ref(), &id.volume).await {
+            Ok(config) => Ok(Some(config.quota_bytes)),
+            Err(VolumeError::NotFound(_)) => Ok(None),
+            Err(e) => Err(backend_error(e)),
+        }
+    }
+
+    async fn create_volume(
+        &self,
+        id: &VolumeId,
+        quota: Option<u64>,
+        origin: &Origin,
+        secrets: &Secrets,
+    ) -> Result<(), BackendError> {
+        let pool = self.open(&id.pool, secrets)?;
+        let store = pool.store.as_ref();
+        let same_pool = |source: &VolumeId| {
+            if source.pool == id.pool {
+                Ok(())
+            } else {
+                Err(BackendError::InvalidArgument(format!(
+                    "{source} is in another pool than {id}: clones share blocks, so they \
+                     stay in their pool"
+                )))
+            }
+        };
+        match origin {
+            Origin::Empty => {
+                volume::format(&pool.store, &pool.blocks, &id.volume, BLOCK_SIZE, 0, 0)
+                    .await
+                    .map_err(backend_error)?;
+            }
+            Origin::Snapshot { volume, name } => {
+                same_pool(volume)?;
+                snapshot::clone_volume(store, &volume.volume, Some(name), &id.volume)
+                    .await
+                    .map_err(backend_error)?;
+            }
+            Origin::Volume(source) => {
+                same_pool(source)?;
+                snapshot::clone_volume(store, &source.volume, None, &id.volume)
+                    .await
+                    .map_err(backend_error)?;
+            }
+        }
+        volume::set_quota(store, &id.volume, quota)
+            .await
+            .map_err(backend_error)?;
+        Ok(())
+    }
+
+    async fn delete_volume(&self, id: &VolumeId, secrets: &Secrets) -> Result<(), BackendError> {
+        let pool = self.open(&id.pool, secrets)?;
+        match volume::delete_volume(pool.store.as_ref(), &id.volume).await {
+            Ok(_) | Err(VolumeError::NotFound(_)) => Ok(()),
+            Err(e) => Err(backend_error(e)),
+        }
+    }
+
+    async fn set_quota(
+        &self,
+        id: &VolumeId,
+        quota: Option<u64>,
+        secrets: &Secrets,
+    ) -> Result<(), BackendError> {
+        let pool = self.open(&id.pool, secrets)?;
+        volume::set_quota(pool.store.as_ref(), &id.volume, quota)
+            .await
+            .map(|_| ())
+            .map_err(backend_error)
+    }
+
+    async fn list_volumes(&self, pool: &str) -> Result<Vec<(VolumeId, Option<u64>)>, BackendError> {
+        let opened = self.open(pool, &HashMap::new())?;
+        let store = opened.store.as_ref();
+        let mut volumes = Vec::new();
+        for name in volume::list_volumes(store).await.map_err(backend_error)? {
+            match volume::read_config(store, &name).await {
+                Ok(config) => volumes.push((
+                    VolumeId {
+                        volume: name,
+                        pool: pool.to_owned(),
+                    },
+                    config.quota_bytes,
+                )),
+                Err(VolumeError::NotFound(_)) => {} // deleted meanwhile
+                Err(e) => return Err(backend_error(e)),
+            }
+        }
+        Ok(volumes)
+    }
+
+    async fn create_snapshot(
+        &self,
+        volume: &VolumeId,
+        name: &str,
+        secrets: &Secrets,
+    ) -> Result<SnapshotRecord, BackendError> {
+        let pool = self.open(&volume.pool, secrets)?;
+        match snapshot::show(pool.store.as_ref(), &volume.volume, name).await {
+            Ok(existing) => return Ok(record(existing, volume)),
+            Err(VolumeError::SnapshotNotFound { .. }) => {}
+            Err(e) => return Err(backend_error(e)),
+        }
+        // A mounted volume is snapshotted by its mount, on whichever node it runs.
+        let info = mailbox::snapshot(
+            pool.store.as_ref(),
+            &pool.blocks,
+            &volume.volume,
+            name,
+            pool.scratch.path(),
+            MOUNT_ANSWER_TIMEOUT,
+        )
+        .await
+        .map_err(control_error)?;
+        Ok(record(info, volume))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        volume: &VolumeId,
+        name: &str,
+        secrets: &Secrets,
+    ) -> Result<(), BackendError> {
+        let pool = self.open(&volume.pool, secrets)?;
+        match snapshot::delete(pool.store.as_ref(), &volume.volume, name).await {
+            Ok(()) | Err(VolumeError::SnapshotNotFound { .. } | VolumeError::NotFound(_)) => Ok(()),
+            Err(e) => Err(backend_error(e)),
+        }
+    }
+
+    async fn list_snapshots(
+        &self,
+        volume: &VolumeId,
+        secrets: &Secrets,
+    ) -> Result<Vec<SnapshotRecord>, BackendError> {
+        let pool = self.open(&volume.pool, secrets)?;
+        match snapshot::list(pool.store.as_ref(), &volume.volume).await {
+            Ok(infos) => Ok(infos.into_iter().map(|i| record(i, volume)).collect()),
+            Err(VolumeError::NotFound(_)) => Ok(Vec::new()),
+            Err(e) => Err(backend_error(e)),
+        }
+    }
+}
