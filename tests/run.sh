@@ -2,8 +2,9 @@
 # Installs everything the test suite needs on a fresh Debian machine, then runs all of it:
 # formatting, lints, unit tests, engine tests on the in-memory store, a real local OpenStack
 # Swift (tests/swift/swift.sh) for the Swift client and store tests, real FUSE mount tests on
-# the local store and again on Swift, the crash tests and the quick-start smoke test. Ends
-# with one summary line.
+# the local store and again on Swift, the crash tests, csi-sanity, the operator's end-to-end
+# tests on a real kube-apiserver + etcd built from their Go modules (tests/k8s/e2e.sh) and the
+# quick-start smoke test. Ends with one summary line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,7 +42,8 @@ cargo clippy --workspace --all-targets -- -D warnings
 log "cargo test"
 mkdir -p target
 set +e
-cargo test --workspace --no-fail-fast 2>&1 | tee target/test-output.log
+# The operator's end-to-end tests need a control plane: tests/k8s/e2e.sh runs them below.
+cargo test --workspace --no-fail-fast -- --skip operator_e2e 2>&1 | tee target/test-output.log
 status=${PIPESTATUS[0]}
 
 log "FUSE mount tests over Swift"
@@ -59,6 +61,13 @@ read -r sanity_passed sanity_failed < <(awk '/ Passed \| / {
   } END { print p + 0, f + 0 }' target/sanity-output.log)
 if [ "$sanity_status" -ne 0 ] && [ "$sanity_failed" -eq 0 ]; then sanity_failed=1; fi
 
+log "operator end to end on a real kube-apiserver (tests/k8s/e2e.sh)"
+set +e
+bash tests/k8s/e2e.sh 2>&1 | tee target/e2e-output.log
+e2e_status=${PIPESTATUS[0]}
+set -e
+cat target/e2e-output.log >>target/test-output.log
+
 log "quick start (README)"
 quick=0
 if ./tests/quickstart.sh --check; then quick=1; fi
@@ -69,6 +78,10 @@ read -r passed failed < <(awk '/^test result:/ {
 passed=$((passed + quick + sanity_passed))
 failed=$((failed + sanity_failed))
 if [ "$quick" -eq 0 ]; then failed=$((failed + 1)); fi
+if [ "$e2e_status" -ne 0 ] && ! grep -q "^test result: FAILED" target/e2e-output.log; then
+  failed=$((failed + 1)) # the harness failed before any test could (a build, the control plane)
+fi
 echo
 echo "summary: ${passed} passed, ${failed} failed"
-[ "$status" -eq 0 ] && [ "$swift_status" -eq 0 ] && [ "$sanity_status" -eq 0 ] && [ "$failed" -eq 0 ]
+[ "$status" -eq 0 ] && [ "$swift_status" -eq 0 ] && [ "$sanity_status" -eq 0 ] &&
+  [ "$e2e_status" -eq 0 ] && [ "$failed" -eq 0 ]

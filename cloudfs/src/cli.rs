@@ -524,6 +524,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let request = Request::Rollback {
                 snapshot: name.clone(),
+                previous_state: None,
             };
             let report = match ask_mount(&run_dir, &store, &volume, &request)? {
                 Some(Reply::Rollback(report)) => report,
@@ -536,6 +537,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                         &off.blocks,
                         &volume,
                         &name,
+                        None,
                         off.scratch.path(),
                         mailbox::ANSWER_TIMEOUT,
                     ))?

@@ -19,7 +19,7 @@ use crate::fs::{Fs, FsError};
 use crate::inspect;
 use crate::meta::MetaError;
 use crate::snapshot::{self, RollbackReport, SnapshotInfo};
-use crate::store::{StoreUrl, unix_now_secs};
+use crate::store::StoreUrl;
 use crate::volume::{self, VolumeError, VolumeSync};
 
 /// Errors of an operation on a mounted volume.
@@ -78,6 +78,9 @@ pub enum Request {
     },
     Rollback {
         snapshot: String,
+        /// The name to pin the replaced state under [default: `pre-rollback-<unix time>`].
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        previous_state: Option<String>,
     },
     /// Apply a quota just written to the volume's config (`None`: none).
     SetQuota {
@@ -138,8 +141,12 @@ impl LiveVolume {
     }
 
     /// Switches the mount to snapshot `name`, after pinning its current state as the
-    /// snapshot `pre-rollback-<unix time>`.
-    pub fn rollback(&self, name: &str) -> Result<RollbackReport, ControlError> {
+    /// snapshot `previous_state` (by default `pre-rollback-<unix time>`).
+    pub fn rollback(
+        &self,
+        name: &str,
+        previous_state: Option<&str>,
+    ) -> Result<RollbackReport, ControlError> {
         let store = self.sync.store.as_ref();
         let rt = &self.sync.rt;
         let target = rt.block_on(snapshot::pinned_manifest(store, &self.volume, name))?;
@@ -157,7 +164,7 @@ impl LiveVolume {
             let frozen = self.fs.freeze()?;
             let measured = inspect::measure(&self.fs.meta())?;
             let (generation, current) = rt.block_on(self.sync.checkpoint())?;
-            let previous_state = format!("pre-rollback-{}", unix_now_secs());
+            let previous_state = snapshot::previous_state_name(previous_state);
             rt.block_on(snapshot::pin(
                 store,
                 &self.volume,
@@ -184,7 +191,12 @@ impl LiveVolume {
         let _serial = crate::fs::lock(&self.serial);
         let result = match &request {
             Request::Snapshot { name } => self.snapshot(name).map(Reply::Snapshot),
-            Request::Rollback { snapshot } => self.rollback(snapshot).map(Reply::Rollback),
+            Request::Rollback {
+                snapshot,
+                previous_state,
+            } => self
+                .rollback(snapshot, previous_state.as_deref())
+                .map(Reply::Rollback),
             Request::SetQuota { bytes } => {
                 self.fs.set_quota(*bytes);
                 Ok(Reply::Quota(*bytes))
@@ -299,6 +311,7 @@ mod tests {
     fn requests_are_one_json_line_each_way() {
         let request = Request::Rollback {
             snapshot: "s".into(),
+            previous_state: None,
         };
         let line = serde_json::to_string(&request).expect("encode");
         assert_eq!(line, r#"{"op":"rollback","snapshot":"s"}"#);

@@ -174,17 +174,19 @@ pub async fn rollback(
     blocks: &BlockStore,
     volume: &str,
     name: &str,
+    previous_state: Option<&str>,
     scratch: &Path,
     timeout: Duration,
 ) -> Result<RollbackReport, ControlError> {
     let request = Request::Rollback {
         snapshot: name.to_owned(),
+        previous_state: previous_state.map(str::to_owned),
     };
     let answer = |reply| match reply {
         Reply::Rollback(report) => Ok(report),
         other => Err(refused(other)),
     };
-    let offline = snapshot::rollback(store, blocks, volume, name, scratch);
+    let offline = snapshot::rollback(store, blocks, volume, name, previous_state, scratch);
     through_the_mount(store, volume, request, timeout, answer, offline).await
 }
 

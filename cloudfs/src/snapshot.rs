@@ -342,6 +342,15 @@ pub struct RollbackReport {
     pub previous_state: String,
 }
 
+/// The snapshot a rollback pins the replaced state under: `wanted`, else
+/// `pre-rollback-<unix time>`.
+pub(crate) fn previous_state_name(wanted: Option<&str>) -> String {
+    wanted.map_or_else(
+        || format!("pre-rollback-{}", unix_now_secs()),
+        str::to_owned,
+    )
+}
+
 /// Rolls an unmounted volume back to snapshot `name`. Takes the volume's write lease (so a
 /// read-write mount elsewhere makes it fail with `LeaseHeld`), pins the current state as the
 /// snapshot `pre-rollback-<unix time>`, then publishes the snapshot's state as the newest
@@ -351,13 +360,14 @@ pub async fn rollback(
     blocks: &BlockStore,
     volume: &str,
     name: &str,
+    previous_state: Option<&str>,
     scratch: &Path,
 ) -> VolumeResult<RollbackReport> {
     volume::read_config(store, volume).await?;
     let target = read_record(store, volume, name).await?;
     let lease = StoreLease::acquire(store, volume, &holder_id(), ROLLBACK_LEASE_TTL).await?;
     let result = async {
-        let previous_state = format!("pre-rollback-{}", unix_now_secs());
+        let previous_state = previous_state_name(previous_state);
         create(store, blocks, volume, &previous_state, scratch).await?;
         volume::publish_generation(store, volume, lease.epoch(), 0, &target.manifest).await?;
         Ok::<_, VolumeError>(RollbackReport {

@@ -153,6 +153,7 @@ fn snapshots_pin_a_state_to_mount_clone_and_roll_back_to() {
             &blocks,
             "vol",
             "s1",
+            None,
             scratch.path()
         )),
         Err(VolumeError::LeaseHeld { .. })
@@ -164,9 +165,11 @@ fn snapshots_pin_a_state_to_mount_clone_and_roll_back_to() {
             &blocks,
             "vol",
             "s1",
+            Some("before-s1"),
             scratch.path(),
         ))
         .expect("rollback");
+    assert_eq!(report.previous_state, "before-s1", "the name asked for");
     t.open_again();
     let live = open(&t, "vol", "after-rollback", None, true).expect("read-only open");
     assert_eq!(content(&live, "a").as_deref(), Some(&b"v1"[..]));

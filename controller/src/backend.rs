@@ -82,21 +82,16 @@ fn record(info: SnapshotInfo, volume: &VolumeId) -> SnapshotRecord {
 
 /// A pool opened for one call: the store, a block store with a scratch cache, and the
 /// scratch directory.
-struct Pool {
-    store: Arc<dyn ObjectStore>,
-    blocks: BlockStore,
-    scratch: tempfile::TempDir,
+pub struct Pool {
+    pub store: Arc<dyn ObjectStore>,
+    pub blocks: BlockStore,
+    pub scratch: tempfile::TempDir,
 }
 
-impl EngineBackend {
-    /// `pools`: the store URLs of the pools to serve, the default first.
-    pub fn new(pools: Vec<String>) -> EngineBackend {
-        EngineBackend { pools }
-    }
-
-    /// Opens `pool` with the credentials in `secrets`, or (none given) those of this
-    /// process's environment.
-    fn open(&self, pool: &str, secrets: &Secrets) -> Result<Pool, BackendError> {
+impl Pool {
+    /// Opens `pool` (a store URL) with the credentials in `secrets`, or (none given) those
+    /// of this process's environment.
+    pub fn open(pool: &str, secrets: &Secrets) -> Result<Pool, BackendError> {
         let url = StoreUrl::parse(pool).map_err(store_error)?;
         let store = if secrets.is_empty() {
             url.open(|key| std::env::var(key).ok())
@@ -113,6 +108,17 @@ impl EngineBackend {
             blocks,
             scratch,
         })
+    }
+}
+
+impl EngineBackend {
+    /// `pools`: the store URLs of the pools to serve, the default first.
+    pub fn new(pools: Vec<String>) -> EngineBackend {
+        EngineBackend { pools }
+    }
+
+    fn open(&self, pool: &str, secrets: &Secrets) -> Result<Pool, BackendError> {
+        Pool::open(pool, secrets)
     }
 
     /// Whether the default pool can be listed now (for Probe).

@@ -69,6 +69,10 @@ pub struct CloudfsSnapshotStatus {
     /// The engine snapshot: `<snapshot>@<volume>@<pool>` (the CSI snapshot id).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot_id: Option<String>,
+    /// The Secret whose credentials reach the pool (kept to delete the snapshot even after
+    /// the PVC is gone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<SecretReference>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub creation_time: Option<Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

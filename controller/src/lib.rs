@@ -3,5 +3,6 @@
 
 pub mod backend;
 pub mod crd;
+pub mod operator;
 
 pub use backend::EngineBackend;

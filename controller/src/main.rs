@@ -1,11 +1,14 @@
-//! `cloudfs-controller`: the CSI controller plugin. Serves the Identity and Controller
-//! services on a Unix socket for the external provisioner and snapshotter.
+//! `cloudfs-controller`: the CSI controller plugin (Identity and Controller services on a
+//! Unix socket for the external provisioner and snapshotter) and, with `--operator`, the
+//! operator reconciling the cloudfs custom resources.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Result;
 use clap::Parser;
 use cloudfs_controller::EngineBackend;
+use cloudfs_controller::operator::{self, OperatorConfig};
 use cloudfs_csi::controller::ControllerService;
 use cloudfs_csi::identity::{IdentityService, Readiness};
 use cloudfs_csi::metrics::RpcMetrics;
@@ -35,6 +38,16 @@ struct Args {
     /// Where to serve Prometheus metrics: HOST:PORT, :PORT or unix:/path.
     #[arg(long, env = "CLOUDFS_METRICS_ADDR", default_value = ":9811")]
     metrics_addr: cloudfs_metrics::Endpoint,
+    /// Also run the operator, against the Kubernetes API of the cluster (in a pod) or of
+    /// KUBECONFIG.
+    #[arg(long, env = "CLOUDFS_OPERATOR")]
+    operator: bool,
+    /// The operator's namespace, where its leader Lease lives.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "cloudfs-system")]
+    namespace: String,
+    /// This replica's name, for the leader Lease and events [default: the host name].
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
 }
 
 /// Ready once the default pool answers.
@@ -53,12 +66,35 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     let registry = cloudfs_metrics::prometheus::Registry::new();
     let rpc_metrics = RpcMetrics::register(&registry)?;
-    let _metrics = cloudfs_metrics::start(&args.metrics_addr, Arc::new(registry)).await?;
+    let _metrics = cloudfs_metrics::start(&args.metrics_addr, Arc::new(registry.clone())).await?;
     let backend = EngineBackend::new(args.pools);
     let routes = Routes::new(IdentityServer::new(IdentityService::new(PoolReadiness(
         backend.clone(),
     ))))
     .add_service(ControllerServer::new(ControllerService::new(backend)));
-    server::serve(&args.endpoint, routes, rpc_metrics, server::stop_signal()).await?;
+    let operator = async {
+        if !args.operator {
+            return std::future::pending().await;
+        }
+        let identity = match args.identity {
+            Some(identity) => identity,
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname")?
+                .trim()
+                .to_owned(),
+        };
+        let config = OperatorConfig {
+            identity,
+            namespace: args.namespace,
+            lease_duration: Duration::from_secs(15),
+            mount_answer_timeout: Duration::from_secs(60),
+            rollback_timeout: Duration::from_secs(600),
+        };
+        let client = kube::Client::try_default().await?;
+        anyhow::Ok(operator::run(client, config, &registry).await?)
+    };
+    tokio::select! {
+        served = server::serve(&args.endpoint, routes, rpc_metrics, server::stop_signal()) => served?,
+        ran = operator => ran?,
+    }
     Ok(())
 }

@@ -1,4 +1,4 @@
-//! The `/metrics` endpoint every cloudfs process serves (Prometheus text format), over TCP or
+//! The `/metrics` endpoint (and `/healthz`) every cloudfs process serves (Prometheus text format), over TCP or
 //! over a Unix socket; reading such a socket; and merging the expositions of several
 //! processes into one, which is how the node plugin shows the metrics of the mount processes
 //! it started. Registries belong to the callers: nothing here is global.
@@ -119,7 +119,8 @@ impl Drop for MetricsServer {
     }
 }
 
-/// Binds `endpoint` and serves `GET /metrics` from `source` on the current Tokio runtime.
+/// Binds `endpoint` and serves `GET /metrics` from `source`, and `GET /healthz`, on the
+/// current Tokio runtime.
 pub async fn start(
     endpoint: &Endpoint,
     source: Arc<dyn Exposition>,
@@ -128,16 +129,19 @@ pub async fn start(
         endpoint: endpoint.to_string(),
         source,
     };
-    let router = Router::new().route(
-        "/metrics",
-        get(move || {
-            let source = source.clone();
-            async move {
-                let text = source.render().await;
-                ([(CONTENT_TYPE, prometheus::TEXT_FORMAT)], text)
-            }
-        }),
-    );
+    let router = Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let source = source.clone();
+                async move {
+                    let text = source.render().await;
+                    ([(CONTENT_TYPE, prometheus::TEXT_FORMAT)], text)
+                }
+            }),
+        )
+        // Liveness: the process serves requests.
+        .route("/healthz", get(|| async { "ok" }));
     let (endpoint, task) = match endpoint {
         Endpoint::Tcp(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)
