@@ -48,6 +48,9 @@ struct Args {
     /// This replica's name, for the leader Lease and events [default: the host name].
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// The image garbage-collection Jobs run (it holds the `cloudfs` binary).
+    #[arg(long, env = "CLOUDFS_GC_IMAGE", default_value = concat!("cloudfs:", env!("CARGO_PKG_VERSION")))]
+    gc_image: String,
 }
 
 /// Ready once the default pool answers.
@@ -88,6 +91,7 @@ async fn main() -> Result<()> {
             lease_duration: Duration::from_secs(15),
             mount_answer_timeout: Duration::from_secs(60),
             rollback_timeout: Duration::from_secs(600),
+            gc_image: args.gc_image,
         };
         let client = kube::Client::try_default().await?;
         anyhow::Ok(operator::run(client, config, &registry).await?)

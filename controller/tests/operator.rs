@@ -2,21 +2,24 @@
 //! `tests/k8s/e2e.sh`, which runs these tests): a PVC bound to a cloudfs volume, published
 //! through the Node service as kubelet would; a CloudfsSnapshot becomes ready; more is
 //! written; a CloudfsRollback switches the mounted volume back; deleting the snapshot
-//! resource deletes the engine snapshot; a snapshot of a PVC that does not exist reports why.
+//! resource deletes the engine snapshot; a snapshot of a PVC that does not exist reports why; a
+//! garbage collection run on demand reclaims a stray block through its Job; of two replicas
+//! one leads, and the other takes over when the leader stops renewing its Lease.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use cloudfs_controller::crd::{
-    CloudfsRollback, CloudfsRollbackSpec, CloudfsSnapshot, CloudfsSnapshotSpec, DeletionPolicy,
-    definitions,
+    CloudfsGarbageCollection, CloudfsGarbageCollectionSpec, CloudfsRollback, CloudfsRollbackSpec,
+    CloudfsSnapshot, CloudfsSnapshotSpec, DeletionPolicy, PoolReference, definitions,
 };
-use cloudfs_controller::operator::{self, OperatorConfig};
+use cloudfs_controller::operator::{self, Leadership, OperatorConfig};
 use cloudfs_csi::DRIVER_NAME;
 use cloudfs_csi::node::NodeService;
 use cloudfs_csi::process_mounter::ProcessMounter;
 use cloudfs_csi::proto::node_server::Node;
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{
     CSIPersistentVolumeSource, Event, Namespace, PersistentVolume, PersistentVolumeClaim,
     PersistentVolumeClaimSpec, PersistentVolumeSpec, Secret, VolumeResourceRequirements,
@@ -255,6 +258,7 @@ async fn operator_e2e_snapshot_rollback_and_cleanup_on_a_real_api_server() {
         lease_duration: Duration::from_secs(15),
         mount_answer_timeout: Duration::from_secs(60),
         rollback_timeout: Duration::from_secs(120),
+        gc_image: "cloudfs:e2e".into(),
     };
     let operator = tokio::spawn({
         let client = client.clone();
@@ -422,6 +426,17 @@ async fn operator_e2e_snapshot_rollback_and_cleanup_on_a_real_api_server() {
         .await
         .expect("delete orphan");
 
+    collect_on_demand(
+        &client,
+        &ns,
+        &class,
+        &pool,
+        &credentials,
+        &cloudfs,
+        dir.path(),
+    )
+    .await;
+
     assert!(!operator.is_finished(), "the operator keeps leading");
     operator.abort();
     node.node_unpublish_volume(Request::new(unpublish(&volume_id, &target)))
@@ -443,10 +458,188 @@ async fn operator_e2e_snapshot_rollback_and_cleanup_on_a_real_api_server() {
         .await;
 }
 
+/// A CloudfsGarbageCollection run on demand: the operator starts a Job; with no kubelet here,
+/// the test runs the Job's command itself with the Job's credentials, as its pod would, and
+/// the outcome the run keeps in the pool reaches the status.
+async fn collect_on_demand(
+    client: &Client,
+    ns: &str,
+    class: &str,
+    pool: &str,
+    credentials: &HashMap<String, String>,
+    cloudfs: &Path,
+    scratch: &Path,
+) {
+    // A block nothing references, for the collection to reclaim.
+    let store = cloudfs::store::StoreUrl::parse(pool)
+        .expect("pool URL")
+        .open(|key| credentials.get(key).cloned())
+        .expect("open the pool");
+    let stray = vec![7u8; 100_000];
+    let key = cloudfs::cas::block_key(&cloudfs::cas::hash_block(&stray));
+    store.put(&key, stray.into()).await.expect("a stray block");
+    // Object times have whole seconds: a block of the run's first second counts as recent.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let collections: Api<CloudfsGarbageCollection> = Api::all(client.clone());
+    let name = format!("gc-{ns}");
+    collections
+        .create(
+            &PostParams::default(),
+            &CloudfsGarbageCollection::new(
+                &name,
+                CloudfsGarbageCollectionSpec {
+                    pool: PoolReference {
+                        storage_class_name: Some(class.to_owned()),
+                        url: None,
+                        secret_ref: None,
+                    },
+                    schedule: None,
+                    grace_period: "0s".into(),
+                    dry_run: false,
+                    run_now: Some("1".into()),
+                    history_limit: 3,
+                },
+            ),
+        )
+        .await
+        .expect("create CloudfsGarbageCollection");
+    let job_name = eventually("a collection Job", 60, || {
+        let collections = collections.clone();
+        let name = name.clone();
+        async move {
+            let run = collections.get(&name).await.ok()?.status?.last_run?;
+            (run.result == "Running").then_some(run.job_name)
+        }
+    })
+    .await;
+    let job = Api::<Job>::namespaced(client.clone(), ns)
+        .get(&job_name)
+        .await
+        .expect("the Job");
+    let container = job
+        .spec
+        .and_then(|spec| spec.template.spec)
+        .map(|pod| pod.containers[0].clone())
+        .expect("a container");
+    let mut command = container.command.expect("a command");
+    assert_eq!(command[..3], ["cloudfs", "gc", pool], "{command:?}");
+    let secret_name = container.env_from.expect("credentials")[0]
+        .secret_ref
+        .clone()
+        .expect("a Secret")
+        .name;
+    let keys = Api::<Secret>::namespaced(client.clone(), ns)
+        .get(&secret_name)
+        .await
+        .expect("the Job's Secret")
+        .data
+        .expect("keys");
+    // The pod's emptyDir, here a scratch directory.
+    if let Some(at) = command.iter().position(|arg| arg == "--state-dir") {
+        command[at + 1] = scratch.join("gc-state").display().to_string();
+    }
+    let ran = std::process::Command::new(cloudfs)
+        .args(&command[1..])
+        .env_remove("ST_AUTH")
+        .env_remove("ST_USER")
+        .env_remove("ST_KEY")
+        .envs(
+            keys.iter()
+                .map(|(k, v)| (k.clone(), String::from_utf8_lossy(&v.0).into_owned())),
+        )
+        .output()
+        .expect("run the Job's command");
+    assert!(ran.status.success(), "{ran:?}");
+
+    let run = eventually("the run's outcome in status", 60, || {
+        let collections = collections.clone();
+        let name = name.clone();
+        async move {
+            let run = collections.get(&name).await.ok()?.status?.last_run?;
+            (run.result != "Running").then_some(run)
+        }
+    })
+    .await;
+    assert_eq!(run.result, "Succeeded", "{run:?}");
+    assert!(run.bytes_reclaimed >= Some(100_000), "{run:?}");
+    assert!(
+        store.head(&key).await.expect("head").is_none(),
+        "the stray block is gone"
+    );
+    let status = collections
+        .get(&name)
+        .await
+        .expect("collection")
+        .status
+        .expect("status");
+    assert_eq!(status.history.len(), 1);
+    assert_eq!(status.last_run_now.as_deref(), Some("1"));
+    collections
+        .delete(&name, &DeleteParams::default())
+        .await
+        .expect("delete the collection");
+    eventually("the collection to be gone", 30, || {
+        let collections = collections.clone();
+        let name = name.clone();
+        async move {
+            collections
+                .get_opt(&name)
+                .await
+                .ok()?
+                .is_none()
+                .then_some(())
+        }
+    })
+    .await;
+}
+
 /// A few random hex digits, so runs against one API server never collide.
 fn rand_suffix() -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
     format!("{nanos:08x}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_e2e_one_replica_leads_at_a_time() {
+    env("KUBECONFIG");
+    let client = Client::try_default()
+        .await
+        .expect("a client from KUBECONFIG");
+    let ns = format!("cloudfs-lease-{}-{}", std::process::id(), rand_suffix());
+    Api::<Namespace>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &Namespace {
+                metadata: meta(&ns, None),
+                ..Namespace::default()
+            },
+        )
+        .await
+        .expect("namespace");
+    let replica = |identity: &str| {
+        Leadership::new(
+            client.clone(),
+            &ns,
+            "leader",
+            identity,
+            Duration::from_secs(3),
+        )
+    };
+    let (a, b) = (replica("a"), replica("b"));
+    a.acquire().await.expect("the first replica leads");
+    let waiting = tokio::time::timeout(Duration::from_secs(2), b.acquire()).await;
+    assert!(waiting.is_err(), "the second waits while the first renews");
+
+    // The first stops renewing (it died): the second takes over once the lease expires, and
+    // the first, were it to come back, finds it lost.
+    let took_over = tokio::time::timeout(Duration::from_secs(20), b.acquire()).await;
+    assert!(matches!(took_over, Ok(Ok(()))), "{took_over:?}");
+    let lost = tokio::time::timeout(Duration::from_secs(10), a.keep()).await;
+    assert!(lost.is_ok(), "the old leader learns it lost the lease");
+    let _ = Api::<Namespace>::all(client)
+        .delete(&ns, &DeleteParams::default())
+        .await;
 }

@@ -10,7 +10,9 @@ use cloudfs_csi::controller::ControllerService;
 use cloudfs_csi::proto::controller_server::Controller;
 use cloudfs_csi::proto::volume_capability::access_mode::Mode;
 use cloudfs_csi::proto::volume_capability::{AccessMode, AccessType, MountVolume};
-use cloudfs_csi::proto::{CreateVolumeRequest, DeleteVolumeRequest, VolumeCapability};
+use cloudfs_csi::proto::{
+    CreateVolumeRequest, DeleteVolumeRequest, ListVolumesRequest, VolumeCapability,
+};
 use tonic::{Code, Request};
 
 fn env(key: &str) -> String {
@@ -45,6 +47,14 @@ async fn secrets_are_checked_by_the_store_and_refusals_have_their_codes() {
     let container = format!("csi-secrets-{}", std::process::id());
     let controller =
         ControllerService::new(EngineBackend::new(vec![format!("swift://{container}")]));
+
+    // A pool whose container does not exist yet lists no volumes (rather than failing).
+    let listed = controller
+        .list_volumes(Request::new(ListVolumesRequest::default()))
+        .await
+        .expect("list an empty pool")
+        .into_inner();
+    assert!(listed.entries.is_empty(), "{:?}", listed.entries);
 
     let wrong = controller
         .create_volume(create("pvc-wrong", credentials("not-the-key")))

@@ -249,11 +249,16 @@ impl ObjectStore for SwiftStore {
         limit: usize,
     ) -> StoreResult<ListPage> {
         let limit = limit.clamp(1, 10_000);
-        let rows = self
+        let rows = match self
             .client
             .list_objects(&self.container, prefix, marker, limit, None)
             .await
-            .map_err(store_error)?;
+        {
+            Ok(rows) => rows,
+            // A pool whose container was never created holds nothing yet.
+            Err(SwiftError::NotFound(_)) => return Ok(ListPage::default()),
+            Err(e) => return Err(store_error(e)),
+        };
         let full = rows.len() == limit;
         let objects: Vec<ObjectMeta> = rows
             .into_iter()

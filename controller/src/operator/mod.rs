@@ -1,9 +1,10 @@
 //! The operator: reconciles the cloudfs custom resources against the engine's library
 //! functions. CloudfsSnapshot takes and deletes engine snapshots, CloudfsRollback rolls a
-//! volume back once; both reach a mounted volume through its mount, on whichever node it
-//! runs. Only the replica holding the leader Lease acts. Every reconcile is counted and timed,
+//! volume back once (both reach a mounted volume through its mount, on whichever node it
+//! runs), CloudfsGarbageCollection runs `cloudfs gc` Jobs on a schedule or on demand. Only the replica holding the leader Lease acts. Every reconcile is counted and timed,
 //! errors by reason, and failures are retried with a per-resource exponential backoff.
 
+mod collections;
 mod error;
 mod leader;
 mod resolve;
@@ -23,7 +24,7 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Client, Resource};
 
-use crate::crd::{CloudfsRollback, CloudfsSnapshot};
+use crate::crd::{CloudfsGarbageCollection, CloudfsRollback, CloudfsSnapshot};
 pub use error::OperatorError;
 pub use leader::Leadership;
 
@@ -45,6 +46,8 @@ pub struct OperatorConfig {
     pub mount_answer_timeout: Duration,
     /// How long a rollback waits for a mounted volume's mount (it rebuilds metadata first).
     pub rollback_timeout: Duration,
+    /// The image of garbage-collection Jobs (it has the `cloudfs` binary).
+    pub gc_image: String,
 }
 
 /// Reconcile counts, latencies and errors, by resource kind.
@@ -53,6 +56,8 @@ pub struct ReconcileMetrics {
     reconciles: IntCounterVec,
     seconds: HistogramVec,
     errors: IntCounterVec,
+    collections: IntCounterVec,
+    reclaimed: IntCounterVec,
 }
 
 impl ReconcileMetrics {
@@ -79,14 +84,40 @@ impl ReconcileMetrics {
             ),
             &["kind", "reason"],
         )?;
-        registry.register(Box::new(reconciles.clone()))?;
+        let collections = IntCounterVec::new(
+            Opts::new(
+                "cloudfs_operator_gc_runs_total",
+                "Finished garbage collections, by CloudfsGarbageCollection and result.",
+            ),
+            &["collection", "result"],
+        )?;
+        let reclaimed = IntCounterVec::new(
+            Opts::new(
+                "cloudfs_operator_gc_reclaimed_bytes_total",
+                "Bytes garbage collections reclaimed, by CloudfsGarbageCollection.",
+            ),
+            &["collection"],
+        )?;
+        for collector in [&reconciles, &errors, &collections, &reclaimed] {
+            registry.register(Box::new(collector.clone()))?;
+        }
         registry.register(Box::new(seconds.clone()))?;
-        registry.register(Box::new(errors.clone()))?;
         Ok(ReconcileMetrics {
             reconciles,
             seconds,
             errors,
+            collections,
+            reclaimed,
         })
+    }
+
+    fn collection_finished(&self, collection: &str, run: &crate::crd::CollectionRun) {
+        self.collections
+            .with_label_values(&[collection, &run.result])
+            .inc();
+        self.reclaimed
+            .with_label_values(&[collection])
+            .inc_by(run.bytes_reclaimed.unwrap_or_default());
     }
 }
 
@@ -224,9 +255,26 @@ pub async fn run(
         ctx.clone(),
     )
     .for_each(|_| async {});
+    let collections = Controller::new(
+        Api::<CloudfsGarbageCollection>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .run(
+        |object, ctx: Arc<Context>| async move {
+            ctx.measured(
+                object.as_ref(),
+                collections::reconcile(object.clone(), ctx.clone()),
+            )
+            .await
+        },
+        |object, error, ctx| ctx.backoff(object.as_ref(), error),
+        ctx.clone(),
+    )
+    .for_each(|_| async {});
     tokio::select! {
         () = snapshots => Ok(()),
         () = rollbacks => Ok(()),
+        () = collections => Ok(()),
         () = leadership.keep() => Err(RunError::LostLeadership(OPERATOR_NAME.into())),
     }
 }

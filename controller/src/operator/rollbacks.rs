@@ -13,7 +13,7 @@ use super::Context;
 use super::error::OperatorError;
 use super::resolve::{claimed_volume, credentials};
 use super::snapshots::parse_snapshot_id;
-use super::status::{announce, condition, now, patch_status};
+use super::status::{announce, condition, failed_condition, give_up_or_retry, now, patch_status};
 use crate::backend::Pool;
 use crate::crd::{CloudfsRollback, CloudfsRollbackStatus, CloudfsSnapshot};
 use cloudfs::mailbox;
@@ -90,31 +90,11 @@ pub async fn reconcile(
             let status = CloudfsRollbackStatus {
                 phase: Some(if permanent { FAILED } else { "Pending" }.into()),
                 completion_time: permanent.then(now),
-                conditions: condition(
-                    &started.conditions,
-                    "Complete",
-                    false,
-                    e.reason(),
-                    e.to_string(),
-                    generation,
-                ),
+                conditions: failed_condition(&started.conditions, "Complete", &e, generation),
                 ..started
             };
             patch_status(&api, &object, &status).await?;
-            announce(
-                &ctx.recorder,
-                object.as_ref(),
-                true,
-                e.reason(),
-                "Rollback",
-                e.to_string(),
-            )
-            .await;
-            if permanent {
-                Ok(Action::await_change())
-            } else {
-                Err(e)
-            }
+            give_up_or_retry(&ctx.recorder, object.as_ref(), "Rollback", e).await
         }
     }
 }

@@ -12,7 +12,7 @@ use kube::{Resource, ResourceExt};
 use super::Context;
 use super::error::OperatorError;
 use super::resolve::{claimed_volume, credentials};
-use super::status::{announce, condition, now, patch_status};
+use super::status::{announce, condition, failed_condition, give_up_or_retry, now, patch_status};
 use crate::backend::Pool;
 use crate::crd::{CloudfsSnapshot, CloudfsSnapshotStatus, DeletionPolicy, FINALIZER};
 use cloudfs::mailbox;
@@ -91,31 +91,16 @@ async fn apply(
             let status = CloudfsSnapshotStatus {
                 phase: Some(phase.into()),
                 observed_generation: object.meta().generation,
-                conditions: condition(
+                conditions: failed_condition(
                     &previous.conditions,
                     "Ready",
-                    false,
-                    e.reason(),
-                    e.to_string(),
+                    &e,
                     object.meta().generation,
                 ),
                 ..previous
             };
             patch_status(api, object, &status).await?;
-            announce(
-                &ctx.recorder,
-                object,
-                true,
-                e.reason(),
-                "Snapshot",
-                e.to_string(),
-            )
-            .await;
-            if e.is_permanent() {
-                Ok(Action::await_change())
-            } else {
-                Err(e)
-            }
+            give_up_or_retry(&ctx.recorder, object, "Snapshot", e).await
         }
     }
 }

@@ -3,10 +3,13 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+
+use super::error::OperatorError;
 
 /// Now, as the API stores times.
 pub fn now() -> Time {
@@ -61,6 +64,48 @@ where
     )
     .await?;
     Ok(())
+}
+
+/// Condition `type_` false for the reason `error` gives.
+pub fn failed_condition(
+    previous: &[Condition],
+    type_: &str,
+    error: &OperatorError,
+    generation: Option<i64>,
+) -> Vec<Condition> {
+    condition(
+        previous,
+        type_,
+        false,
+        error.reason(),
+        error.to_string(),
+        generation,
+    )
+}
+
+/// The end of a failed reconcile, once its status says why: announces `error`, then waits for
+/// a change of the resource if the failure is permanent, or hands it back to the controller
+/// for a retry with backoff.
+pub async fn give_up_or_retry<K: Resource<DynamicType = ()>>(
+    recorder: &Recorder,
+    object: &K,
+    action: &str,
+    error: OperatorError,
+) -> Result<Action, OperatorError> {
+    announce(
+        recorder,
+        object,
+        true,
+        error.reason(),
+        action,
+        error.to_string(),
+    )
+    .await;
+    if error.is_permanent() {
+        Ok(Action::await_change())
+    } else {
+        Err(error)
+    }
 }
 
 /// Publishes an event on `object`; a failure to publish is logged, never fatal.
