@@ -66,18 +66,31 @@ pub async fn ask(
         ?request,
         "asked the volume's mount through the store"
     );
+    let read_reply = || async {
+        match not_found_is_none(store.get(&reply_key, None).await)? {
+            Some(raw) => serde_json::from_slice(&raw)
+                .map(Some)
+                .map_err(|_| ControlError::BadReply(String::from_utf8_lossy(&raw).into())),
+            None => Ok(None),
+        }
+    };
     let started = Instant::now();
     let mut polls = 0u32;
     let outcome = loop {
-        if let Some(raw) = not_found_is_none(store.get(&reply_key, None).await)? {
-            let reply = serde_json::from_slice(&raw)
-                .map_err(|_| ControlError::BadReply(String::from_utf8_lossy(&raw).into()))?;
-            break Ok(Some(reply));
+        match read_reply().await {
+            Ok(Some(reply)) => break Ok(Some(reply)),
+            Ok(None) => {}
+            Err(e) => break Err(e),
         }
         polls += 1;
-        // Every few seconds: is there still a mount to answer?
-        if polls.is_multiple_of(8) && live_holder(store, volume).await?.is_none() {
-            break Ok(None);
+        // Every few seconds: is there still a mount to answer? (Its reply may have landed
+        // just before it went: looked for once more, so the work is never done twice.)
+        if polls.is_multiple_of(8) {
+            match live_holder(store, volume).await {
+                Ok(Some(_)) => {}
+                Ok(None) => break read_reply().await,
+                Err(e) => break Err(e.into()),
+            }
         }
         if started.elapsed() >= timeout {
             break Err(ControlError::NoAnswer {
@@ -87,8 +100,12 @@ pub async fn ask(
         }
         tokio::time::sleep(ANSWER_POLL).await;
     };
-    store.delete(&request_key).await?;
-    store.delete(&reply_key).await?;
+    // Whatever happened, the request goes: a mount that has not taken it yet never will.
+    for key in [&request_key, &reply_key] {
+        if let Err(e) = store.delete(key).await {
+            tracing::warn!(key, error = %e, "could not remove a control object");
+        }
+    }
     outcome
 }
 

@@ -45,6 +45,9 @@ pub struct EngineMetrics {
     fs_seconds: HistogramVec,
     read_bytes: IntCounter,
     written_bytes: IntCounter,
+    /// `cloudfs_cache_hits_total` of each tier, resolved once: block reads are a hot path.
+    memory_hits: IntCounter,
+    disk_hits: IntCounter,
     cache_hits: IntCounterVec,
     cache_misses: IntCounter,
     store_requests: IntCounterVec,
@@ -77,7 +80,15 @@ impl EngineMetrics {
             )
             .expect("valid histogram options")
         };
+        let cache_hits = counters(
+            "cloudfs_cache_hits_total",
+            "Block reads served locally, by tier (memory or disk).",
+            &["tier"],
+        );
         EngineMetrics {
+            memory_hits: cache_hits.with_label_values(&["memory"]),
+            disk_hits: cache_hits.with_label_values(&["disk"]),
+            cache_hits,
             fs_operations: counters(
                 "cloudfs_fs_operations_total",
                 "File-system operations served, by operation.",
@@ -101,11 +112,6 @@ impl EngineMetrics {
             written_bytes: counter(
                 "cloudfs_fs_written_bytes_total",
                 "Bytes accepted by write operations.",
-            ),
-            cache_hits: counters(
-                "cloudfs_cache_hits_total",
-                "Block reads served locally, by tier (memory or disk).",
-                &["tier"],
             ),
             cache_misses: counter(
                 "cloudfs_cache_misses_total",
@@ -177,11 +183,10 @@ impl EngineMetrics {
     }
 
     pub fn cache_hit(&self, tier: CacheTier) {
-        let tier = match tier {
-            CacheTier::Memory => "memory",
-            CacheTier::Disk => "disk",
-        };
-        self.cache_hits.with_label_values(&[tier]).inc();
+        match tier {
+            CacheTier::Memory => self.memory_hits.inc(),
+            CacheTier::Disk => self.disk_hits.inc(),
+        }
     }
 
     pub fn cache_miss(&self) {
@@ -382,7 +387,13 @@ mod tests {
         }]);
         let failed = store.get("a/b", None).await.expect_err("an injected fault");
 
+        metrics.cache_hit(CacheTier::Disk);
         let count = |name, labels: &[(&str, &str)]| sample(&registry, name, labels);
+        assert_eq!(count("cloudfs_cache_hits_total", &[("tier", "disk")]), 1.0);
+        assert_eq!(
+            count("cloudfs_cache_hits_total", &[("tier", "memory")]),
+            0.0
+        );
         assert_eq!(count("cloudfs_store_requests_total", &[("op", "get")]), 3.0);
         assert_eq!(count("cloudfs_store_requests_total", &[("op", "put")]), 1.0);
         assert_eq!(count("cloudfs_store_uploaded_bytes_total", &[]), 5.0);
