@@ -30,7 +30,10 @@ rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup comp
 log "starting the local Swift"
 export SWIFT_STATE_DIR=${SWIFT_STATE_DIR:-/var/tmp/cloudfs-swift}
 bash tests/swift/swift.sh start
-trap 'bash tests/swift/swift.sh stop >/dev/null 2>&1 || true' EXIT
+# A CI run leaves the machine as it found it: the Swift state (objects, logs) goes with it.
+swift_stop=(bash tests/swift/swift.sh stop)
+if [ "${CI:-}" = true ]; then swift_stop+=(--purge); fi
+trap '"${swift_stop[@]}" >/dev/null 2>&1 || true' EXIT
 eval "$(bash tests/swift/swift.sh env)"
 
 log "cargo fmt --check"

@@ -293,6 +293,16 @@ pub async fn latest_generation_key(
         .map(|(_, _, key)| key))
 }
 
+/// When the volume's metadata last reached the store (a generation or a segment), in seconds
+/// since the Unix epoch; none for a volume with no replicated metadata.
+pub async fn last_replicated(store: &dyn ObjectStore, volume: &str) -> VolumeResult<Option<i64>> {
+    Ok(list_all(store, &format!("volumes/{volume}/meta/"))
+        .await?
+        .into_iter()
+        .map(|object| object.modified)
+        .max())
+}
+
 /// The epoch of the newest generation of a volume, if it has any.
 pub async fn latest_generation_epoch(
     store: &dyn ObjectStore,

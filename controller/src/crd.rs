@@ -251,12 +251,78 @@ pub struct CloudfsGarbageCollectionStatus {
     pub conditions: Vec<Condition>,
 }
 
+/// A read-only view of one provisioned cloudfs volume, which the operator keeps for each
+/// PersistentVolume of the cloudfs driver (under the PV's name, owned by it) and refreshes
+/// periodically: `kubectl get cloudfsvolumes` tells the state of the storage at a glance.
+#[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "cloudfs.io",
+    version = "v1alpha1",
+    kind = "CloudfsVolume",
+    status = "CloudfsVolumeStatus",
+    shortname = "cfvol",
+    category = "cloudfs",
+    printcolumn = r#"{"name":"Claim","type":"string","jsonPath":".status.claim"}"#,
+    printcolumn = r#"{"name":"Size","type":"integer","jsonPath":".status.capacityBytes"}"#,
+    printcolumn = r#"{"name":"Files","type":"integer","jsonPath":".status.files"}"#,
+    printcolumn = r#"{"name":"Logical","type":"integer","jsonPath":".status.logicalBytes"}"#,
+    printcolumn = r#"{"name":"Dedup","type":"number","jsonPath":".status.dedupRatio"}"#,
+    printcolumn = r#"{"name":"Writer","type":"string","jsonPath":".status.writer"}"#,
+    printcolumn = r#"{"name":"Replicated","type":"date","jsonPath":".status.lastReplicationTime"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct CloudfsVolumeSpec {
+    /// The PersistentVolume this view follows (the view has its name).
+    pub persistent_volume_name: String,
+    /// The cloudfs volume: `<volume>@<pool>` (the CSI volume handle).
+    pub volume_handle: String,
+}
+
+/// What the pool says of a volume, as of `observedTime`. Usage comes from the newest
+/// metadata replicated to the pool, so it trails a busy mount by up to its sync interval.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CloudfsVolumeStatus {
+    /// The bound claim, `<namespace>/<name>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim: Option<String>,
+    /// The quota (the claim's capacity); none: unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub directories: Option<u64>,
+    /// Bytes the files hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logical_bytes: Option<u64>,
+    /// Bytes of the distinct blocks the files use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored_bytes: Option<u64>,
+    /// Logical over stored bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dedup_ratio: Option<f64>,
+    /// When the volume's metadata last reached the pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_replication_time: Option<Time>,
+    /// Who holds the volume's writer lease (a read-write mount: `<host>:<pid>`); none: nobody.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writer: Option<String>,
+    /// When the operator last looked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_time: Option<Time>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
 /// Every definition, with the file name `manifests/crds/` keeps it under.
 pub fn definitions() -> Vec<(String, CustomResourceDefinition)> {
     [
         CloudfsSnapshot::crd(),
         CloudfsRollback::crd(),
         CloudfsGarbageCollection::crd(),
+        CloudfsVolume::crd(),
     ]
     .into_iter()
     .map(|definition| (format!("{}.yaml", definition.spec.names.plural), definition))

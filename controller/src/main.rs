@@ -15,6 +15,8 @@ use cloudfs_csi::metrics::RpcMetrics;
 use cloudfs_csi::proto::controller_server::ControllerServer;
 use cloudfs_csi::proto::identity_server::IdentityServer;
 use cloudfs_csi::server;
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use tonic::service::Routes;
 
 /// cloudfs CSI controller: creates, clones, expands, snapshots and deletes cloudfs volumes.
@@ -51,6 +53,27 @@ struct Args {
     /// The image garbage-collection Jobs run (it holds the `cloudfs` binary).
     #[arg(long, env = "CLOUDFS_GC_IMAGE", default_value = concat!("cloudfs:", env!("CARGO_PKG_VERSION")))]
     gc_image: String,
+    /// Resource requests of garbage-collection Jobs, as NAME=QUANTITY pairs.
+    #[arg(long, env = "CLOUDFS_GC_REQUESTS", value_delimiter = ',', default_value = "cpu=100m,memory=256Mi", value_parser = resource_quantity)]
+    gc_requests: Vec<(String, Quantity)>,
+    /// Resource limits of garbage-collection Jobs, as NAME=QUANTITY pairs (the mark phase
+    /// holds every referenced block's hash in memory: about 100 bytes per block).
+    #[arg(long, env = "CLOUDFS_GC_LIMITS", value_delimiter = ',', default_value = "memory=2Gi", value_parser = resource_quantity)]
+    gc_limits: Vec<(String, Quantity)>,
+    /// How often the operator reads each CloudfsVolume view afresh from its pool (it loads
+    /// the volume's newest metadata to count files and bytes).
+    #[arg(long, env = "CLOUDFS_VOLUME_REFRESH", default_value = "5m", value_parser = humantime::parse_duration)]
+    volume_refresh: Duration,
+}
+
+/// A `NAME=QUANTITY` pair of a container's resources (`cpu=100m`, `memory=1Gi`).
+fn resource_quantity(pair: &str) -> Result<(String, Quantity), String> {
+    match pair.split_once('=') {
+        Some((name, quantity)) if !name.is_empty() && !quantity.is_empty() => {
+            Ok((name.to_owned(), Quantity(quantity.to_owned())))
+        }
+        _ => Err(format!("{pair:?} is not NAME=QUANTITY (e.g. memory=1Gi)")),
+    }
 }
 
 /// Ready once the default pool answers.
@@ -92,6 +115,12 @@ async fn main() -> Result<()> {
             mount_answer_timeout: Duration::from_secs(60),
             rollback_timeout: Duration::from_secs(600),
             gc_image: args.gc_image,
+            gc_resources: ResourceRequirements {
+                requests: Some(args.gc_requests.into_iter().collect()),
+                limits: Some(args.gc_limits.into_iter().collect()),
+                ..ResourceRequirements::default()
+            },
+            volume_refresh: args.volume_refresh,
         };
         let client = kube::Client::try_default().await?;
         anyhow::Ok(operator::run(client, config, &registry).await?)

@@ -1,10 +1,16 @@
-//! The operator end to end on a real kube-apiserver and the real local Swift (both started by
-//! `tests/k8s/e2e.sh`, which runs these tests): a PVC bound to a cloudfs volume, published
-//! through the Node service as kubelet would; a CloudfsSnapshot becomes ready; more is
-//! written; a CloudfsRollback switches the mounted volume back; deleting the snapshot
-//! resource deletes the engine snapshot; a snapshot of a PVC that does not exist reports why; a
-//! garbage collection run on demand reclaims a stray block through its Job; of two replicas
-//! one leads, and the other takes over when the leader stops renewing its Lease.
+//! The operator and the CSI driver end to end on a real kube-apiserver, controller manager
+//! and the real local Swift, with cloudfs-controller, csi-provisioner, snapshot-controller and
+//! csi-snapshotter running beside them (all started by `tests/k8s/e2e.sh`, which runs these
+//! tests). The tests play kubelet through the node plugin's library:
+//! - a PVC of a cloudfs StorageClass is provisioned in Swift and published; a CloudfsSnapshot
+//!   becomes ready; more is written; a CloudfsRollback switches the mounted volume back;
+//!   deleting the snapshot resource deletes the engine snapshot; a snapshot of a PVC that does
+//!   not exist reports why; credentials Swift refuses are a condition until the Secret is
+//!   rotated; a garbage collection run on demand reclaims a stray block through its Job;
+//!   deleting the PVC deletes the volume;
+//! - a VolumeSnapshot of a mounted PVC is an engine snapshot, a PVC restored from it holds the
+//!   data as it was, and deleting it deletes the engine snapshot;
+//! - of two replicas one leads, and the other takes over when the leader stops renewing.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -12,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use cloudfs_controller::crd::{
     CloudfsGarbageCollection, CloudfsGarbageCollectionSpec, CloudfsRollback, CloudfsRollbackSpec,
-    CloudfsSnapshot, CloudfsSnapshotSpec, DeletionPolicy, PoolReference, definitions,
+    CloudfsSnapshot, CloudfsSnapshotSpec, CloudfsVolume, DeletionPolicy, PoolReference,
+    definitions,
 };
 use cloudfs_controller::operator::{self, Leadership, OperatorConfig};
 use cloudfs_csi::DRIVER_NAME;
@@ -21,15 +28,18 @@ use cloudfs_csi::process_mounter::ProcessMounter;
 use cloudfs_csi::proto::node_server::Node;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{
-    CSIPersistentVolumeSource, Event, Namespace, PersistentVolume, PersistentVolumeClaim,
-    PersistentVolumeClaimSpec, PersistentVolumeSpec, Secret, VolumeResourceRequirements,
+    Event, Namespace, PersistentVolume, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    ResourceRequirements, Secret, TypedLocalObjectReference, VolumeResourceRequirements,
 };
 use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta};
 use kube::Client;
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch,
+    PatchParams, PostParams,
+};
 use support::{Cleanup, publish, unpublish};
 use tonic::Request;
 
@@ -106,6 +116,43 @@ async fn install_definitions(client: &Client) {
     }
 }
 
+/// Waits until object `name` of `api` no longer exists.
+async fn deleted<K>(api: &Api<K>, name: &str, secs: u64)
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    eventually(&format!("{name} to be deleted"), secs, || async {
+        api.get_opt(name).await.ok()?.is_none().then_some(())
+    })
+    .await;
+}
+
+/// Creates CloudfsSnapshot `name` of PVC `pvc` (deleted with its engine snapshot).
+async fn create_snapshot(snapshots: &Api<CloudfsSnapshot>, name: &str, pvc: &str) {
+    snapshots
+        .create(
+            &PostParams::default(),
+            &CloudfsSnapshot::new(
+                name,
+                CloudfsSnapshotSpec {
+                    pvc_name: pvc.into(),
+                    deletion_policy: DeletionPolicy::Delete,
+                },
+            ),
+        )
+        .await
+        .expect("create CloudfsSnapshot");
+}
+
+/// The `Ready` condition of CloudfsSnapshot `name`, once the operator has set one.
+async fn ready_condition(snapshots: &Api<CloudfsSnapshot>, name: &str) -> Condition {
+    eventually(&format!("{name} to have a Ready condition"), 60, || async {
+        let status = snapshots.get(name).await.ok()?.status?;
+        status.conditions.into_iter().find(|c| c.type_ == "Ready")
+    })
+    .await
+}
+
 /// A file's content through the mount, once the kernel's cached attributes have expired.
 async fn settled_content(path: &Path, want: &[u8]) {
     let what = format!(
@@ -121,120 +168,26 @@ async fn settled_content(path: &Path, want: &[u8]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn operator_e2e_snapshot_rollback_and_cleanup_on_a_real_api_server() {
-    let credentials: HashMap<String, String> = ["ST_AUTH", "ST_USER", "ST_KEY"]
-        .into_iter()
-        .map(|key| (key.to_owned(), env(key)))
-        .collect();
+    let credentials = swift_credentials();
     env("KUBECONFIG");
     let client = Client::try_default()
         .await
         .expect("a client from KUBECONFIG");
     install_definitions(&client).await;
 
-    // A namespace, a Secret, a StorageClass, and a PVC bound to a PV of a cloudfs volume.
+    // A namespace with a Secret and a StorageClass; a claim that csi-provisioner has cloudfs
+    // provision in the real Swift.
     let run = format!("{}-{}", std::process::id(), rand_suffix());
-    let ns = format!("cloudfs-e2e-{run}");
-    let container = format!("operator-e2e-{run}");
-    let pool = format!("swift://{container}");
+    let scene = Scene::create(&client, &run, credentials.clone()).await;
+    let Scene {
+        ns, class, pool, ..
+    } = scene.clone();
     let dir = tempfile::tempdir().expect("tempdir");
     let _cleanup = Cleanup(dir.path().to_path_buf());
     let cloudfs = support::cloudfs_binary(Path::new(BIN_DIR));
-    let formatted = std::process::Command::new(&cloudfs)
-        .args(["format", &pool, "data-volume"])
-        .output()
-        .expect("cloudfs format");
-    assert!(formatted.status.success(), "{formatted:?}");
-    let volume_id = format!("data-volume@{pool}");
-
-    Api::<Namespace>::all(client.clone())
-        .create(
-            &PostParams::default(),
-            &Namespace {
-                metadata: meta(&ns, None),
-                ..Namespace::default()
-            },
-        )
-        .await
-        .expect("namespace");
-    Api::<Secret>::namespaced(client.clone(), &ns)
-        .create(
-            &PostParams::default(),
-            &Secret {
-                metadata: meta("swift", Some(&ns)),
-                string_data: Some(credentials.clone().into_iter().collect()),
-                ..Secret::default()
-            },
-        )
-        .await
-        .expect("secret");
-    let class = format!("cloudfs-{run}");
-    let parameters: BTreeMap<String, String> = [
-        ("pool", pool.as_str()),
-        ("csi.storage.k8s.io/provisioner-secret-name", "swift"),
-        (
-            "csi.storage.k8s.io/provisioner-secret-namespace",
-            ns.as_str(),
-        ),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect();
-    Api::<StorageClass>::all(client.clone())
-        .create(
-            &PostParams::default(),
-            &StorageClass {
-                metadata: meta(&class, None),
-                provisioner: DRIVER_NAME.into(),
-                parameters: Some(parameters),
-                ..StorageClass::default()
-            },
-        )
-        .await
-        .expect("storage class");
-    let pv_name = format!("pv-{run}");
-    let capacity: BTreeMap<String, Quantity> =
-        [("storage".to_owned(), Quantity("1Gi".into()))].into();
-    Api::<PersistentVolume>::all(client.clone())
-        .create(
-            &PostParams::default(),
-            &PersistentVolume {
-                metadata: meta(&pv_name, None),
-                spec: Some(PersistentVolumeSpec {
-                    capacity: Some(capacity.clone()),
-                    access_modes: Some(vec!["ReadWriteOnce".into()]),
-                    storage_class_name: Some(class.clone()),
-                    csi: Some(CSIPersistentVolumeSource {
-                        driver: DRIVER_NAME.into(),
-                        volume_handle: volume_id.clone(),
-                        ..CSIPersistentVolumeSource::default()
-                    }),
-                    ..PersistentVolumeSpec::default()
-                }),
-                ..PersistentVolume::default()
-            },
-        )
-        .await
-        .expect("persistent volume");
-    Api::<PersistentVolumeClaim>::namespaced(client.clone(), &ns)
-        .create(
-            &PostParams::default(),
-            &PersistentVolumeClaim {
-                metadata: meta("data", Some(&ns)),
-                spec: Some(PersistentVolumeClaimSpec {
-                    access_modes: Some(vec!["ReadWriteOnce".into()]),
-                    storage_class_name: Some(class.clone()),
-                    volume_name: Some(pv_name.clone()),
-                    resources: Some(VolumeResourceRequirements {
-                        requests: Some(capacity.clone()),
-                        ..VolumeResourceRequirements::default()
-                    }),
-                    ..PersistentVolumeClaimSpec::default()
-                }),
-                ..PersistentVolumeClaim::default()
-            },
-        )
-        .await
-        .expect("claim");
+    let claim = scene.provisioned_claim("data", None).await;
+    let volume_id = claim.volume_id.clone();
+    let volume_name = claim.volume_name().to_owned();
 
     // Kubelet's part: publish the volume on this node and write to it.
     let node = NodeService::new(
@@ -245,6 +198,7 @@ async fn operator_e2e_snapshot_rollback_and_cleanup_on_a_real_api_server() {
     let target = dir.path().join("pod/data");
     let mut request = publish(&volume_id, &target, false);
     request.secrets = credentials.clone();
+    request.volume_context = claim.context.clone();
     node.node_publish_volume(Request::new(request))
         .await
         .expect("publish");
@@ -259,6 +213,11 @@ async fn operator_e2e_snapshot_rollback_and_cleanup_on_a_real_api_server() {
         mount_answer_timeout: Duration::from_secs(60),
         rollback_timeout: Duration::from_secs(120),
         gc_image: "cloudfs:e2e".into(),
+        gc_resources: ResourceRequirements {
+            limits: Some([("memory".to_owned(), Quantity("1Gi".into()))].into()),
+            ..ResourceRequirements::default()
+        },
+        volume_refresh: Duration::from_secs(3),
     };
     let operator = tokio::spawn({
         let client = client.clone();
@@ -268,19 +227,7 @@ async fn operator_e2e_snapshot_rollback_and_cleanup_on_a_real_api_server() {
 
     // A snapshot of the mounted volume, taken by its mount.
     let snapshots: Api<CloudfsSnapshot> = Api::namespaced(client.clone(), &ns);
-    snapshots
-        .create(
-            &PostParams::default(),
-            &CloudfsSnapshot::new(
-                "snap-1",
-                CloudfsSnapshotSpec {
-                    pvc_name: "data".into(),
-                    deletion_policy: DeletionPolicy::Delete,
-                },
-            ),
-        )
-        .await
-        .expect("create CloudfsSnapshot");
+    create_snapshot(&snapshots, "snap-1", "data").await;
     let status = eventually("snap-1 ready", 90, || {
         let snapshots = snapshots.clone();
         async move {
@@ -303,6 +250,34 @@ async fn operator_e2e_snapshot_rollback_and_cleanup_on_a_real_api_server() {
         .expect("a Ready condition");
     assert_eq!(ready.status, "True");
     let engine_name = snapshot_id.split('@').next().expect("name").to_owned();
+
+    // The volume's view: its claim, usage from the replicated metadata, its writer (the
+    // mount), owned by the PV.
+    let views: Api<CloudfsVolume> = Api::all(client.clone());
+    let view = eventually(
+        "the CloudfsVolume to count the file and see the mount",
+        60,
+        || {
+            let views = views.clone();
+            let pv_name = claim.pv_name.clone();
+            async move {
+                let view = views.get(&pv_name).await.ok()?;
+                let status = view.status.as_ref()?;
+                (status.files == Some(1) && status.writer.is_some()).then_some(view)
+            }
+        },
+    )
+    .await;
+    assert_eq!(view.spec.volume_handle, volume_id);
+    let owner = &view.metadata.owner_references.clone().expect("an owner")[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str()),
+        ("PersistentVolume", claim.pv_name.as_str())
+    );
+    let status = view.status.expect("a status");
+    assert_eq!(status.claim, Some(format!("{ns}/data")));
+    assert_eq!(status.capacity_bytes, Some(1 << 30));
+    assert!(status.last_replication_time.is_some(), "{status:?}");
 
     // More writes, then a rollback: the mounted volume switches back in place.
     std::fs::write(target.join("a"), b"after the snapshot").expect("rewrite");
@@ -347,31 +322,10 @@ async fn operator_e2e_snapshot_rollback_and_cleanup_on_a_real_api_server() {
         .delete("snap-1", &DeleteParams::default())
         .await
         .expect("delete CloudfsSnapshot");
-    eventually("snap-1 to be gone", 60, || {
-        let snapshots = snapshots.clone();
-        async move {
-            snapshots
-                .get_opt("snap-1")
-                .await
-                .ok()?
-                .is_none()
-                .then_some(())
-        }
-    })
-    .await;
-    let listed = std::process::Command::new(&cloudfs)
-        .args(["snapshot", "list", &pool, "data-volume", "--json"])
-        .output()
-        .expect("cloudfs snapshot list");
-    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).expect("JSON");
-    let names: Vec<&str> = listed
-        .as_array()
-        .expect("an array")
-        .iter()
-        .filter_map(|s| s["name"].as_str())
-        .collect();
-    assert!(!names.contains(&engine_name.as_str()), "{names:?}");
-    assert!(names.contains(&previous.as_str()), "{names:?}");
+    deleted(&snapshots, "snap-1", 60).await;
+    let names = snapshot_names(&cloudfs, &pool, &volume_name);
+    assert!(!names.contains(&engine_name), "{names:?}");
+    assert!(names.contains(&previous), "{names:?}");
 
     // Events announce each change of state.
     let events: Api<Event> = Api::namespaced(client.clone(), &ns);
@@ -391,27 +345,8 @@ async fn operator_e2e_snapshot_rollback_and_cleanup_on_a_real_api_server() {
     }
 
     // A snapshot of a PVC that does not exist says why, and keeps trying.
-    snapshots
-        .create(
-            &PostParams::default(),
-            &CloudfsSnapshot::new(
-                "orphan",
-                CloudfsSnapshotSpec {
-                    pvc_name: "missing".into(),
-                    deletion_policy: DeletionPolicy::Delete,
-                },
-            ),
-        )
-        .await
-        .expect("create CloudfsSnapshot");
-    let waiting = eventually("orphan to report its claim", 30, || {
-        let snapshots = snapshots.clone();
-        async move {
-            let status = snapshots.get("orphan").await.ok()?.status?;
-            status.conditions.into_iter().find(|c| c.type_ == "Ready")
-        }
-    })
-    .await;
+    create_snapshot(&snapshots, "orphan", "missing").await;
+    let waiting = ready_condition(&snapshots, "orphan").await;
     assert_eq!(waiting.status, "False");
     assert_eq!(waiting.reason, "ClaimNotReady", "{waiting:?}");
     let text = cloudfs_metrics::encode(&registry.gather());
@@ -425,6 +360,43 @@ async fn operator_e2e_snapshot_rollback_and_cleanup_on_a_real_api_server() {
         .delete("orphan", &DeleteParams::default())
         .await
         .expect("delete orphan");
+
+    // Credentials Swift refuses are a condition, retried with backoff; the rotated Secret is
+    // picked up by the next attempt, with no restart.
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let with_key = |key: &str| serde_json::json!({ "stringData": { "ST_KEY": key } });
+    secrets
+        .patch(
+            "swift",
+            &PatchParams::default(),
+            &Patch::Merge(with_key("not-the-key")),
+        )
+        .await
+        .expect("break the Secret");
+    create_snapshot(&snapshots, "snap-2", "data").await;
+    let refused = ready_condition(&snapshots, "snap-2").await;
+    assert_eq!(refused.status, "False");
+    assert_eq!(refused.reason, "CredentialsRefused", "{refused:?}");
+    secrets
+        .patch(
+            "swift",
+            &PatchParams::default(),
+            &Patch::Merge(with_key(&credentials["ST_KEY"])),
+        )
+        .await
+        .expect("rotate the Secret");
+    eventually("snap-2 ready with the rotated Secret", 90, || {
+        let snapshots = snapshots.clone();
+        async move {
+            let status = snapshots.get("snap-2").await.ok()?.status?;
+            status.ready_to_use.then_some(())
+        }
+    })
+    .await;
+    snapshots
+        .delete("snap-2", &DeleteParams::default())
+        .await
+        .expect("delete snap-2");
 
     collect_on_demand(
         &client,
@@ -442,20 +414,176 @@ async fn operator_e2e_snapshot_rollback_and_cleanup_on_a_real_api_server() {
     node.node_unpublish_volume(Request::new(unpublish(&volume_id, &target)))
         .await
         .expect("unpublish");
-    let deleted = std::process::Command::new(&cloudfs)
-        .args(["volume", "delete", &pool, "data-volume"])
-        .output()
-        .expect("cloudfs volume delete");
-    assert!(deleted.status.success(), "{deleted:?}");
-    let _ = Api::<Namespace>::all(client.clone())
-        .delete(&ns, &DeleteParams::default())
+    // Deleting the claim has csi-provisioner delete the volume and its PV, and the garbage
+    // collector the PV's view.
+    scene.delete_claim(&claim).await;
+    deleted(&views, &claim.pv_name, 60).await;
+    assert!(
+        !volume_names(&cloudfs, &pool).contains(&volume_name),
+        "{volume_name} is deleted from the pool"
+    );
+    scene.delete().await;
+}
+
+/// The other door to the same engine snapshots: a CSI VolumeSnapshot, through snapshot-controller
+/// and csi-snapshotter, of a mounted claim; a claim restored from it (an instant clone) holds
+/// the data as it was; deleting the VolumeSnapshot deletes the engine snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn operator_e2e_volume_snapshots_through_the_csi_sidecars() {
+    let credentials = swift_credentials();
+    env("KUBECONFIG");
+    let client = Client::try_default()
+        .await
+        .expect("a client from KUBECONFIG");
+    let run = format!("{}-{}", std::process::id(), rand_suffix());
+    let scene = Scene::create(&client, &run, credentials.clone()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _cleanup = Cleanup(dir.path().to_path_buf());
+    let cloudfs = support::cloudfs_binary(Path::new(BIN_DIR));
+    let node = NodeService::new(
+        "node-1".into(),
+        dir.path().join("state"),
+        ProcessMounter::new(cloudfs.clone(), dir.path().join("run")),
+    );
+    let publish_claim = |claim: &ProvisionedClaim, target: &Path| {
+        let mut request = publish(&claim.volume_id, target, false);
+        request.secrets = credentials.clone();
+        request.volume_context = claim.context.clone();
+        node.node_publish_volume(Request::new(request))
+    };
+
+    let source = scene.provisioned_claim("source", None).await;
+    let source_target = dir.path().join("pod/source");
+    publish_claim(&source, &source_target)
+        .await
+        .expect("publish the source");
+    std::fs::write(source_target.join("x"), b"as it was").expect("write");
+
+    let snapshot_api = |kind: &str, plural: &str| {
+        ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", kind),
+            plural,
+        )
+    };
+    let class_name = format!("cloudfs-{run}");
+    let classes: Api<DynamicObject> = Api::all_with(
+        client.clone(),
+        &snapshot_api("VolumeSnapshotClass", "volumesnapshotclasses"),
+    );
+    let class: DynamicObject = serde_json::from_value(serde_json::json!({
+        "apiVersion": "snapshot.storage.k8s.io/v1",
+        "kind": "VolumeSnapshotClass",
+        "metadata": { "name": class_name },
+        "driver": DRIVER_NAME,
+        "deletionPolicy": "Delete",
+        "parameters": {
+            "csi.storage.k8s.io/snapshotter-secret-name": "swift",
+            "csi.storage.k8s.io/snapshotter-secret-namespace": scene.ns,
+        },
+    }))
+    .expect("a VolumeSnapshotClass");
+    classes
+        .create(&PostParams::default(), &class)
+        .await
+        .expect("create the VolumeSnapshotClass");
+    let snapshots: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        &scene.ns,
+        &snapshot_api("VolumeSnapshot", "volumesnapshots"),
+    );
+    let snapshot: DynamicObject = serde_json::from_value(serde_json::json!({
+        "apiVersion": "snapshot.storage.k8s.io/v1",
+        "kind": "VolumeSnapshot",
+        "metadata": { "name": "snap", "namespace": scene.ns },
+        "spec": {
+            "volumeSnapshotClassName": class_name,
+            "source": { "persistentVolumeClaimName": "source" },
+        },
+    }))
+    .expect("a VolumeSnapshot");
+    snapshots
+        .create(&PostParams::default(), &snapshot)
+        .await
+        .expect("create the VolumeSnapshot");
+    let content_name = eventually("the VolumeSnapshot to be ready", 120, || {
+        let snapshots = snapshots.clone();
+        async move {
+            let status = snapshots.get("snap").await.ok()?.data["status"].clone();
+            (status["readyToUse"] == true)
+                .then(|| {
+                    status["boundVolumeSnapshotContentName"]
+                        .as_str()
+                        .map(str::to_owned)
+                })
+                .flatten()
+        }
+    })
+    .await;
+    let contents: Api<DynamicObject> = Api::all_with(
+        client.clone(),
+        &snapshot_api("VolumeSnapshotContent", "volumesnapshotcontents"),
+    );
+    let handle = contents
+        .get(&content_name)
+        .await
+        .expect("the VolumeSnapshotContent")
+        .data["status"]["snapshotHandle"]
+        .as_str()
+        .expect("a snapshot handle")
+        .to_owned();
+    assert!(
+        handle.ends_with(&format!("@{}", source.volume_id)),
+        "{handle} is a snapshot of {}",
+        source.volume_id
+    );
+    let engine_name = handle.split('@').next().expect("a name").to_owned();
+    assert!(
+        snapshot_names(&cloudfs, &scene.pool, source.volume_name()).contains(&engine_name),
+        "{engine_name} is an engine snapshot"
+    );
+
+    // The source moves on; a claim restored from the snapshot has the data as it was.
+    std::fs::write(source_target.join("x"), b"changed since").expect("rewrite");
+    let restored = scene
+        .provisioned_claim(
+            "restored",
+            Some(TypedLocalObjectReference {
+                api_group: Some("snapshot.storage.k8s.io".into()),
+                kind: "VolumeSnapshot".into(),
+                name: "snap".into(),
+            }),
+        )
         .await;
-    let _ = Api::<StorageClass>::all(client.clone())
-        .delete(&class, &DeleteParams::default())
-        .await;
-    let _ = Api::<PersistentVolume>::all(client)
-        .delete(&pv_name, &DeleteParams::default())
-        .await;
+    let restored_target = dir.path().join("pod/restored");
+    publish_claim(&restored, &restored_target)
+        .await
+        .expect("publish the restored claim");
+    assert_eq!(
+        std::fs::read(restored_target.join("x")).expect("read"),
+        b"as it was"
+    );
+    settled_content(&source_target.join("x"), b"changed since").await;
+    for (claim, target) in [(&source, &source_target), (&restored, &restored_target)] {
+        node.node_unpublish_volume(Request::new(unpublish(&claim.volume_id, target)))
+            .await
+            .expect("unpublish");
+    }
+
+    // Deleting the VolumeSnapshot deletes the engine snapshot (deletionPolicy: Delete).
+    snapshots
+        .delete("snap", &DeleteParams::default())
+        .await
+        .expect("delete the VolumeSnapshot");
+    deleted(&contents, &content_name, 120).await;
+    assert!(
+        !snapshot_names(&cloudfs, &scene.pool, source.volume_name()).contains(&engine_name),
+        "{engine_name} is deleted"
+    );
+    for claim in [&restored, &source] {
+        scene.delete_claim(claim).await;
+    }
+    let _ = classes.delete(&class_name, &DeleteParams::default()).await;
+    scene.delete().await;
 }
 
 /// A CloudfsGarbageCollection run on demand: the operator starts a Job; with no kubelet here,
@@ -522,6 +650,12 @@ async fn collect_on_demand(
         .and_then(|spec| spec.template.spec)
         .map(|pod| pod.containers[0].clone())
         .expect("a container");
+    let limits = container.resources.and_then(|r| r.limits).expect("limits");
+    assert_eq!(
+        limits["memory"],
+        Quantity("1Gi".into()),
+        "the operator's resources"
+    );
     let mut command = container.command.expect("a command");
     assert_eq!(command[..3], ["cloudfs", "gc", pool], "{command:?}");
     let secret_name = container.env_from.expect("credentials")[0]
@@ -579,19 +713,206 @@ async fn collect_on_demand(
         .delete(&name, &DeleteParams::default())
         .await
         .expect("delete the collection");
-    eventually("the collection to be gone", 30, || {
-        let collections = collections.clone();
-        let name = name.clone();
-        async move {
-            collections
-                .get_opt(&name)
-                .await
-                .ok()?
-                .is_none()
-                .then_some(())
+    deleted(&collections, &name, 30).await;
+}
+
+/// The Swift credentials of the local test Swift, as a Secret holds them.
+fn swift_credentials() -> HashMap<String, String> {
+    ["ST_AUTH", "ST_USER", "ST_KEY"]
+        .into_iter()
+        .map(|key| (key.to_owned(), env(key)))
+        .collect()
+}
+
+/// A test's own corner of the cluster: a namespace with the Swift Secret, and a StorageClass
+/// of the cloudfs driver putting volumes in a pool (container) of the test's own.
+#[derive(Clone)]
+struct Scene {
+    client: Client,
+    ns: String,
+    class: String,
+    pool: String,
+}
+
+/// A claim csi-provisioner has bound to a volume cloudfs provisioned.
+struct ProvisionedClaim {
+    name: String,
+    pv_name: String,
+    volume_id: String,
+    /// The PV's volume attributes, which kubelet hands to NodePublishVolume.
+    context: HashMap<String, String>,
+}
+
+impl ProvisionedClaim {
+    /// The volume's name in its pool.
+    fn volume_name(&self) -> &str {
+        self.volume_id.split('@').next().unwrap_or_default()
+    }
+}
+
+impl Scene {
+    async fn create(client: &Client, run: &str, credentials: HashMap<String, String>) -> Self {
+        let scene = Scene {
+            client: client.clone(),
+            ns: format!("cloudfs-e2e-{run}"),
+            class: format!("cloudfs-{run}"),
+            pool: format!("swift://operator-e2e-{run}"),
+        };
+        Api::<Namespace>::all(client.clone())
+            .create(
+                &PostParams::default(),
+                &Namespace {
+                    metadata: meta(&scene.ns, None),
+                    ..Namespace::default()
+                },
+            )
+            .await
+            .expect("namespace");
+        Api::<Secret>::namespaced(client.clone(), &scene.ns)
+            .create(
+                &PostParams::default(),
+                &Secret {
+                    metadata: meta("swift", Some(&scene.ns)),
+                    string_data: Some(credentials.into_iter().collect()),
+                    ..Secret::default()
+                },
+            )
+            .await
+            .expect("secret");
+        let parameters: BTreeMap<String, String> = [
+            ("pool", scene.pool.as_str()),
+            ("csi.storage.k8s.io/provisioner-secret-name", "swift"),
+            (
+                "csi.storage.k8s.io/provisioner-secret-namespace",
+                scene.ns.as_str(),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        Api::<StorageClass>::all(client.clone())
+            .create(
+                &PostParams::default(),
+                &StorageClass {
+                    metadata: meta(&scene.class, None),
+                    provisioner: DRIVER_NAME.into(),
+                    parameters: Some(parameters),
+                    ..StorageClass::default()
+                },
+            )
+            .await
+            .expect("storage class");
+        scene
+    }
+
+    /// Creates claim `name` of the scene's class (from `source` if given) and waits until the
+    /// controller manager has bound it to the PV csi-provisioner made for it.
+    async fn provisioned_claim(
+        &self,
+        name: &str,
+        source: Option<TypedLocalObjectReference>,
+    ) -> ProvisionedClaim {
+        let claims = Api::<PersistentVolumeClaim>::namespaced(self.client.clone(), &self.ns);
+        let capacity: BTreeMap<String, Quantity> =
+            [("storage".to_owned(), Quantity("1Gi".into()))].into();
+        claims
+            .create(
+                &PostParams::default(),
+                &PersistentVolumeClaim {
+                    metadata: meta(name, Some(&self.ns)),
+                    spec: Some(PersistentVolumeClaimSpec {
+                        access_modes: Some(vec!["ReadWriteOnce".into()]),
+                        storage_class_name: Some(self.class.clone()),
+                        data_source: source,
+                        resources: Some(VolumeResourceRequirements {
+                            requests: Some(capacity),
+                            ..VolumeResourceRequirements::default()
+                        }),
+                        ..PersistentVolumeClaimSpec::default()
+                    }),
+                    ..PersistentVolumeClaim::default()
+                },
+            )
+            .await
+            .expect("claim");
+        let pv_name = eventually(&format!("claim {name} to be bound"), 120, || {
+            let claims = claims.clone();
+            async move {
+                let claim = claims.get(name).await.ok()?;
+                let bound = claim.status?.phase.as_deref() == Some("Bound");
+                bound.then_some(claim.spec?.volume_name?)
+            }
+        })
+        .await;
+        let csi = Api::<PersistentVolume>::all(self.client.clone())
+            .get(&pv_name)
+            .await
+            .expect("the claim's PV")
+            .spec
+            .and_then(|spec| spec.csi)
+            .expect("a CSI volume");
+        assert_eq!(csi.driver, DRIVER_NAME);
+        assert!(
+            csi.volume_handle.ends_with(&format!("@{}", self.pool)),
+            "{} is in the class's pool",
+            csi.volume_handle
+        );
+        ProvisionedClaim {
+            name: name.to_owned(),
+            pv_name,
+            volume_id: csi.volume_handle,
+            context: csi
+                .volume_attributes
+                .unwrap_or_default()
+                .into_iter()
+                .collect(),
         }
-    })
-    .await;
+    }
+
+    /// Deletes a claim and waits until csi-provisioner has deleted its volume and PV.
+    async fn delete_claim(&self, claim: &ProvisionedClaim) {
+        Api::<PersistentVolumeClaim>::namespaced(self.client.clone(), &self.ns)
+            .delete(&claim.name, &DeleteParams::default())
+            .await
+            .expect("delete the claim");
+        let volumes = Api::<PersistentVolume>::all(self.client.clone());
+        deleted(&volumes, &claim.pv_name, 120).await;
+    }
+
+    async fn delete(self) {
+        let _ = Api::<Namespace>::all(self.client.clone())
+            .delete(&self.ns, &DeleteParams::default())
+            .await;
+        let _ = Api::<StorageClass>::all(self.client)
+            .delete(&self.class, &DeleteParams::default())
+            .await;
+    }
+}
+
+/// The volumes of `pool`, as `cloudfs volume list` gives them.
+fn volume_names(cloudfs: &Path, pool: &str) -> Vec<String> {
+    let listed = std::process::Command::new(cloudfs)
+        .args(["volume", "list", pool, "--json"])
+        .output()
+        .expect("cloudfs volume list");
+    assert!(listed.status.success(), "{listed:?}");
+    serde_json::from_slice(&listed.stdout).expect("a JSON array of names")
+}
+
+/// The engine snapshots of a volume, by name.
+fn snapshot_names(cloudfs: &Path, pool: &str, volume: &str) -> Vec<String> {
+    let listed = std::process::Command::new(cloudfs)
+        .args(["snapshot", "list", pool, volume, "--json"])
+        .output()
+        .expect("cloudfs snapshot list");
+    assert!(listed.status.success(), "{listed:?}");
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).expect("JSON");
+    listed
+        .as_array()
+        .expect("an array")
+        .iter()
+        .filter_map(|s| s["name"].as_str().map(str::to_owned))
+        .collect()
 }
 
 /// A few random hex digits, so runs against one API server never collide.

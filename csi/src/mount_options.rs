@@ -8,8 +8,9 @@ use std::time::Duration;
 
 /// The StorageClass parameter naming the pool (the controller's to read).
 pub const POOL_PARAMETER: &str = "pool";
-/// Keys the Kubernetes sidecars and kubelet add (PVC and pod names, secrets, …).
-const KUBERNETES_PREFIX: &str = "csi.storage.k8s.io/";
+/// Prefixes of keys the Kubernetes sidecars and kubelet add (PVC and pod names, secrets,
+/// csi-provisioner's `storage.kubernetes.io/csiProvisionerIdentity`, …).
+const KUBERNETES_PREFIXES: [&str; 2] = ["csi.storage.k8s.io/", "storage.kubernetes.io/"];
 const CACHE_SIZE: &str = "cacheSize";
 const SYNC_INTERVAL: &str = "syncInterval";
 const STORE_TIMEOUT: &str = "storeTimeout";
@@ -70,7 +71,7 @@ impl MountOptions {
                     options.fuse_threads = Some(threads);
                 }
                 POOL_PARAMETER => {}
-                _ if key.starts_with(KUBERNETES_PREFIX) => {}
+                _ if KUBERNETES_PREFIXES.iter().any(|p| key.starts_with(p)) => {}
                 _ => {
                     return Err(format!(
                         "unknown parameter {key:?}: cloudfs takes {POOL_PARAMETER}, \
@@ -161,6 +162,10 @@ mod tests {
             ("leaseTTL", "45s"),
             ("fuseThreads", "8"),
             ("csi.storage.k8s.io/pvc/name", "data"),
+            (
+                "storage.kubernetes.io/csiProvisionerIdentity",
+                "1764120000000-1234-cloudfs.csi.k8s.io",
+            ),
         ]))
         .expect("valid parameters");
         assert_eq!(options.cache_size, Some(64 << 20));

@@ -1,50 +1,67 @@
 #!/usr/bin/env bash
-# Test control plane for the operator tests: a real kube-apiserver backed by a real etcd, both
-# on 127.0.0.1, with no kubelet, scheduler or controller-manager. The two binaries are built
-# from their Go modules at the versions pinned below and cached under target/tools/; a change
-# of pin rebuilds them. `start` writes a kubeconfig (own CA, bearer token of an admin in
-# system:masters) into the state dir.
+# Test control plane for the operator and provisioning tests, on 127.0.0.1: a real etcd,
+# kube-apiserver and kube-controller-manager (its persistent-volume binder and garbage collector
+# only: no kubelet, no scheduler). Built from their Go modules at the versions pinned below,
+# with the CSI sidecars the tests run beside cloudfs (csi-provisioner, csi-snapshotter,
+# snapshot-controller) and the VolumeSnapshot and VolumeGroupSnapshot CRDs, all cached under
+# target/tools/; a change of pin rebuilds. `start` writes a kubeconfig (own CA, bearer token of
+# an admin in system:masters) into the state dir.
 #
-#   tests/k8s/cluster.sh build    # build kube-apiserver and etcd if the pinned ones are missing
-#   tests/k8s/cluster.sh start    # build if needed, start etcd + kube-apiserver, wait for /readyz
+#   tests/k8s/cluster.sh build    # build whatever of the pinned binaries is missing
+#   tests/k8s/cluster.sh start    # build if needed, start etcd, kube-apiserver, the controller
+#                                 # manager; wait for /readyz
 #   tests/k8s/cluster.sh status   # say whether it runs, and where
-#   tests/k8s/cluster.sh env      # print `export KUBECONFIG=...`, for: eval "$(... env)"
-#   tests/k8s/cluster.sh stop     # stop both and remove the state dir
+#   tests/k8s/cluster.sh env      # print the exports tests use (KUBECONFIG, the sidecars' paths),
+#                                 # for: eval "$(tests/k8s/cluster.sh env)"
+#   tests/k8s/cluster.sh install-crds FILE...  # create CRDs from YAML, wait until served
+#   tests/k8s/cluster.sh stop     # stop everything and remove the state dir
 #
 # Settings (environment):
-#   KUBE_STATE_DIR                 state dir (default /var/tmp/cloudfs-kube)
-#   CLOUDFS_KUBE_VERSION           k8s.io/kubernetes version to build kube-apiserver from
-#   CLOUDFS_ETCD_VERSION           go.etcd.io/etcd/server/v3 version to build etcd from
-#   CLOUDFS_TOOLS_DIR              where binaries are cached (default <repo>/target/tools)
-#   CLOUDFS_KUBE_START_TIMEOUT     seconds to wait for /readyz (default 90)
-#   CLOUDFS_KUBE_DISABLE_ADMISSION admission plugins to turn off (default below)
-#   CLOUDFS_KEEP_GOCACHE=1         keep the Go build cache after a successful build
+#   KUBE_STATE_DIR                  state dir (default /var/tmp/cloudfs-kube)
+#   CLOUDFS_KUBE_VERSION            k8s.io/kubernetes version (kube-apiserver, controller manager)
+#   CLOUDFS_ETCD_VERSION            go.etcd.io/etcd/server/v3 version to build etcd from
+#   CLOUDFS_CSI_PROVISIONER_VERSION external-provisioner version (csi-provisioner)
+#   CLOUDFS_CSI_SNAPSHOTTER_VERSION external-snapshotter version (csi-snapshotter,
+#                                   snapshot-controller, VolumeSnapshot CRDs)
+#   CLOUDFS_TOOLS_DIR               where binaries are cached (default <repo>/target/tools)
+#   CLOUDFS_KUBE_START_TIMEOUT      seconds to wait for /readyz (default 90)
+#   CLOUDFS_KUBE_DISABLE_ADMISSION  admission plugins to turn off (default below)
+#   CLOUDFS_KEEP_GOCACHE=1          keep the Go build cache after a successful build
+#   CLOUDFS_GO_BUILD_JOBS           packages compiled at once (default 1; all cores if CI=true)
 #
-# With no controller-manager, nothing acts on stored objects: no pod runs, a deleted namespace
-# stays Terminating, ownerReferences are not garbage-collected, Deployments make no ReplicaSets.
-# Tests should use their own namespaces with unique names rather than delete and reuse them.
+# Only the volume binder and the garbage collector run in the controller manager: no pod runs
+# and a deleted namespace stays Terminating. Tests should use their own namespaces with unique
+# names rather than delete and reuse them.
 #
-# Builds run at the lowest CPU priority, one package at a time, so they can share a small
-# machine with other work. The Kubernetes minor must stay one that the k8s-openapi crate used
-# by the operator has a feature for (v1.37 -> feature v1_37).
+# Builds run at the lowest CPU priority so they can share a small machine with other work. The
+# Kubernetes minor must stay one that the k8s-openapi crate used by the operator has a feature
+# for (v1.37 -> feature v1_37).
 set -euo pipefail
 
 CLOUDFS_KUBE_VERSION="${CLOUDFS_KUBE_VERSION:-v1.37.2}"
 CLOUDFS_ETCD_VERSION="${CLOUDFS_ETCD_VERSION:-v3.7.3}"
+CLOUDFS_CSI_PROVISIONER_VERSION="${CLOUDFS_CSI_PROVISIONER_VERSION:-v6.4.0}"
+CLOUDFS_CSI_SNAPSHOTTER_VERSION="${CLOUDFS_CSI_SNAPSHOTTER_VERSION:-v8.7.0}"
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_ROOT="$(cd "$SCRIPT_DIR/../.." && pwd)"
 TOOLS_DIR="${CLOUDFS_TOOLS_DIR:-$REPO_ROOT/target/tools}"
 STATE_DIR="${KUBE_STATE_DIR:-/var/tmp/cloudfs-kube}"
 START_TIMEOUT="${CLOUDFS_KUBE_START_TIMEOUT:-90}"
-# Without a controller-manager nobody creates the "default" service account of a namespace
-# nor removes the pvc/pv protection finalizers, so those two plugins would only get in the way.
+# With only the volume binder running, nobody creates the "default" service account of a
+# namespace nor removes the pvc/pv protection finalizers, so those two plugins would only get in
+# the way.
 DISABLE_ADMISSION="${CLOUDFS_KUBE_DISABLE_ADMISSION:-ServiceAccount,StorageObjectInUseProtection}"
 SERVICE_CIDR="10.0.0.0/24"
 MIN_BUILD_FREE_GIB=4
 
 APISERVER_BIN="$TOOLS_DIR/kube-apiserver-$CLOUDFS_KUBE_VERSION"
+CONTROLLER_MANAGER_BIN="$TOOLS_DIR/kube-controller-manager-$CLOUDFS_KUBE_VERSION"
 ETCD_BIN="$TOOLS_DIR/etcd-$CLOUDFS_ETCD_VERSION"
+PROVISIONER_BIN="$TOOLS_DIR/csi-provisioner-$CLOUDFS_CSI_PROVISIONER_VERSION"
+SNAPSHOTTER_BIN="$TOOLS_DIR/csi-snapshotter-$CLOUDFS_CSI_SNAPSHOTTER_VERSION"
+SNAPSHOT_CONTROLLER_BIN="$TOOLS_DIR/snapshot-controller-$CLOUDFS_CSI_SNAPSHOTTER_VERSION"
+SNAPSHOT_CRDS_DIR="$TOOLS_DIR/snapshot-crds-$CLOUDFS_CSI_SNAPSHOTTER_VERSION"
 STATE_MARKER=".cloudfs-kube-state"
 
 log() { printf '[kube] %s\n' "$*" >&2; }
@@ -152,78 +169,126 @@ go_build_env() {
   export GOCACHE="$TOOLS_DIR/.go-build-cache"
   export GOWORK=off
   export CGO_ENABLED=0
-  export GOFLAGS="${GOFLAGS:+$GOFLAGS }-p=1"
+  # One package at a time beside other work; a CI run has the machine to itself by then.
+  local jobs=1
+  if [ "${CI:-}" = true ]; then jobs=$(nproc); fi
+  export GOFLAGS="${GOFLAGS:+$GOFLAGS }-p=${CLOUDFS_GO_BUILD_JOBS:-$jobs}"
+}
+
+# Builds commands of Go module MODULE@VERSION into $TOOLS_DIR/<name>-VERSION, each PACKAGE given
+# as name=import/path. `go install mod@version` refuses a module with replace directives, and a
+# dependency's replaces are ignored, so a throwaway module requires MODULE and carries them over:
+# one naming a published version as is, one naming a directory of MODULE's own tree (etcd's
+# sibling modules, Kubernetes' staging repos, the snapshotter's client) as that module at
+# TREE_VERSION, the version the directory is published under for this release.
+build_module_commands() { # MODULE VERSION TREE_VERSION LDFLAGS PACKAGE...
+  local module="$1" version="$2" tree_version="$3" ldflags="$4" work start gomod
+  shift 4
+  local names=() pkgs=() spec
+  for spec in "$@"; do
+    names+=("${spec%%=*}")
+    pkgs+=("${spec#*=}")
+  done
+  start=$SECONDS
+  log "building ${names[*]} $version ($module)"
+  work="$(mktemp -d "${TMPDIR:-/tmp}/cloudfs-go-build.XXXXXX")"
+  BUILD_LEFTOVERS+=("$work")
+  (
+    cd "$work"
+    go mod init cloudfs.test/tool-build 2>/dev/null
+    gomod="$(go_low mod download -json "$module@$version" |
+      sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",\{0,1\}$/\1/p')"
+    [ -f "$gomod" ] || { echo "no go.mod found for $module@$version" >&2; exit 1; }
+    local edits=() from to to_version
+    while read -r from to to_version; do
+      case $to in
+        ./* | ../*) edits+=("-replace=$from=${from%@*}@$tree_version") ;;
+        *) edits+=("-replace=$from=$to@$to_version") ;;
+      esac
+    done < <(awk '/=>/ {
+        sub(/^[[:space:]]*replace[[:space:]]+/, ""); split($0, side, "=>")
+        nl = split(side[1], l, " "); nr = split(side[2], r, " ")
+        print l[1] (nl > 1 ? "@" l[2] : ""), r[1], (nr > 1 ? r[2] : "-")
+      }' "$gomod")
+    ((${#edits[@]} == 0)) || go mod edit "${edits[@]}"
+    go_quiet get "$module@$version"
+    mkdir bin
+    go_low build -mod=mod -trimpath -ldflags "$ldflags" -o bin/ "${pkgs[@]}"
+  )
+  local i built
+  for i in "${!names[@]}"; do
+    built="$work/bin/$(basename "${pkgs[$i]}")"
+    mv -f "$built" "$TOOLS_DIR/${names[$i]}-$version"
+  done
+  rm -rf "$work"
+  log "built ${names[*]} in $((SECONDS - start)) s"
+  # Each module pins its own versions of the shared dependencies, so its compiled packages are
+  # of no use to the next build: dropping them keeps the disk a build needs to one module's.
+  if [ "${CLOUDFS_KEEP_GOCACHE:-0}" != 1 ]; then go clean -cache >/dev/null 2>&1 || true; fi
 }
 
 build_etcd() {
-  local out="$ETCD_BIN" work start
-  [ -x "$out" ] && return 0
-  start=$SECONDS
-  log "building etcd $CLOUDFS_ETCD_VERSION (go.etcd.io/etcd/server/v3) -> $out"
-  work="$(mktemp -d "${TMPDIR:-/tmp}/cloudfs-etcd-build.XXXXXX")"
-  BUILD_LEFTOVERS+=("$work" "$out.partial")
-  # The etcd module carries replace directives, which `go install mod@version` refuses; as a
-  # dependency of a throwaway module its own go.mod requirements are used instead.
-  (
-    cd "$work"
-    go mod init cloudfs.test/etcd-build 2>/dev/null
-    go_quiet get "go.etcd.io/etcd/server/v3@$CLOUDFS_ETCD_VERSION"
-    go_low build -p 1 -mod=mod -trimpath -ldflags "-s -w" -o "$out.partial" go.etcd.io/etcd/server/v3
-  )
-  rm -rf "$work"
-  mv -f "$out.partial" "$out"
-  log "built $(basename "$out") in $((SECONDS - start)) s ($(dir_size "$out"))"
+  [ -x "$ETCD_BIN" ] && return 0
+  build_module_commands go.etcd.io/etcd/server/v3 "$CLOUDFS_ETCD_VERSION" "$CLOUDFS_ETCD_VERSION" \
+    "-s -w" etcd=go.etcd.io/etcd/server/v3
 }
 
-build_apiserver() {
-  local out="$APISERVER_BIN" work start gomod staging_version major minor
-  [ -x "$out" ] && return 0
+build_kube() {
+  [ -x "$APISERVER_BIN" ] && [ -x "$CONTROLLER_MANAGER_BIN" ] && return 0
   [[ "$CLOUDFS_KUBE_VERSION" =~ ^v1\.([0-9]+)\.([0-9]+)$ ]] ||
     die "CLOUDFS_KUBE_VERSION must look like v1.MINOR.PATCH, got $CLOUDFS_KUBE_VERSION"
-  major=1
-  minor="${BASH_REMATCH[1]}"
+  local minor="${BASH_REMATCH[1]}" ldflags="-s -w" pkg
   # The staging repos (k8s.io/api, k8s.io/apiserver, ...) are tagged v0.MINOR.PATCH.
-  staging_version="v0.${BASH_REMATCH[1]}.${BASH_REMATCH[2]}"
-  start=$SECONDS
-  log "building kube-apiserver $CLOUDFS_KUBE_VERSION (staging $staging_version) -> $out"
-  work="$(mktemp -d "${TMPDIR:-/tmp}/cloudfs-apiserver-build.XXXXXX")"
-  BUILD_LEFTOVERS+=("$work" "$out.partial")
-  (
-    cd "$work"
-    go mod init cloudfs.test/apiserver-build 2>/dev/null
-    # k8s.io/kubernetes points every staging repo at a directory of its own tree; the throwaway
-    # module points each of them at the published module of the matching version instead.
-    gomod="$(go_low mod download -json "k8s.io/kubernetes@$CLOUDFS_KUBE_VERSION" |
-      sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",\{0,1\}$/\1/p')"
-    [ -f "$gomod" ] || { echo "no go.mod found for k8s.io/kubernetes@$CLOUDFS_KUBE_VERSION" >&2; exit 1; }
-    local replaces=() repo
-    while read -r repo; do
-      replaces+=("-replace=$repo=$repo@$staging_version")
-    done < <(sed -n 's#^[[:space:]]*\(k8s\.io/[^[:space:]]*\)[[:space:]]*=>[[:space:]]*\./staging/.*#\1#p' "$gomod")
-    ((${#replaces[@]})) || { echo "no staging replace lines in $gomod" >&2; exit 1; }
-    go mod edit "${replaces[@]}"
-    go_quiet get "k8s.io/kubernetes/cmd/kube-apiserver@$CLOUDFS_KUBE_VERSION"
-    local ldflags="-s -w" pkg
-    for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-      ldflags+=" -X $pkg.gitVersion=$CLOUDFS_KUBE_VERSION -X $pkg.gitMajor=$major -X $pkg.gitMinor=$minor"
-      ldflags+=" -X $pkg.gitTreeState=clean"
-    done
-    go_low build -p 1 -mod=mod -trimpath -ldflags "$ldflags" -o "$out.partial" \
-      k8s.io/kubernetes/cmd/kube-apiserver
-  )
-  rm -rf "$work"
-  mv -f "$out.partial" "$out"
-  log "built $(basename "$out") in $((SECONDS - start)) s ($(dir_size "$out"))"
+  local staging_version="v0.${BASH_REMATCH[1]}.${BASH_REMATCH[2]}"
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ldflags+=" -X $pkg.gitVersion=$CLOUDFS_KUBE_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+    ldflags+=" -X $pkg.gitTreeState=clean"
+  done
+  build_module_commands k8s.io/kubernetes "$CLOUDFS_KUBE_VERSION" "$staging_version" "$ldflags" \
+    kube-apiserver=k8s.io/kubernetes/cmd/kube-apiserver \
+    kube-controller-manager=k8s.io/kubernetes/cmd/kube-controller-manager
+}
+
+build_sidecars() {
+  [ -x "$PROVISIONER_BIN" ] ||
+    build_module_commands github.com/kubernetes-csi/external-provisioner/v6 \
+      "$CLOUDFS_CSI_PROVISIONER_VERSION" "$CLOUDFS_CSI_PROVISIONER_VERSION" "-s -w" \
+      csi-provisioner=github.com/kubernetes-csi/external-provisioner/v6/cmd/csi-provisioner
+  if [ ! -x "$SNAPSHOTTER_BIN" ] || [ ! -x "$SNAPSHOT_CONTROLLER_BIN" ]; then
+    build_module_commands github.com/kubernetes-csi/external-snapshotter/v8 \
+      "$CLOUDFS_CSI_SNAPSHOTTER_VERSION" "$CLOUDFS_CSI_SNAPSHOTTER_VERSION" "-s -w" \
+      csi-snapshotter=github.com/kubernetes-csi/external-snapshotter/v8/cmd/csi-snapshotter \
+      snapshot-controller=github.com/kubernetes-csi/external-snapshotter/v8/cmd/snapshot-controller
+  fi
+  if [ ! -d "$SNAPSHOT_CRDS_DIR" ]; then
+    # The VolumeSnapshot CRDs ship in the snapshotter's client module; snapshot-controller waits
+    # for the VolumeGroupSnapshot ones too.
+    local client
+    client="$(go_low mod download -json \
+      "github.com/kubernetes-csi/external-snapshotter/client/v8@$CLOUDFS_CSI_SNAPSHOTTER_VERSION" |
+      sed -n 's/^[[:space:]]*"Dir": "\(.*\)",\{0,1\}$/\1/p')"
+    [ -d "$client/config/crd" ] || die "no config/crd in the snapshotter client module ($client)"
+    mkdir -p "$SNAPSHOT_CRDS_DIR.partial"
+    cp "$client"/config/crd/*snapshot.storage.k8s.io_*.yaml "$SNAPSHOT_CRDS_DIR.partial/"
+    mv "$SNAPSHOT_CRDS_DIR.partial" "$SNAPSHOT_CRDS_DIR"
+  fi
+}
+
+all_built() {
+  local bin
+  for bin in "$ETCD_BIN" "$APISERVER_BIN" "$CONTROLLER_MANAGER_BIN" "$PROVISIONER_BIN" \
+    "$SNAPSHOTTER_BIN" "$SNAPSHOT_CONTROLLER_BIN"; do
+    [ -x "$bin" ] || return 1
+  done
+  [ -d "$SNAPSHOT_CRDS_DIR" ]
 }
 
 cmd_build() {
-  if [ -x "$APISERVER_BIN" ] && [ -x "$ETCD_BIN" ]; then
-    return 0
-  fi
+  all_built && return 0
   command -v go >/dev/null 2>&1 || die "go is not on PATH; the binaries are built from Go modules"
   build_lock
   # Checked again under the lock: a concurrent run may have built them meanwhile.
-  if [ -x "$APISERVER_BIN" ] && [ -x "$ETCD_BIN" ]; then
+  if all_built; then
     exec 8>&-
     return 0
   fi
@@ -235,7 +300,8 @@ cmd_build() {
     trap 'rc=$?; rm -rf "${BUILD_LEFTOVERS[@]}"; ((rc == 0)) || log "build failed (exit $rc)"' EXIT
     go_build_env
     build_etcd
-    build_apiserver
+    build_kube
+    build_sidecars
     if [ "${CLOUDFS_KEEP_GOCACHE:-0}" != 1 ] && [ -d "$GOCACHE" ]; then
       log "Go build cache took $(dir_size "$GOCACHE"); removing it (CLOUDFS_KEEP_GOCACHE=1 keeps it)"
       go clean -cache >/dev/null 2>&1 || true
@@ -252,6 +318,7 @@ cmd_build() {
 
 etcd_pid() { read_pid "$STATE_DIR/etcd.pid"; }
 apiserver_pid() { read_pid "$STATE_DIR/kube-apiserver.pid"; }
+controller_manager_pid() { read_pid "$STATE_DIR/kube-controller-manager.pid"; }
 
 state_value() { # KEY -> value from cluster.env
   sed -n "s/^$1=//p" "$STATE_DIR/cluster.env" 2>/dev/null | head -n1
@@ -267,7 +334,8 @@ readyz_ok() {
 }
 
 is_running() {
-  pid_alive "$(etcd_pid)" etcd && pid_alive "$(apiserver_pid)" kube-apiserver
+  pid_alive "$(etcd_pid)" etcd && pid_alive "$(apiserver_pid)" kube-apiserver &&
+    pid_alive "$(controller_manager_pid)" kube-controller-manager
 }
 
 # Sends SIGTERM, waits up to $3 seconds, then SIGKILL.
@@ -289,6 +357,7 @@ stop_pid() {
 }
 
 stop_processes() {
+  stop_pid "$(controller_manager_pid)" kube-controller-manager 20
   stop_pid "$(apiserver_pid)" kube-apiserver 20
   stop_pid "$(etcd_pid)" etcd 20
 }
@@ -490,6 +559,26 @@ EOF
   }
 
   write_kubeconfig "$api_port" "$token"
+
+  # The persistent-volume binder marks a claim of a CSI StorageClass for the external
+  # provisioner and binds the claim to the volume the provisioner creates; the garbage
+  # collector deletes objects whose owners are gone.
+  log "starting kube-controller-manager $CLOUDFS_KUBE_VERSION (volume binder, garbage collector)"
+  spawn "$STATE_DIR/kube-controller-manager.pid" "$STATE_DIR/kube-controller-manager.log" -- \
+    "$CONTROLLER_MANAGER_BIN" \
+    --kubeconfig="$STATE_DIR/kubeconfig" \
+    --controllers=persistentvolume-binder-controller,garbage-collector-controller \
+    --pvclaimbinder-sync-period=2s \
+    --leader-elect=false \
+    --secure-port=0 \
+    --v=1
+  sleep 1
+  pid_alive "$(controller_manager_pid)" kube-controller-manager || {
+    tail -n 30 "$STATE_DIR/kube-controller-manager.log" >&2 || true
+    stop_processes
+    die "kube-controller-manager did not start; state left in $STATE_DIR"
+  }
+
   log "ready: https://127.0.0.1:$api_port"
   log "use it with: eval \"\$($0 env)\""
 }
@@ -518,10 +607,44 @@ cmd_status() {
 cmd_env() {
   [ -f "$STATE_DIR/kubeconfig" ] || die "no kubeconfig in $STATE_DIR; run: $0 start"
   printf 'export KUBECONFIG=%q\n' "$STATE_DIR/kubeconfig"
+  printf 'export CLOUDFS_CSI_PROVISIONER=%q\n' "$PROVISIONER_BIN"
+  printf 'export CLOUDFS_CSI_SNAPSHOTTER=%q\n' "$SNAPSHOTTER_BIN"
+  printf 'export CLOUDFS_SNAPSHOT_CONTROLLER=%q\n' "$SNAPSHOT_CONTROLLER_BIN"
+  printf 'export CLOUDFS_SNAPSHOT_CRDS=%q\n' "$SNAPSHOT_CRDS_DIR"
+}
+
+# Creates the CustomResourceDefinitions in FILEs (YAML; one that exists already is left as it is)
+# and waits until the API serves them.
+cmd_install_crds() {
+  is_running && readyz_ok || die "not running; run: $0 start"
+  local port token file code out name deadline
+  port="$(state_value API_PORT)"
+  token="$(state_value TOKEN)"
+  out="$(mktemp "${TMPDIR:-/tmp}/cloudfs-crd.XXXXXX")"
+  local api=(curl -sS --max-time 20 --cacert "$STATE_DIR/pki/ca.crt" -H "Authorization: Bearer $token")
+  local crds="https://127.0.0.1:$port/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
+  for file in "$@"; do
+    [ -f "$file" ] || die "no such file: $file"
+    code="$("${api[@]}" -o "$out" -w '%{http_code}' -X POST -H 'Content-Type: application/yaml' \
+      --data-binary "@$file" "$crds")"
+    case $code in
+      201 | 409) ;;
+      *) cat "$out" >&2; rm -f "$out"; die "creating the CRD of $file: HTTP $code" ;;
+    esac
+    name="$(sed -n 's/^  name: \(.*\)$/\1/p' "$file" | head -n1)"
+    deadline=$((SECONDS + 30))
+    until "${api[@]}" "$crds/$name" 2>/dev/null | tr -d ' \n' | grep -q '"type":"Established","status":"True"'; do
+      ((SECONDS < deadline)) || { rm -f "$out"; die "CRD $name not established after 30 s"; }
+      sleep 0.5
+    done
+    log "CRD $name established"
+  done
+  rm -f "$out"
 }
 
 case "${1:-}" in
   build) cmd_build ;;
+  install-crds) shift; cmd_install_crds "$@" ;;
   start) cmd_start ;;
   stop) cmd_stop ;;
   status) cmd_status ;;

@@ -1,25 +1,74 @@
 #!/usr/bin/env bash
-# The operator's end-to-end tests on a real control plane: starts the local Swift
-# (tests/swift/swift.sh) unless one runs, builds (cached under target/tools) and starts
-# kube-apiserver + etcd (tests/k8s/cluster.sh), runs the operator_e2e tests of
-# controller/tests/operator.rs against both, and stops what it started. Exits 0 only when all
-# pass. Needs root (FUSE mounts) and Go.
+# The operator's and the CSI driver's end-to-end tests on a real control plane: starts the local
+# Swift (tests/swift/swift.sh) unless one runs, builds (cached under target/tools) and starts
+# etcd, kube-apiserver and the controller manager's volume binder (tests/k8s/cluster.sh),
+# installs the VolumeSnapshot CRDs, then runs what a cluster runs beside cloudfs:
+#   cloudfs-controller  the CSI controller plugin, on a Unix socket;
+#   csi-provisioner     turns PVCs of a cloudfs StorageClass into CreateVolume calls and PVs;
+#   snapshot-controller turns VolumeSnapshots into VolumeSnapshotContents;
+#   csi-snapshotter     turns those into CreateSnapshot calls.
+# Then it runs the operator_e2e tests of controller/tests/operator.rs against all of it (they
+# play kubelet through the node plugin's library) and stops what it started. Logs of every
+# process are in target/e2e-logs/. Exits 0 only when all pass. Needs root (FUSE) and Go.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
+target=${CARGO_TARGET_DIR:-target}
+logs=$target/e2e-logs
+rm -rf "$logs"
+mkdir -p "$logs"
+run="$(mktemp -d "${TMPDIR:-/tmp}/cloudfs-e2e.XXXXXX")"
 started_swift=0
+pids=()
+cleanup() {
+  local rc=$? pid
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  if ((rc != 0)); then
+    for log in "$logs"/*.log; do
+      printf '\n---- last lines of %s\n' "$log"
+      tail -n 25 "$log"
+    done
+  fi
+  bash tests/k8s/cluster.sh stop >/dev/null 2>&1 || true
+  if ((started_swift)); then bash tests/swift/swift.sh stop >/dev/null 2>&1 || true; fi
+  rm -rf "$run"
+}
+trap cleanup EXIT
+
 if ! bash tests/swift/swift.sh status >/dev/null 2>&1; then
   bash tests/swift/swift.sh start
   started_swift=1
 fi
-cleanup() {
-  bash tests/k8s/cluster.sh stop >/dev/null 2>&1 || true
-  if ((started_swift)); then bash tests/swift/swift.sh stop >/dev/null 2>&1 || true; fi
-}
-trap cleanup EXIT
 eval "$(bash tests/swift/swift.sh env)"
 bash tests/k8s/cluster.sh start
 eval "$(bash tests/k8s/cluster.sh env)"
+bash tests/k8s/cluster.sh install-crds "$CLOUDFS_SNAPSHOT_CRDS"/*.yaml
 
-cargo build --quiet -p cloudfs
+cargo build --quiet -p cloudfs -p cloudfs-controller
+
+background() { # NAME COMMAND...
+  local name=$1
+  shift
+  "$@" >"$logs/$name.log" 2>&1 </dev/null &
+  pids+=($!)
+}
+
+socket=$run/csi.sock
+# Volumes go to the pool each StorageClass names; this one only answers the readiness probe.
+background cloudfs-controller "$target/debug/cloudfs-controller" --endpoint "unix://$socket" \
+  --pool swift://cloudfs-e2e --metrics-addr "unix:$run/controller-metrics.sock"
+for ((i = 0; i < 300; i++)); do
+  [ -S "$socket" ] && break
+  sleep 0.1
+done
+[ -S "$socket" ] || { echo "e2e: cloudfs-controller did not open $socket" >&2; exit 1; }
+
+sidecar=(--kubeconfig="$KUBECONFIG" --leader-election=false --v=3)
+background csi-provisioner "$CLOUDFS_CSI_PROVISIONER" "${sidecar[@]}" --csi-address="$socket" \
+  --timeout=60s --extra-create-metadata
+background snapshot-controller "$CLOUDFS_SNAPSHOT_CONTROLLER" "${sidecar[@]}"
+background csi-snapshotter "$CLOUDFS_CSI_SNAPSHOTTER" "${sidecar[@]}" --csi-address="$socket" \
+  --timeout=60s --extra-create-metadata
+
 cargo test -p cloudfs-controller --test operator -- operator_e2e

@@ -36,7 +36,8 @@
 #          /var/tmp on the project's machines) a sparse XFS image file
 #          ($STATE/disk.img) is mounted through a loop device on srv/d1. XFS is what Swift is
 #          deployed on and has no practical xattr limit; the image persists across stop/start
-#          and reboots (it is unmounted by `stop` and mounted again by `start`). Needs root,
+#          and reboots (it is unmounted by `stop` and mounted again by `start`) and is mounted
+#          with `discard`, so deleted objects give their space back to the host. Needs root,
 #          loop devices and xfsprogs (installed on demand);
 #   tmpfs  else, if tmpfs supports user xattrs (Linux >= 6.6), a tmpfs is mounted on srv/d1
 #          (no loop device needed; RAM-backed; kept mounted by `stop` so data survives a
@@ -149,6 +150,10 @@ launch() { # name port command...
     stop_all
     release_storage
     exit 1
+  fi
+  # Verbose servers log every request: a log is cut back to its last 8 MiB when it restarts.
+  if [ "$(stat -c %s "$LOGS/$name.log" 2>/dev/null || echo 0)" -gt $((64 << 20)) ]; then
+    tail -c $((8 << 20)) "$LOGS/$name.log" >"$LOGS/$name.log.tmp" && mv "$LOGS/$name.log.tmp" "$LOGS/$name.log"
   fi
   printf '\n==== %s starting %s\n' "$(date '+%F %T')" "$name" >>"$LOGS/$name.log"
   # setsid: each server leads its own process group, so `stop` reaches its worker processes too.
@@ -273,7 +278,7 @@ try_xfs() {
   local img=$STATE/disk.img
   truncate -s "${SWIFT_DISK_SIZE:-32G}" "$img" || return 1
   mkfs.xfs -q -f "$img" >>"$LOGS/storage.log" 2>&1 || { rm -f "$img"; return 1; }
-  if mount -o loop,noatime "$img" "$DEV" >>"$LOGS/storage.log" 2>&1; then
+  if mount -o loop,noatime,discard "$img" "$DEV" >>"$LOGS/storage.log" 2>&1; then
     if xattr_ok "$DEV"; then return 0; fi
     umount "$DEV" || true
   fi
@@ -319,7 +324,7 @@ setup_storage() {
       if ! mountpoint -q "$DEV"; then
         [ -f "$STATE/disk.img" ] || die "$STATE/disk.img is missing (storage mode xfs); use 'stop --purge' to start over"
         install_packages xfsprogs
-        mount -o loop,noatime "$STATE/disk.img" "$DEV" >>"$LOGS/storage.log" 2>&1 ||
+        mount -o loop,noatime,discard "$STATE/disk.img" "$DEV" >>"$LOGS/storage.log" 2>&1 ||
           die "cannot mount $STATE/disk.img on $DEV (see $LOGS/storage.log)"
       fi ;;
     tmpfs)

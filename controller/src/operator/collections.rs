@@ -388,6 +388,7 @@ async fn start_job(
                         image: Some(ctx.config.gc_image.clone()),
                         command: Some(command),
                         env_from,
+                        resources: Some(ctx.config.gc_resources.clone()),
                         volume_mounts: Some(vec![VolumeMount {
                             name: "state".into(),
                             mount_path: STATE_DIR.into(),

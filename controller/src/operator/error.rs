@@ -2,6 +2,7 @@
 //! it by, and whether trying again can help.
 
 use cloudfs::control::ControlError;
+use cloudfs::store::StoreError;
 use cloudfs::volume::VolumeError;
 use cloudfs_csi::controller::BackendError;
 
@@ -87,6 +88,14 @@ impl OperatorError {
                 VolumeError::NotFound(_) | VolumeError::SnapshotNotFound { .. },
             ) => "NotFound",
             OperatorError::Volume(VolumeError::LeaseHeld { .. }) => "VolumeBusy",
+            OperatorError::Volume(VolumeError::Store(StoreError::Unauthorized(_))) => {
+                "CredentialsRefused"
+            }
+            OperatorError::Volume(VolumeError::Store(StoreError::Config(_))) => {
+                "InvalidCredentials"
+            }
+            OperatorError::Volume(VolumeError::Store(StoreError::NotFound(_))) => "NotFound",
+            OperatorError::Volume(VolumeError::Store(_)) => "StoreUnavailable",
             OperatorError::Volume(_) => "EngineError",
         }
     }
@@ -107,5 +116,31 @@ impl OperatorError {
 impl From<kube::runtime::finalizer::Error<OperatorError>> for OperatorError {
     fn from(e: kube::runtime::finalizer::Error<OperatorError>) -> OperatorError {
         OperatorError::Finalizer(Box::new(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_failures_inside_the_engine_keep_their_reason() {
+        let engine = |e: StoreError| OperatorError::Volume(VolumeError::Store(e));
+        assert_eq!(
+            engine(StoreError::Unauthorized("401".into())).reason(),
+            "CredentialsRefused"
+        );
+        assert_eq!(
+            engine(StoreError::Config("no ST_KEY".into())).reason(),
+            "InvalidCredentials"
+        );
+        assert_eq!(
+            engine(StoreError::Unavailable("503".into())).reason(),
+            "StoreUnavailable"
+        );
+        assert_eq!(
+            OperatorError::Store(BackendError::Unauthenticated("401".into())).reason(),
+            "CredentialsRefused"
+        );
     }
 }

@@ -1,8 +1,11 @@
 //! The operator: reconciles the cloudfs custom resources against the engine's library
 //! functions. CloudfsSnapshot takes and deletes engine snapshots, CloudfsRollback rolls a
 //! volume back once (both reach a mounted volume through its mount, on whichever node it
-//! runs), CloudfsGarbageCollection runs `cloudfs gc` Jobs on a schedule or on demand. Only the replica holding the leader Lease acts. Every reconcile is counted and timed,
-//! errors by reason, and failures are retried with a per-resource exponential backoff.
+//! runs), CloudfsGarbageCollection runs `cloudfs gc` Jobs on a schedule or on demand, and
+//! each PersistentVolume of the cloudfs driver gets a CloudfsVolume view, refreshed
+//! periodically. Only the replica holding the leader Lease acts. Every reconcile is counted
+//! and timed, errors by reason, and failures are retried with a per-resource exponential
+//! backoff.
 
 mod collections;
 mod error;
@@ -11,6 +14,7 @@ mod resolve;
 mod rollbacks;
 mod snapshots;
 mod status;
+mod volumes;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -26,6 +30,7 @@ use kube::{Api, Client, Resource};
 
 use crate::crd::{CloudfsGarbageCollection, CloudfsRollback, CloudfsSnapshot};
 pub use error::OperatorError;
+use k8s_openapi::api::core::v1::{PersistentVolume, ResourceRequirements};
 pub use leader::Leadership;
 
 /// The name of the leader Lease and of the events' reporting controller.
@@ -48,6 +53,10 @@ pub struct OperatorConfig {
     pub rollback_timeout: Duration,
     /// The image of garbage-collection Jobs (it has the `cloudfs` binary).
     pub gc_image: String,
+    /// The resources of garbage-collection Jobs' containers.
+    pub gc_resources: ResourceRequirements,
+    /// How often each CloudfsVolume view is read afresh from its pool.
+    pub volume_refresh: Duration,
 }
 
 /// Reconcile counts, latencies and errors, by resource kind.
@@ -182,6 +191,34 @@ impl Context {
     }
 }
 
+/// A controller of resources of `api`, reconciled by `reconcile` (measured, with backoff).
+fn reconciling<K, F>(
+    api: Api<K>,
+    ctx: &Arc<Context>,
+    reconcile: fn(Arc<K>, Arc<Context>) -> F,
+) -> impl Future<Output = ()>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    F: Future<Output = Result<Action, OperatorError>> + Send + 'static,
+{
+    Controller::new(api, watcher::Config::default())
+        .run(
+            move |object, ctx: Arc<Context>| async move {
+                ctx.measured(object.as_ref(), reconcile(object.clone(), ctx.clone()))
+                    .await
+            },
+            |object, error, ctx| ctx.backoff(object.as_ref(), error),
+            ctx.clone(),
+        )
+        .for_each(|_| async {})
+}
+
 /// Why the operator stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -223,58 +260,31 @@ pub async fn run(
         metrics,
         failures: Mutex::default(),
     });
-    let snapshots = Controller::new(
+    let snapshots = reconciling(
         Api::<CloudfsSnapshot>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .run(
-        |object, ctx: Arc<Context>| async move {
-            ctx.measured(
-                object.as_ref(),
-                snapshots::reconcile(object.clone(), ctx.clone()),
-            )
-            .await
-        },
-        |object, error, ctx| ctx.backoff(object.as_ref(), error),
-        ctx.clone(),
-    )
-    .for_each(|_| async {});
-    let rollbacks = Controller::new(
+        &ctx,
+        snapshots::reconcile,
+    );
+    let rollbacks = reconciling(
         Api::<CloudfsRollback>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .run(
-        |object, ctx: Arc<Context>| async move {
-            ctx.measured(
-                object.as_ref(),
-                rollbacks::reconcile(object.clone(), ctx.clone()),
-            )
-            .await
-        },
-        |object, error, ctx| ctx.backoff(object.as_ref(), error),
-        ctx.clone(),
-    )
-    .for_each(|_| async {});
-    let collections = Controller::new(
+        &ctx,
+        rollbacks::reconcile,
+    );
+    let collections = reconciling(
         Api::<CloudfsGarbageCollection>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .run(
-        |object, ctx: Arc<Context>| async move {
-            ctx.measured(
-                object.as_ref(),
-                collections::reconcile(object.clone(), ctx.clone()),
-            )
-            .await
-        },
-        |object, error, ctx| ctx.backoff(object.as_ref(), error),
-        ctx.clone(),
-    )
-    .for_each(|_| async {});
+        &ctx,
+        collections::reconcile,
+    );
+    let volumes = reconciling(
+        Api::<PersistentVolume>::all(client.clone()),
+        &ctx,
+        volumes::reconcile,
+    );
     tokio::select! {
         () = snapshots => Ok(()),
         () = rollbacks => Ok(()),
         () = collections => Ok(()),
+        () = volumes => Ok(()),
         () = leadership.keep() => Err(RunError::LostLeadership(OPERATOR_NAME.into())),
     }
 }

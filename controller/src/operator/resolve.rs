@@ -17,6 +17,12 @@ use cloudfs_csi::volume_id::VolumeId;
 const SECRET_NAME_PARAMETER: &str = "csi.storage.k8s.io/provisioner-secret-name";
 const SECRET_NAMESPACE_PARAMETER: &str = "csi.storage.k8s.io/provisioner-secret-namespace";
 
+/// Annotations csi-provisioner puts on a PV it provisioned, naming the provisioner Secret.
+const DELETION_SECRET_NAME_ANNOTATION: &str =
+    "volume.kubernetes.io/provisioner-deletion-secret-name";
+const DELETION_SECRET_NAMESPACE_ANNOTATION: &str =
+    "volume.kubernetes.io/provisioner-deletion-secret-namespace";
+
 /// The cloudfs volume behind a PVC.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClaimedVolume {
@@ -78,7 +84,26 @@ pub async fn claimed_volume(
         ))
     })?;
     // The Secret the PV names, else the one the StorageClass gives the provisioner.
-    let from_volume = [
+    let secret = match volume_secret(&volume) {
+        Some(secret) => Some(secret),
+        None => storage_class_secret(client, &claim, &pv_name).await?,
+    };
+    Ok(ClaimedVolume { id, secret })
+}
+
+/// The cloudfs volume of a PV, none for a PV of another driver or with a foreign handle.
+pub fn volume_of(volume: &PersistentVolume) -> Option<VolumeId> {
+    let csi = volume.spec.as_ref()?.csi.as_ref()?;
+    (csi.driver == DRIVER_NAME)
+        .then(|| VolumeId::parse(&csi.volume_handle))
+        .flatten()
+}
+
+/// The Secret a PV itself names: one of its CSI secret references, else the provisioner
+/// Secret that csi-provisioner noted on a PV it made (for deleting it later).
+pub fn volume_secret(volume: &PersistentVolume) -> Option<SecretReference> {
+    let csi = volume.spec.as_ref()?.csi.as_ref()?;
+    let referenced = [
         &csi.node_publish_secret_ref,
         &csi.controller_expand_secret_ref,
     ]
@@ -90,11 +115,15 @@ pub async fn claimed_volume(
             namespace: r.namespace.clone()?,
         })
     });
-    let secret = match from_volume {
-        Some(secret) => Some(secret),
-        None => storage_class_secret(client, &claim, &pv_name).await?,
-    };
-    Ok(ClaimedVolume { id, secret })
+    referenced.or_else(|| {
+        let annotations = volume.metadata.annotations.as_ref()?;
+        Some(SecretReference {
+            name: annotations.get(DELETION_SECRET_NAME_ANNOTATION)?.clone(),
+            namespace: annotations
+                .get(DELETION_SECRET_NAMESPACE_ANNOTATION)?
+                .clone(),
+        })
+    })
 }
 
 async fn storage_class_secret(
