@@ -2,13 +2,25 @@
 # Installs everything the test suite needs on a fresh Debian machine, then runs all of it:
 # formatting, lints, unit tests, engine tests on the in-memory store, a real local OpenStack
 # Swift (tests/swift/swift.sh) for the Swift client and store tests, real FUSE mount tests on
-# the local store and again on Swift, the crash tests, csi-sanity, the operator's end-to-end
-# tests on a real kube-apiserver + etcd built from their Go modules (tests/k8s/e2e.sh) and the
-# quick-start smoke test. Ends with one summary line.
+# the local store and again on Swift, the crash tests, csi-sanity, the operator's and the CSI
+# sidecars' end-to-end tests on a real control plane built from Go modules (tests/k8s/e2e.sh),
+# the Helm chart's checks (tests/helm/check.sh) and the quick-start smoke test. Ends with one
+# summary line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 log() { printf '\n== %s\n' "$*"; }
+
+# Runs a harness, keeping its output in target/<name>-output.log and its exit status in
+# <name>_status.
+run_harness() { # NAME COMMAND...
+  local name=$1
+  shift
+  set +e
+  "$@" 2>&1 | tee "target/$name-output.log"
+  printf -v "${name}_status" '%s' "${PIPESTATUS[0]}"
+  set -e
+}
 
 # A clean CI clone builds once: incremental caches would only double the disk it needs.
 if [ "${CI:-}" = true ]; then export CARGO_INCREMENTAL=0; fi
@@ -45,8 +57,9 @@ cargo clippy --workspace --all-targets -- -D warnings
 log "cargo test"
 mkdir -p target
 set +e
-# The operator's end-to-end tests need a control plane: tests/k8s/e2e.sh runs them below.
-cargo test --workspace --no-fail-fast -- --skip operator_e2e 2>&1 | tee target/test-output.log
+# The operator's end-to-end tests and the chart's dry run need a control plane:
+# tests/k8s/e2e.sh and tests/helm/check.sh run them below.
+cargo test --workspace --no-fail-fast -- --skip operator_e2e --skip chart_e2e --skip mount_pod_e2e 2>&1 | tee target/test-output.log
 status=${PIPESTATUS[0]}
 
 log "FUSE mount tests over Swift"
@@ -55,21 +68,19 @@ swift_status=${PIPESTATUS[0]}
 set -e
 
 log "csi-sanity against cloudfs-node and cloudfs-controller on Swift"
-set +e
-bash tests/csi/sanity.sh --swift 2>&1 | tee target/sanity-output.log
-sanity_status=${PIPESTATUS[0]}
-set -e
+run_harness sanity bash tests/csi/sanity.sh --swift
 read -r sanity_passed sanity_failed < <(awk '/ Passed \| / {
     for (i = 2; i <= NF; i++) { if ($(i) == "Passed") p = $(i-1); if ($(i) == "Failed") f = $(i-1) }
   } END { print p + 0, f + 0 }' target/sanity-output.log)
 if [ "$sanity_status" -ne 0 ] && [ "$sanity_failed" -eq 0 ]; then sanity_failed=1; fi
 
 log "operator end to end on a real kube-apiserver (tests/k8s/e2e.sh)"
-set +e
-bash tests/k8s/e2e.sh 2>&1 | tee target/e2e-output.log
-e2e_status=${PIPESTATUS[0]}
-set -e
+run_harness e2e bash tests/k8s/e2e.sh
 cat target/e2e-output.log >>target/test-output.log
+
+log "Helm chart: lint, template, drift, server-side dry run (tests/helm/check.sh)"
+run_harness helm bash tests/helm/check.sh
+cat target/helm-output.log >>target/test-output.log
 
 log "quick start (README)"
 quick=0
@@ -81,10 +92,13 @@ read -r passed failed < <(awk '/^test result:/ {
 passed=$((passed + quick + sanity_passed))
 failed=$((failed + sanity_failed))
 if [ "$quick" -eq 0 ]; then failed=$((failed + 1)); fi
-if [ "$e2e_status" -ne 0 ] && ! grep -q "^test result: FAILED" target/e2e-output.log; then
-  failed=$((failed + 1)) # the harness failed before any test could (a build, the control plane)
-fi
+# A harness that failed before any test could (a build, the control plane, a lint) is a failure.
+for harness in "e2e:$e2e_status" "helm:$helm_status"; do
+  if [ "${harness#*:}" -ne 0 ] && ! grep -q "^test result: FAILED" "target/${harness%%:*}-output.log"; then
+    failed=$((failed + 1))
+  fi
+done
 echo
 echo "summary: ${passed} passed, ${failed} failed"
 [ "$status" -eq 0 ] && [ "$swift_status" -eq 0 ] && [ "$sanity_status" -eq 0 ] &&
-  [ "$e2e_status" -eq 0 ] && [ "$failed" -eq 0 ]
+  [ "$e2e_status" -eq 0 ] && [ "$helm_status" -eq 0 ] && [ "$failed" -eq 0 ]

@@ -12,6 +12,7 @@ use cloudfs_controller::operator::{self, OperatorConfig};
 use cloudfs_csi::controller::ControllerService;
 use cloudfs_csi::identity::{IdentityService, Readiness};
 use cloudfs_csi::metrics::RpcMetrics;
+use cloudfs_csi::pod_mounter::resource_quantity;
 use cloudfs_csi::proto::controller_server::ControllerServer;
 use cloudfs_csi::proto::identity_server::IdentityServer;
 use cloudfs_csi::server;
@@ -64,16 +65,6 @@ struct Args {
     /// the volume's newest metadata to count files and bytes).
     #[arg(long, env = "CLOUDFS_VOLUME_REFRESH", default_value = "5m", value_parser = humantime::parse_duration)]
     volume_refresh: Duration,
-}
-
-/// A `NAME=QUANTITY` pair of a container's resources (`cpu=100m`, `memory=1Gi`).
-fn resource_quantity(pair: &str) -> Result<(String, Quantity), String> {
-    match pair.split_once('=') {
-        Some((name, quantity)) if !name.is_empty() && !quantity.is_empty() => {
-            Ok((name.to_owned(), Quantity(quantity.to_owned())))
-        }
-        _ => Err(format!("{pair:?} is not NAME=QUANTITY (e.g. memory=1Gi)")),
-    }
 }
 
 /// Ready once the default pool answers.

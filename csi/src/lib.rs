@@ -1,9 +1,9 @@
 //! cloudfs's Container Storage Interface: the CSI v1 wire types and services (generated from
 //! `proto/csi.proto`), the Identity, Controller and Node services, and serving them on a Unix
-//! socket with their [`metrics`]. The
-//! Node service starts mounts through the [`node::Mounter`] trait ([`process_mounter`] runs
-//! `cloudfs mount` processes), so kubelet and the Kubernetes sidecars drive cloudfs through
-//! exactly these types.
+//! socket with their [`metrics`]. The Node service starts mounts through the
+//! [`node::Mounter`] trait ([`process_mounter`] runs `cloudfs mount` processes,
+//! [`pod_mounter`] runs them in mount pods of their own), so kubelet and the Kubernetes
+//! sidecars drive cloudfs through exactly these types.
 
 pub mod controller;
 pub mod identity;
@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod mount_options;
 pub mod mounts;
 pub mod node;
+pub mod pod_mounter;
 pub mod process_mounter;
 mod request;
 pub mod server;

@@ -31,27 +31,32 @@ impl ProcessMounter {
     }
 }
 
+/// The secrets as the lines of a `cloudfs` credentials file (`KEY=value`, sorted).
+pub(crate) fn credentials_file(secrets: &std::collections::HashMap<String, String>) -> String {
+    let mut keys: Vec<&String> = secrets.keys().collect();
+    keys.sort();
+    keys.into_iter()
+        .map(|key| format!("{key}={}\n", secrets[key]))
+        .collect()
+}
+
 /// Writes the secrets as a `cloudfs` credentials file only root can read.
 fn write_credentials(
     path: &Path,
     secrets: &std::collections::HashMap<String, String>,
 ) -> std::io::Result<()> {
-    let mut keys: Vec<&String> = secrets.keys().collect();
-    keys.sort();
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
         .open(path)?;
-    for key in keys {
-        writeln!(file, "{key}={}", secrets[key])?;
-    }
+    file.write_all(credentials_file(secrets).as_bytes())?;
     file.sync_all()
 }
 
 /// Sorts what `cloudfs mount` said on failure into the gRPC code it calls for.
-fn classify(stderr: &str) -> MountFailure {
+pub(crate) fn classify(stderr: &str) -> MountFailure {
     let message = stderr.trim().trim_start_matches("cloudfs: ").to_owned();
     if message.contains("refused the credentials") {
         MountFailure::Unauthenticated(message)

@@ -217,7 +217,10 @@ build_module_commands() { # MODULE VERSION TREE_VERSION LDFLAGS PACKAGE...
   )
   local i built
   for i in "${!names[@]}"; do
-    built="$work/bin/$(basename "${pkgs[$i]}")"
+    # go names a command after its import path's last element, or the one before a /vN.
+    built="${pkgs[$i]}"
+    [[ "$(basename "$built")" =~ ^v[0-9]+$ ]] && built="$(dirname "$built")"
+    built="$work/bin/$(basename "$built")"
     mv -f "$built" "$TOOLS_DIR/${names[$i]}-$version"
   done
   rm -rf "$work"

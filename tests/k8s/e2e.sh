@@ -8,7 +8,8 @@
 #   snapshot-controller turns VolumeSnapshots into VolumeSnapshotContents;
 #   csi-snapshotter     turns those into CreateSnapshot calls.
 # Then it runs the operator_e2e tests of controller/tests/operator.rs against all of it (they
-# play kubelet through the node plugin's library) and stops what it started. Logs of every
+# play kubelet through the node plugin's library) and the mount-pod launcher's test
+# (csi/tests/mount_pods.rs), and stops what it started. Logs of every
 # process are in target/e2e-logs/. Exits 0 only when all pass. Needs root (FUSE) and Go.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -72,3 +73,4 @@ background csi-snapshotter "$CLOUDFS_CSI_SNAPSHOTTER" "${sidecar[@]}" --csi-addr
   --timeout=60s --extra-create-metadata
 
 cargo test -p cloudfs-controller --test operator -- operator_e2e
+cargo test -p cloudfs-csi --test mount_pods -- mount_pod_e2e

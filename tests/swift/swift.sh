@@ -597,21 +597,27 @@ wait_ready() {
   done
   # full stack: tempauth login (proxy + memcached), then HEAD the account (autocreate: proxy ->
   # account server) and PUT/DELETE a probe object (container and object servers and the disk).
-  local creds tok url code
+  # A short token life (SWIFT_TOKEN_LIFE) can run out between two steps of a slow start: a 401
+  # starts over with a fresh login; any other failure of a probe PUT is final.
+  local creds tok url code probe
   while :; do
     if creds=$(login test:tester testing); then
       read -r tok url <<<"$creds"
+      probe=$url/.cloudfs-swift-probe
       code=$(http_code -I -H "X-Auth-Token: $tok" "$url")
-      case $code in 2??) break ;; esac
+      if [[ $code == 2?? ]]; then
+        code=$(http_code -X PUT -H "X-Auth-Token: $tok" -H 'Content-Length: 0' "$probe")
+        case $code in 2?? | 401) ;; *) fail_start container "PUT of a probe container failed (HTTP $code)" ;; esac
+      fi
+      if [[ $code == 2?? ]]; then
+        code=$(http_code -X PUT -H "X-Auth-Token: $tok" --data-binary ok "$probe/probe")
+        case $code in 2?? | 401) ;; *) fail_start object "PUT of a probe object failed (HTTP $code)" ;; esac
+      fi
+      [[ $code == 2?? ]] && break
     fi
-    ((SECONDS < deadline)) || fail_start proxy "tempauth login / account HEAD did not succeed within ${timeout}s (last status ${code:-none})"
+    ((SECONDS < deadline)) || fail_start proxy "tempauth login and probe writes did not succeed within ${timeout}s (last status ${code:-none})"
     sleep 0.3
   done
-  local probe=$url/.cloudfs-swift-probe
-  code=$(http_code -X PUT -H "X-Auth-Token: $tok" -H 'Content-Length: 0' "$probe")
-  case $code in 2??) ;; *) fail_start container "PUT of a probe container failed (HTTP $code)" ;; esac
-  code=$(http_code -X PUT -H "X-Auth-Token: $tok" --data-binary ok "$probe/probe")
-  case $code in 2??) ;; *) fail_start object "PUT of a probe object failed (HTTP $code)" ;; esac
   http_code -X DELETE -H "X-Auth-Token: $tok" "$probe/probe" >/dev/null
   http_code -X DELETE -H "X-Auth-Token: $tok" "$probe" >/dev/null
 }
