@@ -45,7 +45,31 @@ bash tests/swift/swift.sh start
 # A CI run leaves the machine as it found it: the Swift state (objects, logs) goes with it.
 swift_stop=(bash tests/swift/swift.sh stop)
 if [ "${CI:-}" = true ]; then swift_stop+=(--purge); fi
-trap '"${swift_stop[@]}" >/dev/null 2>&1 || true' EXIT
+tools_pid=
+finish() {
+  if [ -n "$tools_pid" ]; then kill -- "-$tools_pid" 2>/dev/null || true; fi
+  "${swift_stop[@]}" >/dev/null 2>&1 || true
+}
+trap finish EXIT
+
+# The Go tools (the control plane, the CSI sidecars, csi-sanity, helm) build at the lowest CPU
+# priority beside the Rust build and tests, which leave cores idle while they wait on I/O.
+log "building the Go test tools in the background (target/tools-build.log)"
+mkdir -p target
+set -m
+nice -n 19 bash -c 'bash tests/k8s/cluster.sh build && bash tests/csi/sanity.sh --build-only &&
+  bash tests/helm/check.sh --build-only' >target/tools-build.log 2>&1 &
+tools_pid=$!
+set +m
+wait_for_tools() {
+  [ -n "$tools_pid" ] || return 0
+  log "waiting for the Go test tools"
+  if ! wait "$tools_pid"; then
+    tail -n 40 target/tools-build.log
+    echo "building the Go test tools failed (target/tools-build.log); the harnesses retry it" >&2
+  fi
+  tools_pid=
+}
 eval "$(bash tests/swift/swift.sh env)"
 
 log "cargo fmt --check"
@@ -55,7 +79,6 @@ log "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 
 log "cargo test"
-mkdir -p target
 set +e
 # The operator's end-to-end tests and the chart's dry run need a control plane:
 # tests/k8s/e2e.sh and tests/helm/check.sh run them below.
@@ -67,6 +90,7 @@ CLOUDFS_TEST_STORE=swift cargo test -p cloudfs --test fuse_mount 2>&1 | tee -a t
 swift_status=${PIPESTATUS[0]}
 set -e
 
+wait_for_tools
 log "csi-sanity against cloudfs-node and cloudfs-controller on Swift"
 run_harness sanity bash tests/csi/sanity.sh --swift
 read -r sanity_passed sanity_failed < <(awk '/ Passed \| / {

@@ -11,6 +11,10 @@
 //! - a VolumeSnapshot of a mounted PVC is an engine snapshot, a PVC restored from it holds the
 //!   data as it was, and deleting it deletes the engine snapshot;
 //! - of two replicas one leads, and the other takes over when the leader stops renewing.
+//!
+//! The operator runs with the token of the chart's controller ServiceAccount, which
+//! `tests/k8s/e2e.sh` makes after applying the chart: a permission the chart's RBAC lacks fails
+//! these tests.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -52,6 +56,22 @@ fn env(key: &str) -> String {
     std::env::var(key).unwrap_or_else(|_| {
         panic!("{key} is not set: run these tests with tests/k8s/e2e.sh (Swift and kube-apiserver)")
     })
+}
+
+/// The namespace the chart installs into, where its Roles grant the operator Leases, Jobs and
+/// their Secrets.
+const OPERATOR_NAMESPACE: &str = "cloudfs-system";
+
+/// A client with the credentials of the kubeconfig `var` names (a ServiceAccount's token).
+async fn client_from(var: &str) -> Client {
+    let kubeconfig = kube::config::Kubeconfig::read_from(env(var)).expect("a kubeconfig");
+    let config = kube::Config::from_custom_kubeconfig(
+        kubeconfig,
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await
+    .expect("a client configuration");
+    Client::try_from(config).expect("a client")
 }
 
 fn meta(name: &str, namespace: Option<&str>) -> ObjectMeta {
@@ -179,9 +199,7 @@ async fn operator_e2e_snapshot_rollback_and_cleanup_on_a_real_api_server() {
     // provision in the real Swift.
     let run = format!("{}-{}", std::process::id(), rand_suffix());
     let scene = Scene::create(&client, &run, credentials.clone()).await;
-    let Scene {
-        ns, class, pool, ..
-    } = scene.clone();
+    let Scene { ns, pool, .. } = scene.clone();
     let dir = tempfile::tempdir().expect("tempdir");
     let _cleanup = Cleanup(dir.path().to_path_buf());
     let cloudfs = support::cloudfs_binary(Path::new(BIN_DIR));
@@ -204,11 +222,12 @@ async fn operator_e2e_snapshot_rollback_and_cleanup_on_a_real_api_server() {
         .expect("publish");
     std::fs::write(target.join("a"), b"before").expect("write");
 
-    // The operator, leading in this namespace.
+    // The operator, in the chart's namespace with the chart's ServiceAccount (so with exactly
+    // the permissions its RBAC grants).
     let registry = cloudfs_metrics::prometheus::Registry::new();
     let config = OperatorConfig {
         identity: "e2e".into(),
-        namespace: ns.clone(),
+        namespace: OPERATOR_NAMESPACE.into(),
         lease_duration: Duration::from_secs(15),
         mount_answer_timeout: Duration::from_secs(60),
         rollback_timeout: Duration::from_secs(120),
@@ -220,7 +239,7 @@ async fn operator_e2e_snapshot_rollback_and_cleanup_on_a_real_api_server() {
         volume_refresh: Duration::from_secs(3),
     };
     let operator = tokio::spawn({
-        let client = client.clone();
+        let client = client_from("CLOUDFS_OPERATOR_KUBECONFIG").await;
         let registry = registry.clone();
         async move { operator::run(client, config, &registry).await }
     });
@@ -398,16 +417,7 @@ async fn operator_e2e_snapshot_rollback_and_cleanup_on_a_real_api_server() {
         .await
         .expect("delete snap-2");
 
-    collect_on_demand(
-        &client,
-        &ns,
-        &class,
-        &pool,
-        &credentials,
-        &cloudfs,
-        dir.path(),
-    )
-    .await;
+    collect_on_demand(&scene, &credentials, &cloudfs, dir.path()).await;
 
     assert!(!operator.is_finished(), "the operator keeps leading");
     operator.abort();
@@ -590,14 +600,18 @@ async fn operator_e2e_volume_snapshots_through_the_csi_sidecars() {
 /// the test runs the Job's command itself with the Job's credentials, as its pod would, and
 /// the outcome the run keeps in the pool reaches the status.
 async fn collect_on_demand(
-    client: &Client,
-    ns: &str,
-    class: &str,
-    pool: &str,
+    scene: &Scene,
     credentials: &HashMap<String, String>,
     cloudfs: &Path,
     scratch: &Path,
 ) {
+    let Scene {
+        client,
+        ns,
+        class,
+        pool,
+    } = scene;
+    let operator_ns = OPERATOR_NAMESPACE;
     // A block nothing references, for the collection to reclaim.
     let store = cloudfs::store::StoreUrl::parse(pool)
         .expect("pool URL")
@@ -641,7 +655,7 @@ async fn collect_on_demand(
         }
     })
     .await;
-    let job = Api::<Job>::namespaced(client.clone(), ns)
+    let job = Api::<Job>::namespaced(client.clone(), operator_ns)
         .get(&job_name)
         .await
         .expect("the Job");
@@ -663,7 +677,7 @@ async fn collect_on_demand(
         .clone()
         .expect("a Secret")
         .name;
-    let keys = Api::<Secret>::namespaced(client.clone(), ns)
+    let keys = Api::<Secret>::namespaced(client.clone(), operator_ns)
         .get(&secret_name)
         .await
         .expect("the Job's Secret")

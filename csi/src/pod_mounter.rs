@@ -16,7 +16,7 @@ use k8s_openapi::api::core::v1::{
     SecretVolumeSource, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::{Client, Resource};
 
@@ -203,7 +203,13 @@ impl PodMounter {
             metadata: ObjectMeta {
                 name: pod.metadata.name.clone(),
                 namespace: Some(self.settings.namespace.clone()),
-                owner_references: pod.controller_owner_ref(&()).map(|owner| vec![owner]),
+                owner_references: pod.controller_owner_ref(&()).map(|owner| {
+                    vec![OwnerReference {
+                        // Blocking the pod's deletion would need rights on pods/finalizers.
+                        block_owner_deletion: None,
+                        ..owner
+                    }]
+                }),
                 ..ObjectMeta::default()
             },
             string_data: Some(BTreeMap::from([(

@@ -1,8 +1,9 @@
-//! Mount pods on a real API server (`tests/k8s/e2e.sh` runs this with KUBECONFIG set). There
-//! is no kubelet there, so no pod ever runs: the test proves that the pod the launcher makes
-//! passes the API server's validation and carries the right node, owner, image, privileges,
-//! volumes and command, that its credentials travel in a Secret the pod owns, and that a mount
-//! no pod serves in time fails with a clear error and asks its pod to stop.
+//! Mount pods on a real API server (`tests/k8s/e2e.sh` runs this with KUBECONFIG set, after
+//! applying the chart). There is no kubelet there, so no pod ever runs: the test proves that the
+//! launcher, with the chart's node ServiceAccount, makes a pod that passes the API server's
+//! validation and carries the right node, owner, image, privileges, volumes and command, that
+//! its credentials travel in a Secret the pod owns, and that a mount no pod serves in time fails
+//! with a clear error and asks its pod to stop.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -11,10 +12,13 @@ use cloudfs_csi::mount_options::MountOptions;
 use cloudfs_csi::node::{MountRequest, Mounter};
 use cloudfs_csi::pod_mounter::{NODE_LABEL, PodMounter, PodSettings};
 use cloudfs_csi::volume_id::VolumeId;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ResourceRequirements, Secret};
+use k8s_openapi::api::core::v1::{Node, Pod, ResourceRequirements, Secret};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::Client;
 use kube::api::{Api, DeleteParams, PostParams};
+
+/// The chart's namespace, where its Role lets the node plugin make mount pods.
+const MOUNT_NAMESPACE: &str = "cloudfs-system";
 
 fn object<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> T {
     serde_json::from_value(value).expect("a Kubernetes object")
@@ -31,15 +35,8 @@ async fn mount_pod_e2e_pods_pass_validation_and_carry_the_mount() {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos())
     );
-    let namespace = format!("cloudfs-mounts-{run}");
+    let namespace = MOUNT_NAMESPACE;
     let node_name = format!("node-{run}");
-    Api::<Namespace>::all(client.clone())
-        .create(
-            &PostParams::default(),
-            &object(serde_json::json!({ "metadata": { "name": namespace } })),
-        )
-        .await
-        .expect("namespace");
     let nodes: Api<Node> = Api::all(client.clone());
     nodes
         .create(
@@ -49,11 +46,23 @@ async fn mount_pod_e2e_pods_pass_validation_and_carry_the_mount() {
         .await
         .expect("node");
 
+    // The launcher runs with the chart's node ServiceAccount, in the chart's namespace.
+    let node_kubeconfig = std::env::var("CLOUDFS_NODE_KUBECONFIG")
+        .expect("CLOUDFS_NODE_KUBECONFIG: run this with tests/k8s/e2e.sh");
+    let node_client = Client::try_from(
+        kube::Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::read_from(node_kubeconfig).expect("a kubeconfig"),
+            &kube::config::KubeConfigOptions::default(),
+        )
+        .await
+        .expect("a client configuration"),
+    )
+    .expect("a client");
     let state = tempfile::tempdir().expect("state dir");
     let mounter = PodMounter::new(
-        client.clone(),
+        node_client,
         PodSettings {
-            namespace: namespace.clone(),
+            namespace: MOUNT_NAMESPACE.into(),
             node_name: node_name.clone(),
             image: "cloudfs-node:test".into(),
             state_dir: state.path().to_path_buf(),
@@ -96,7 +105,7 @@ async fn mount_pod_e2e_pods_pass_validation_and_carry_the_mount() {
     assert!(failure.to_string().contains("did not serve"), "{failure}");
 
     // The pod the API server accepted, asked to stop since it did not serve.
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let name = mounter.pod_name(&mountpoint);
     let pod = pods.get(&name).await.expect("the mount pod");
     assert!(pod.metadata.deletion_timestamp.is_some(), "asked to stop");
@@ -153,7 +162,7 @@ async fn mount_pod_e2e_pods_pass_validation_and_carry_the_mount() {
     assert_eq!(limits["memory"], Quantity("1Gi".into()));
 
     // The credentials, in a Secret the pod owns.
-    let secret = Api::<Secret>::namespaced(client.clone(), &namespace)
+    let secret = Api::<Secret>::namespaced(client.clone(), namespace)
         .get(&name)
         .await
         .expect("the credentials Secret");
@@ -181,7 +190,4 @@ async fn mount_pod_e2e_pods_pass_validation_and_carry_the_mount() {
         )
         .await;
     let _ = nodes.delete(&node_name, &DeleteParams::default()).await;
-    let _ = Api::<Namespace>::all(client)
-        .delete(&namespace, &DeleteParams::default())
-        .await;
 }

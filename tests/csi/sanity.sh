@@ -6,16 +6,19 @@
 # passes. Needs root (FUSE, bind mounts) and Go.
 #
 #   tests/csi/sanity.sh [--swift] [-- <extra csi-sanity flags, e.g. -ginkgo.focus=Node>]
+#   tests/csi/sanity.sh --build-only   # only build csi-sanity if it is missing
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 CSI_SANITY_VERSION=v5.6.0
 swift=0
+build_only=0
 extra=()
 while (($#)); do
   case $1 in
     --swift) swift=1; shift ;;
+    --build-only) build_only=1; shift ;;
     --) shift; extra=("$@"); break ;;
-    *) echo "usage: $0 [--swift] [-- <csi-sanity flags>]" >&2; exit 2 ;;
+    *) echo "usage: $0 [--swift] [--build-only] [-- <csi-sanity flags>]" >&2; exit 2 ;;
   esac
 done
 command -v go >/dev/null 2>&1 || { echo "tests/csi/sanity.sh: Go is needed to build csi-sanity" >&2; exit 1; }
@@ -25,6 +28,7 @@ if [ ! -x "$tools/csi-sanity" ]; then
   echo "building csi-sanity $CSI_SANITY_VERSION"
   GOBIN="$tools" go install "github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@$CSI_SANITY_VERSION"
 fi
+((build_only == 0)) || exit 0
 cargo build --quiet -p cloudfs -p cloudfs-node -p cloudfs-controller
 bin="$target/debug"
 

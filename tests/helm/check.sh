@@ -8,15 +8,18 @@
 #
 #   tests/helm/check.sh            # check
 #   tests/helm/check.sh --update   # rewrite manifests/cloudfs.yaml from the chart, then check
+#   tests/helm/check.sh --build-only   # only build helm if it is missing
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 HELM_VERSION=v4.3.1
 update=0
+build_only=0
 case "${1:-}" in
   --update) update=1 ;;
+  --build-only) build_only=1 ;;
   "") ;;
-  *) echo "usage: $0 [--update]" >&2; exit 2 ;;
+  *) echo "usage: $0 [--update | --build-only]" >&2; exit 2 ;;
 esac
 
 command -v go >/dev/null 2>&1 || { echo "tests/helm/check.sh: Go is needed to build helm" >&2; exit 1; }
@@ -30,6 +33,7 @@ if [ ! -x "$helm" ]; then
   mv "$gobin/helm" "$helm"
   rm -rf "$gobin"
 fi
+((build_only == 0)) || exit 0
 
 chart=charts/cloudfs
 release=(cloudfs "$chart" --namespace cloudfs-system)

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Test control plane for the operator and provisioning tests, on 127.0.0.1: a real etcd,
 # kube-apiserver and kube-controller-manager (its persistent-volume binder and garbage collector
-# only: no kubelet, no scheduler). Built from their Go modules at the versions pinned below,
-# with the CSI sidecars the tests run beside cloudfs (csi-provisioner, csi-snapshotter,
-# snapshot-controller) and the VolumeSnapshot and VolumeGroupSnapshot CRDs, all cached under
-# target/tools/; a change of pin rebuilds. `start` writes a kubeconfig (own CA, bearer token of
-# an admin in system:masters) into the state dir.
+# only: no kubelet, no scheduler). Built from their Go modules at the versions pinned below
+# (kubectl too), with the CSI sidecars the tests run beside cloudfs (csi-provisioner,
+# csi-snapshotter, snapshot-controller) and the VolumeSnapshot and VolumeGroupSnapshot CRDs,
+# all cached under target/tools/; a change of pin rebuilds. `start` writes a kubeconfig (own
+# CA, bearer token of an admin in system:masters) into the state dir.
 #
 #   tests/k8s/cluster.sh build    # build whatever of the pinned binaries is missing
 #   tests/k8s/cluster.sh start    # build if needed, start etcd, kube-apiserver, the controller
@@ -57,6 +57,7 @@ MIN_BUILD_FREE_GIB=4
 
 APISERVER_BIN="$TOOLS_DIR/kube-apiserver-$CLOUDFS_KUBE_VERSION"
 CONTROLLER_MANAGER_BIN="$TOOLS_DIR/kube-controller-manager-$CLOUDFS_KUBE_VERSION"
+KUBECTL_BIN="$TOOLS_DIR/kubectl-$CLOUDFS_KUBE_VERSION"
 ETCD_BIN="$TOOLS_DIR/etcd-$CLOUDFS_ETCD_VERSION"
 PROVISIONER_BIN="$TOOLS_DIR/csi-provisioner-$CLOUDFS_CSI_PROVISIONER_VERSION"
 SNAPSHOTTER_BIN="$TOOLS_DIR/csi-snapshotter-$CLOUDFS_CSI_SNAPSHOTTER_VERSION"
@@ -237,7 +238,7 @@ build_etcd() {
 }
 
 build_kube() {
-  [ -x "$APISERVER_BIN" ] && [ -x "$CONTROLLER_MANAGER_BIN" ] && return 0
+  [ -x "$APISERVER_BIN" ] && [ -x "$CONTROLLER_MANAGER_BIN" ] && [ -x "$KUBECTL_BIN" ] && return 0
   [[ "$CLOUDFS_KUBE_VERSION" =~ ^v1\.([0-9]+)\.([0-9]+)$ ]] ||
     die "CLOUDFS_KUBE_VERSION must look like v1.MINOR.PATCH, got $CLOUDFS_KUBE_VERSION"
   local minor="${BASH_REMATCH[1]}" ldflags="-s -w" pkg
@@ -247,9 +248,13 @@ build_kube() {
     ldflags+=" -X $pkg.gitVersion=$CLOUDFS_KUBE_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
     ldflags+=" -X $pkg.gitTreeState=clean"
   done
+  local missing=() command
+  for command in kube-apiserver kube-controller-manager kubectl; do
+    [ -x "$TOOLS_DIR/$command-$CLOUDFS_KUBE_VERSION" ] ||
+      missing+=("$command=k8s.io/kubernetes/cmd/$command")
+  done
   build_module_commands k8s.io/kubernetes "$CLOUDFS_KUBE_VERSION" "$staging_version" "$ldflags" \
-    kube-apiserver=k8s.io/kubernetes/cmd/kube-apiserver \
-    kube-controller-manager=k8s.io/kubernetes/cmd/kube-controller-manager
+    "${missing[@]}"
 }
 
 build_sidecars() {
@@ -279,7 +284,7 @@ build_sidecars() {
 
 all_built() {
   local bin
-  for bin in "$ETCD_BIN" "$APISERVER_BIN" "$CONTROLLER_MANAGER_BIN" "$PROVISIONER_BIN" \
+  for bin in "$ETCD_BIN" "$APISERVER_BIN" "$CONTROLLER_MANAGER_BIN" "$KUBECTL_BIN" "$PROVISIONER_BIN" \
     "$SNAPSHOTTER_BIN" "$SNAPSHOT_CONTROLLER_BIN"; do
     [ -x "$bin" ] || return 1
   done
@@ -610,6 +615,7 @@ cmd_status() {
 cmd_env() {
   [ -f "$STATE_DIR/kubeconfig" ] || die "no kubeconfig in $STATE_DIR; run: $0 start"
   printf 'export KUBECONFIG=%q\n' "$STATE_DIR/kubeconfig"
+  printf 'export CLOUDFS_KUBECTL=%q\n' "$KUBECTL_BIN"
   printf 'export CLOUDFS_CSI_PROVISIONER=%q\n' "$PROVISIONER_BIN"
   printf 'export CLOUDFS_CSI_SNAPSHOTTER=%q\n' "$SNAPSHOTTER_BIN"
   printf 'export CLOUDFS_SNAPSHOT_CONTROLLER=%q\n' "$SNAPSHOT_CONTROLLER_BIN"

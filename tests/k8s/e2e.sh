@@ -7,8 +7,10 @@
 #   csi-provisioner     turns PVCs of a cloudfs StorageClass into CreateVolume calls and PVs;
 #   snapshot-controller turns VolumeSnapshots into VolumeSnapshotContents;
 #   csi-snapshotter     turns those into CreateSnapshot calls.
-# Then it runs the operator_e2e tests of controller/tests/operator.rs against all of it (they
-# play kubelet through the node plugin's library) and the mount-pod launcher's test
+# The chart (manifests/cloudfs.yaml) is applied, and the operator, the two sidecars and the
+# mount-pod launcher run with its ServiceAccounts' tokens: its RBAC is what they get. Then it
+# runs the operator_e2e tests of controller/tests/operator.rs against all of it (they play
+# kubelet through the node plugin's library) and the mount-pod launcher's test
 # (csi/tests/mount_pods.rs), and stops what it started. Logs of every
 # process are in target/e2e-logs/. Exits 0 only when all pass. Needs root (FUSE) and Go.
 set -euo pipefail
@@ -46,6 +48,22 @@ bash tests/k8s/cluster.sh start
 eval "$(bash tests/k8s/cluster.sh env)"
 bash tests/k8s/cluster.sh install-crds "$CLOUDFS_SNAPSHOT_CRDS"/*.yaml
 
+# The chart, as rendered with its defaults, applied for real: the controller side (the operator,
+# csi-provisioner, csi-snapshotter) and the mount-pod launcher run below with the tokens of the
+# chart's own ServiceAccounts, so a permission its RBAC lacks fails the tests.
+kubectl=("$CLOUDFS_KUBECTL" --kubeconfig "$KUBECONFIG")
+"${kubectl[@]}" create namespace cloudfs-system >/dev/null
+"${kubectl[@]}" apply --server-side -f manifests/cloudfs.yaml >"$logs/chart-apply.log"
+service_account_kubeconfig() { # SERVICE-ACCOUNT -> path of a kubeconfig with its token
+  local token
+  token="$("${kubectl[@]}" -n cloudfs-system create token "$1" --duration=3h)"
+  sed "s|^    token: .*|    token: $token|" "$KUBECONFIG" >"$run/$1.kubeconfig"
+  echo "$run/$1.kubeconfig"
+}
+CLOUDFS_OPERATOR_KUBECONFIG="$(service_account_kubeconfig cloudfs-controller)"
+CLOUDFS_NODE_KUBECONFIG="$(service_account_kubeconfig cloudfs-node)"
+export CLOUDFS_OPERATOR_KUBECONFIG CLOUDFS_NODE_KUBECONFIG
+
 cargo build --quiet -p cloudfs -p cloudfs-controller
 
 background() { # NAME COMMAND...
@@ -65,12 +83,14 @@ for ((i = 0; i < 300; i++)); do
 done
 [ -S "$socket" ] || { echo "e2e: cloudfs-controller did not open $socket" >&2; exit 1; }
 
-sidecar=(--kubeconfig="$KUBECONFIG" --leader-election=false --v=3)
-background csi-provisioner "$CLOUDFS_CSI_PROVISIONER" "${sidecar[@]}" --csi-address="$socket" \
-  --timeout=60s --extra-create-metadata
-background snapshot-controller "$CLOUDFS_SNAPSHOT_CONTROLLER" "${sidecar[@]}"
-background csi-snapshotter "$CLOUDFS_CSI_SNAPSHOTTER" "${sidecar[@]}" --csi-address="$socket" \
-  --timeout=60s --extra-create-metadata
+# As the chart runs them (leader election in its namespace), with its ServiceAccount.
+sidecar=(--kubeconfig="$CLOUDFS_OPERATOR_KUBECONFIG" --csi-address="$socket" --leader-election
+  --leader-election-namespace=cloudfs-system --extra-create-metadata --timeout=60s --v=3)
+background csi-provisioner "$CLOUDFS_CSI_PROVISIONER" "${sidecar[@]}"
+background csi-snapshotter "$CLOUDFS_CSI_SNAPSHOTTER" "${sidecar[@]}"
+# A cluster component, not cloudfs's: it runs as an admin.
+background snapshot-controller "$CLOUDFS_SNAPSHOT_CONTROLLER" --kubeconfig="$KUBECONFIG" \
+  --leader-election=false --v=3
 
 cargo test -p cloudfs-controller --test operator -- operator_e2e
 cargo test -p cloudfs-csi --test mount_pods -- mount_pod_e2e

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::PersistentVolume;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
@@ -35,7 +35,13 @@ pub async fn reconcile(
     let view = CloudfsVolume {
         metadata: ObjectMeta {
             name: Some(name.clone()),
-            owner_references: pv.controller_owner_ref(&()).map(|owner| vec![owner]),
+            owner_references: pv.controller_owner_ref(&()).map(|owner| {
+                vec![OwnerReference {
+                    // Blocking the PV's deletion would need rights on its finalizers.
+                    block_owner_deletion: None,
+                    ..owner
+                }]
+            }),
             ..ObjectMeta::default()
         },
         spec: CloudfsVolumeSpec {
