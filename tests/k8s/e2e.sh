@@ -22,6 +22,7 @@ rm -rf "$logs"
 mkdir -p "$logs"
 run="$(mktemp -d "${TMPDIR:-/tmp}/cloudfs-e2e.XXXXXX")"
 started_swift=0
+started_cluster=0
 pids=()
 cleanup() {
   local rc=$? pid
@@ -33,7 +34,7 @@ cleanup() {
       tail -n 25 "$log"
     done
   fi
-  bash tests/k8s/cluster.sh stop >/dev/null 2>&1 || true
+  if ((started_cluster)); then bash tests/k8s/cluster.sh stop >/dev/null 2>&1 || true; fi
   if ((started_swift)); then bash tests/swift/swift.sh stop >/dev/null 2>&1 || true; fi
   rm -rf "$run"
 }
@@ -44,7 +45,10 @@ if ! bash tests/swift/swift.sh status >/dev/null 2>&1; then
   started_swift=1
 fi
 eval "$(bash tests/swift/swift.sh env)"
-bash tests/k8s/cluster.sh start
+if ! bash tests/k8s/cluster.sh status >/dev/null 2>&1; then
+  bash tests/k8s/cluster.sh start
+  started_cluster=1
+fi
 eval "$(bash tests/k8s/cluster.sh env)"
 bash tests/k8s/cluster.sh install-crds "$CLOUDFS_SNAPSHOT_CRDS"/*.yaml
 
@@ -52,7 +56,8 @@ bash tests/k8s/cluster.sh install-crds "$CLOUDFS_SNAPSHOT_CRDS"/*.yaml
 # csi-provisioner, csi-snapshotter) and the mount-pod launcher run below with the tokens of the
 # chart's own ServiceAccounts, so a permission its RBAC lacks fails the tests.
 kubectl=("$CLOUDFS_KUBECTL" --kubeconfig "$KUBECONFIG")
-"${kubectl[@]}" create namespace cloudfs-system >/dev/null
+"${kubectl[@]}" get namespace cloudfs-system >/dev/null 2>&1 ||
+  "${kubectl[@]}" create namespace cloudfs-system >/dev/null
 "${kubectl[@]}" apply --server-side -f manifests/cloudfs.yaml >"$logs/chart-apply.log"
 service_account_kubeconfig() { # SERVICE-ACCOUNT -> path of a kubeconfig with its token
   local token
