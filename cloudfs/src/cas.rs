@@ -422,7 +422,9 @@ impl BlockStore {
                     return Err(CasError::Corrupt { key });
                 }
                 self.mark_known(hash);
-                self.cache.insert(hash, &data)?;
+                if !self.store.reads_are_local() {
+                    self.cache.insert(hash, &data)?;
+                }
                 lock(&self.hot).insert(*hash, data.clone());
                 Ok(data)
             })

@@ -2,11 +2,12 @@
 //! content-addressed, deduplicated blocks and whose inode table is SQLite.
 //!
 //! Layers, bottom up: [`store`] (the `ObjectStore` seam and its implementations), [`meta`]
-//! (the SQLite inode table), [`cas`] (blocks: naming, dedup, cache), [`fs`] (POSIX operations),
+//! (the SQLite inode table), [`cas`] (blocks: naming, dedup, cache) with [`buffers`] (reused block buffers), [`fs`] (POSIX operations),
 //! [`fuse`] (the kernel adapter), [`volume`] (format, open, metadata replication), [`lease`] (one writer per volume), [`control`] and [`mailbox`] (operations on a mounted volume, from its machine or any other), [`mount`]
 //! (a mount process's life), [`metrics`] (what a mount measures), [`inspect`] (`stat`, `fsck`), [`snapshot`], [`gc`] and [`tar`] (server-side
 //! exports).
 
+pub mod buffers;
 pub mod cas;
 pub mod control;
 pub mod fs;

@@ -336,6 +336,10 @@ impl ObjectStore for MeteredStore {
     fn can_list(&self) -> bool {
         self.inner.can_list()
     }
+
+    fn reads_are_local(&self) -> bool {
+        self.inner.reads_are_local()
+    }
 }
 
 #[cfg(test)]

@@ -57,7 +57,10 @@ fn sparse_files_and_truncate() {
     assert_eq!(attr.size, (10 << 20) + 4);
     let fh = t.fs.open(ino, libc::O_RDONLY).expect("open");
     assert_eq!(t.fs.read(ino, fh, 5 << 20, 8).expect("read"), vec![0u8; 8]);
-    assert_eq!(t.fs.read(ino, fh, 10 << 20, 100).expect("read"), b"tail");
+    assert_eq!(
+        t.fs.read(ino, fh, 10 << 20, 100).expect("read"),
+        &b"tail"[..]
+    );
     t.fs.release(ino, fh).expect("release");
 
     // Cut inside a block, grow again: the cut-off bytes read back as zeros.
@@ -137,7 +140,10 @@ fn unlinked_open_files_stay_readable_until_released() {
     let ino = t.write_file(ROOT, "f", b"still here");
     let fh = t.fs.open(ino, libc::O_RDONLY).expect("open");
     t.fs.unlink(ROOT, b"f").expect("unlink");
-    assert_eq!(t.fs.read(ino, fh, 0, 100).expect("read"), b"still here");
+    assert_eq!(
+        t.fs.read(ino, fh, 0, 100).expect("read"),
+        &b"still here"[..]
+    );
     t.fs.release(ino, fh).expect("release");
     assert!(matches!(t.fs.getattr(ino), Err(FsError::NotFound)));
 }

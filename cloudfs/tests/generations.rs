@@ -41,7 +41,7 @@ fn read(engine: &Engine, name: &str) -> Vec<u8> {
         .unwrap_or_else(|e| panic!("lookup {name}: {e}"))
         .ino;
     let fh = engine.fs.open(ino, libc::O_RDONLY).expect("open");
-    let data = engine.fs.read(ino, fh, 0, 1 << 20).expect("read");
+    let data = engine.fs.read(ino, fh, 0, 1 << 20).expect("read").to_vec();
     engine.fs.release(ino, fh).expect("release");
     data
 }

@@ -47,7 +47,7 @@ fn content(engine: &Engine, name: &str) -> Option<Vec<u8>> {
         Err(e) => panic!("lookup {name}: {e}"),
     };
     let fh = engine.fs.open(ino, libc::O_RDONLY).expect("open");
-    let data = engine.fs.read(ino, fh, 0, 1 << 20).expect("read");
+    let data = engine.fs.read(ino, fh, 0, 1 << 20).expect("read").to_vec();
     engine.fs.release(ino, fh).expect("release");
     Some(data)
 }

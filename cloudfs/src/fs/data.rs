@@ -19,6 +19,7 @@ use bytes::Bytes;
 use futures::future::try_join_all;
 
 use super::{Caller, Fs, FsError, FsResult, get, lock, now_ns};
+use crate::buffers;
 use crate::cas::{REFRESH_AGE, hash_block};
 use crate::meta::{self, BlockRef, Hash, Inode};
 
@@ -103,6 +104,14 @@ struct Piece {
     len: u64,
     /// Offset of this piece within the caller's buffer.
     at: usize,
+}
+
+/// The first `len` bytes of a staged block, in a buffer that is reused once uploaded.
+fn read_staged(block: &Staged, len: u64) -> FsResult<Bytes> {
+    let mut buf = buffers::take(len as usize);
+    buf.resize(len as usize, 0);
+    read_exact_at(&block.file, &mut buf, 0)?;
+    Ok(buffers::into_bytes(buf))
 }
 
 fn pieces(offset: u64, len: u64, block_size: u64) -> impl Iterator<Item = Piece> {
@@ -249,7 +258,9 @@ impl Fs {
         Ok((inode, fh))
     }
 
-    pub fn read(&self, ino: u64, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+    /// Up to `size` bytes at `offset`. A read inside one stored block is a slice of the block
+    /// as fetched (no copy); others are assembled.
+    pub fn read(&self, ino: u64, fh: u64, offset: u64, size: u32) -> FsResult<Bytes> {
         let handle = self.handle(fh)?;
         if handle.ino != ino {
             return Err(FsError::BadHandle);
@@ -262,10 +273,9 @@ impl Fs {
             _ => self.meta.read(|c| get(c, ino))?.size,
         };
         if offset >= file_size || size == 0 {
-            return Ok(Vec::new());
+            return Ok(Bytes::new());
         }
         let end = file_size.min(offset + u64::from(size));
-        let mut buf = vec![0u8; (end - offset) as usize];
         let bs = self.config.block_size;
         let (first, last) = (offset / bs, (end - 1) / bs);
         let stored: HashMap<u64, BlockRef> = self
@@ -275,37 +285,58 @@ impl Fs {
             .map(|b| (b.idx, b))
             .collect();
         let sequential = handle.next_offset.swap(end, Ordering::AcqRel) == offset;
-        for piece in pieces(offset, end - offset, bs) {
-            let out = &mut buf[piece.at..piece.at + piece.len as usize];
-            if let Some(block) = staged.as_ref().and_then(|s| s.get(&piece.idx)) {
-                let n = piece.len.min(block.extent.saturating_sub(piece.start)) as usize;
-                read_exact_at(&block.file, &mut out[..n], piece.start)?;
-                continue;
+        let is_staged = |idx: u64| staged.as_ref().is_some_and(|s| s.contains_key(&idx));
+        let within_one_stored_block = stored
+            .get(&first)
+            .filter(|block| first == last && !is_staged(first) && end - first * bs <= block.len);
+        let data = match within_one_stored_block {
+            Some(block) => {
+                self.read_stored(block, offset - first * bs, end - offset, sequential)?
             }
-            let Some(block) = stored.get(&piece.idx) else {
-                continue; // a hole reads as zeros
-            };
-            if piece.start >= block.len {
-                continue;
+            None => {
+                let mut buf = vec![0u8; (end - offset) as usize];
+                for piece in pieces(offset, end - offset, bs) {
+                    let out = &mut buf[piece.at..piece.at + piece.len as usize];
+                    if let Some(block) = staged.as_ref().and_then(|s| s.get(&piece.idx)) {
+                        let n = piece.len.min(block.extent.saturating_sub(piece.start)) as usize;
+                        read_exact_at(&block.file, &mut out[..n], piece.start)?;
+                        continue;
+                    }
+                    let Some(block) = stored.get(&piece.idx) else {
+                        continue; // a hole reads as zeros
+                    };
+                    if piece.start >= block.len {
+                        continue;
+                    }
+                    let n = piece.len.min(block.len - piece.start);
+                    let data = self.read_stored(block, piece.start, n, sequential)?;
+                    out[..data.len()].copy_from_slice(&data);
+                }
+                Bytes::from(buf)
             }
-            let n = piece.len.min(block.len - piece.start);
-            let whole = sequential || n * 4 >= block.len;
-            let data = self.rt.block_on(self.blocks.read(
-                &block.hash,
-                block.len,
-                piece.start,
-                n,
-                whole,
-            ))?;
-            out[..data.len()].copy_from_slice(&data);
-        }
+        };
         drop(staged);
         if sequential {
             self.read_ahead(&handle, last, file_size)?;
         } else {
             handle.window.store(1, Ordering::Release);
         }
-        Ok(buf)
+        Ok(data)
+    }
+
+    /// `len` bytes at `start` of a stored block: the whole block is fetched (and cached) for a
+    /// sequential reader or a large share of it, else only the bytes asked for.
+    fn read_stored(
+        &self,
+        block: &BlockRef,
+        start: u64,
+        len: u64,
+        sequential: bool,
+    ) -> FsResult<Bytes> {
+        let whole = sequential || len * 4 >= block.len;
+        Ok(self
+            .rt
+            .block_on(self.blocks.read(&block.hash, block.len, start, len, whole))?)
     }
 
     /// Starts background downloads of the blocks after `last`, growing the window while the
@@ -397,12 +428,10 @@ impl Fs {
         let Ok(permit) = self.upload_slots.clone().try_acquire_owned() else {
             return Ok(());
         };
-        let mut data = vec![0u8; block.extent as usize];
-        read_exact_at(&block.file, &mut data, 0)?;
+        let data = read_staged(block, block.extent)?;
         let version = block.version;
         let (state, meta, blocks) = (state.clone(), self.meta.current(), self.blocks.clone());
         self.rt.spawn(async move {
-            let data = Bytes::from(data);
             let len = data.len() as u64;
             let hashing = data.clone();
             let Ok(hash) = tokio::task::spawn_blocking(move || content_hash(&hashing)).await else {
@@ -517,15 +546,14 @@ impl Fs {
                     results.push((idx, done.hash.map(|h| (h, len))));
                     continue;
                 }
-                let mut buf = vec![0u8; len as usize];
-                read_exact_at(&block.file, &mut buf, 0)?;
+                let buf = read_staged(block, len)?;
                 let Some(hash) = content_hash(&buf) else {
                     results.push((idx, None));
                     continue;
                 };
                 let referenced = self.meta.read(|c| meta::hash_referenced(c, &hash))?;
                 results.push((idx, Some((hash, len))));
-                uploads.push(self.blocks.upload(hash, Bytes::from(buf), referenced));
+                uploads.push(self.blocks.upload(hash, buf, referenced));
             }
             self.rt.block_on(try_join_all(uploads))?;
         }

@@ -2,8 +2,10 @@
 //! several WAL readers) and the typed queries the file-system layer composes into transactions.
 //!
 //! All writes go through the single writer connection behind a mutex, so SQLite never sees two
-//! writers and "database is locked" cannot happen between this process's own threads; readers
-//! use their own connections and never block the writer (WAL).
+//! writers and "database is locked" cannot happen between this process's own threads. A read
+//! runs on the writer connection when it is idle: its page cache stays warm, where a reader
+//! connection must drop its whole cache after every commit it did not make. When the writer is
+//! busy, reads use their own connections and never wait for it (WAL).
 
 mod queries;
 mod schema;
@@ -130,12 +132,16 @@ impl MetaStore {
         Ok(value)
     }
 
-    /// Runs `f` on a reader connection (a consistent snapshot for each statement, or for the
-    /// whole closure when `f` opens a transaction).
+    /// Runs `f` on an idle connection (a consistent snapshot for each statement, or for the
+    /// whole closure when `f` opens a transaction). `f` must not write: on the writer
+    /// connection nothing would stop it.
     pub fn read<T, E: From<MetaError>>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T, E>,
     ) -> Result<T, E> {
+        if let Ok(conn) = self.writer.try_lock() {
+            return f(&conn);
+        }
         let start = self.next_reader.fetch_add(1, Ordering::Relaxed);
         for i in 0..self.readers.len() {
             if let Ok(conn) = self.readers[(start + i) % self.readers.len()].try_lock() {

@@ -19,6 +19,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::{ListPage, ObjectMeta, ObjectStore, Piece, StoreError, StoreResult, validate_key};
+use crate::buffers;
 
 const TMP_DIR: &str = ".tmp";
 
@@ -216,21 +217,24 @@ impl ObjectStore for LocalStore {
         let key = key.to_owned();
         blocking(move || {
             let mut file = File::open(&path).map_err(|e| not_found_as(&key, e))?;
-            let mut buf = Vec::new();
             match range {
                 Some(r) => {
+                    let mut buf = Vec::new();
                     file.seek(SeekFrom::Start(r.start))
                         .map_err(|e| StoreError::io(&key, e))?;
                     file.take(r.end.saturating_sub(r.start))
                         .read_to_end(&mut buf)
                         .map_err(|e| StoreError::io(&key, e))?;
+                    Ok(Bytes::from(buf))
                 }
                 None => {
+                    let len = file.metadata().map_err(|e| StoreError::io(&key, e))?.len();
+                    let mut buf = buffers::take(len as usize);
                     file.read_to_end(&mut buf)
                         .map_err(|e| StoreError::io(&key, e))?;
+                    Ok(buffers::into_bytes(buf))
                 }
             }
-            Ok(Bytes::from(buf))
         })
         .await
     }
@@ -358,6 +362,10 @@ impl ObjectStore for LocalStore {
 
     fn puts_are_durable(&self) -> bool {
         false
+    }
+
+    fn reads_are_local(&self) -> bool {
+        true
     }
 
     async fn list(

@@ -203,6 +203,11 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
     fn puts_are_durable(&self) -> bool {
         true
     }
+    /// Whether a read costs no more than one from the local block cache (the store is a
+    /// directory on this machine): then fetched blocks are not copied into the cache.
+    fn reads_are_local(&self) -> bool {
+        false
+    }
     /// Whether `list` (and `prepare`) work with these credentials. A store that cannot list
     /// (Swift with only a TempURL key) still reads and writes objects by name.
     fn can_list(&self) -> bool {
