@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::OnceCell;
 
+use crate::buffers;
 use crate::meta::Hash;
 use crate::metrics::{CacheTier, EngineMetrics};
 use crate::store::{ObjectStore, StoreError, unix_now_secs};
@@ -140,12 +141,13 @@ impl BlockCache {
     }
 
     /// Reads `len` bytes at `offset` of a cached block, `None` when it is not cached.
-    pub fn read(&self, hash: &Hash, offset: u64, len: usize) -> Option<Vec<u8>> {
+    pub fn read(&self, hash: &Hash, offset: u64, len: usize) -> Option<Bytes> {
         if !lock(&self.index).touch(hash) {
             return None;
         }
         let file = File::open(self.path(hash)).ok()?;
-        let mut buf = vec![0u8; len];
+        let mut buf = buffers::take(len);
+        buf.resize(len, 0);
         let mut filled = 0;
         while filled < len {
             match file.read_at(&mut buf[filled..], offset + filled as u64) {
@@ -156,7 +158,7 @@ impl BlockCache {
             }
         }
         buf.truncate(filled);
-        Some(buf)
+        Some(buffers::into_bytes(buf))
     }
 
     pub fn contains(&self, hash: &Hash) -> bool {
@@ -204,7 +206,7 @@ impl BlockCache {
 #[derive(Debug)]
 pub struct BlockStore {
     store: Arc<dyn ObjectStore>,
-    cache: BlockCache,
+    cache: Arc<BlockCache>,
     /// Hashes seen in the store, and when, so dedup costs no round trip for them.
     known: Mutex<HashMap<Hash, Instant>>,
     inflight: Mutex<HashMap<Hash, Arc<OnceCell<Bytes>>>>,
@@ -226,9 +228,13 @@ const KNOWN_LIMIT: usize = 1 << 20;
 pub const REFRESH_AGE: Duration = Duration::from_secs(600);
 /// Most memory the recently read whole blocks may hold.
 const HOT_BUDGET: u64 = 64 << 20;
+/// Least, however small the cache: a sequential reader's block and those read ahead of it
+/// must stay, or every request into a block would fetch all of it again.
+const HOT_FLOOR: u64 = 32 << 20;
 
-/// The few whole blocks read last, in memory, so that a sequential reader's many requests
-/// into one block cost no file I/O. Bounded in bytes.
+/// The few whole blocks used last, in memory, so that a sequential reader's many requests
+/// into one block cost no file I/O. Bounded in bytes (but the newest block always stays);
+/// the least recently used go first.
 #[derive(Debug, Default)]
 struct HotBlocks {
     entries: std::collections::VecDeque<(Hash, Bytes)>,
@@ -237,23 +243,23 @@ struct HotBlocks {
 }
 
 impl HotBlocks {
-    fn get(&self, hash: &Hash) -> Option<Bytes> {
-        self.entries
-            .iter()
-            .find(|(h, _)| h == hash)
-            .map(|(_, data)| data.clone())
+    fn get(&mut self, hash: &Hash) -> Option<Bytes> {
+        let at = self.entries.iter().position(|(h, _)| h == hash)?;
+        let entry = self.entries.remove(at)?;
+        let data = entry.1.clone();
+        self.entries.push_back(entry);
+        Some(data)
     }
 
     fn insert(&mut self, hash: Hash, data: Bytes) {
-        if data.len() as u64 > self.budget || self.get(&hash).is_some() {
+        if self.get(&hash).is_some() {
             return;
         }
         self.bytes += data.len() as u64;
         self.entries.push_back((hash, data));
-        while self.bytes > self.budget {
-            match self.entries.pop_front() {
-                Some((_, old)) => self.bytes -= old.len() as u64,
-                None => break,
+        while self.bytes > self.budget && self.entries.len() > 1 {
+            if let Some((_, old)) = self.entries.pop_front() {
+                self.bytes -= old.len() as u64;
             }
         }
     }
@@ -267,10 +273,10 @@ impl BlockStore {
             inflight: Mutex::new(HashMap::new()),
             damaged: Mutex::new(HashSet::new()),
             hot: Mutex::new(HotBlocks {
-                budget: (cache.budget / 8).min(HOT_BUDGET),
+                budget: (cache.budget / 8).clamp(HOT_FLOOR, HOT_BUDGET),
                 ..HotBlocks::default()
             }),
-            cache,
+            cache: Arc::new(cache),
             timeout,
             metrics: EngineMetrics::new(),
         }
@@ -408,7 +414,6 @@ impl BlockStore {
         }
         if let Some(data) = self.cache.read(hash, 0, len as usize) {
             self.metrics.cache_hit(CacheTier::Disk);
-            let data = Bytes::from(data);
             lock(&self.hot).insert(*hash, data.clone());
             return Ok(data);
         }
@@ -422,10 +427,16 @@ impl BlockStore {
                     return Err(CasError::Corrupt { key });
                 }
                 self.mark_known(hash);
-                if !self.store.reads_are_local() {
-                    self.cache.insert(hash, &data)?;
-                }
                 lock(&self.hot).insert(*hash, data.clone());
+                if !self.store.reads_are_local() {
+                    // The reader has the block already: it need not wait for the disk.
+                    let (cache, hash, data) = (self.cache.clone(), *hash, data.clone());
+                    tokio::task::spawn_blocking(move || {
+                        if let Err(e) = cache.insert(&hash, &data) {
+                            tracing::warn!(error = %e, "could not add a block to the cache");
+                        }
+                    });
+                }
                 Ok(data)
             })
             .await
@@ -460,7 +471,7 @@ impl BlockStore {
         }
         if let Some(data) = self.cache.read(hash, offset, len as usize) {
             self.metrics.cache_hit(CacheTier::Disk);
-            return Ok(Bytes::from(data));
+            return Ok(data);
         }
         self.metrics.cache_miss();
         let key = block_key(hash);
@@ -565,5 +576,31 @@ mod tests {
                 Err(CasError::Corrupt { .. })
             ));
         });
+    }
+
+    #[test]
+    fn hot_blocks_keep_the_recently_used_and_always_the_newest() {
+        let block = |n: u8| (hash_block(&[n]), Bytes::from(vec![n; 100]));
+        let mut hot = HotBlocks {
+            budget: 250,
+            ..HotBlocks::default()
+        };
+        let (a, b, c) = (block(1), block(2), block(3));
+        hot.insert(a.0, a.1.clone());
+        hot.insert(b.0, b.1.clone());
+        assert!(hot.get(&a.0).is_some()); // a is now used more recently than b
+        hot.insert(c.0, c.1.clone());
+        assert!(
+            hot.get(&b.0).is_none(),
+            "the least recently used goes first"
+        );
+        assert!(hot.get(&a.0).is_some() && hot.get(&c.0).is_some());
+
+        // A block larger than the whole budget still stays while it is the newest.
+        let big = (hash_block(b"big"), Bytes::from(vec![0u8; 1000]));
+        hot.insert(big.0, big.1.clone());
+        assert_eq!(hot.get(&big.0), Some(big.1));
+        assert_eq!(hot.entries.len(), 1);
+        assert_eq!(hot.bytes, 1000);
     }
 }

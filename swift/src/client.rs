@@ -532,19 +532,43 @@ impl SwiftClient {
         object: &str,
         range: Option<std::ops::Range<u64>>,
     ) -> SwiftResult<Bytes> {
+        self.get_object_into(container, object, range, Vec::with_capacity)
+            .await
+            .map(Bytes::from)
+    }
+
+    /// [`get_object`](Self::get_object) into a buffer of the caller's: `buffer(length)` gives
+    /// an empty one with room for the body's announced length (a caller may reuse buffers).
+    pub async fn get_object_into(
+        &self,
+        container: &str,
+        object: &str,
+        range: Option<std::ops::Range<u64>>,
+        buffer: impl FnOnce(usize) -> Vec<u8>,
+    ) -> SwiftResult<Vec<u8>> {
         let mut call = Call::new(Method::GET, container, Some(object));
         if let Some(r) = &range {
             if r.end <= r.start {
-                return Ok(Bytes::new());
+                return Ok(Vec::new());
             }
             call = call
                 .header("Range", &format!("bytes={}-{}", r.start, r.end - 1))?
                 .moving(r.end - r.start);
         }
-        let resp = self.send(&call).await?;
+        let mut resp = self.send(&call).await?;
         match resp.status() {
-            StatusCode::RANGE_NOT_SATISFIABLE => Ok(Bytes::new()),
-            s if s.is_success() => Self::body_bytes(&call, resp).await,
+            StatusCode::RANGE_NOT_SATISFIABLE => Ok(Vec::new()),
+            s if s.is_success() => {
+                let mut body = buffer(resp.content_length().unwrap_or(0) as usize);
+                let transport = |source| SwiftError::Transport {
+                    what: call.what.clone(),
+                    source,
+                };
+                while let Some(chunk) = resp.chunk().await.map_err(transport)? {
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(body)
+            }
             _ => Err(Self::http_error(&call, resp).await),
         }
     }

@@ -117,6 +117,8 @@ if ((with_swift)); then
   # be throttled by Swift's large-object segment rate limit, not by the cluster).
   token=$(swift auth | sed -n 's/^export OS_AUTH_TOKEN=//p')
   url=$(swift auth | sed -n 's/^export OS_STORAGE_URL=//p')
+  # Cold, as cloudfs's read is: Swift's disk must not serve the bytes just uploaded from memory.
+  drop_caches
   start=$(date +%s.%N)
   swift list "$container-raw_segments" |
     xargs -P 4 -I{} curl -sf -H "X-Auth-Token: $token" "$url/$container-raw_segments/{}" -o /dev/null

@@ -201,6 +201,9 @@ fn rename_into_place(tmp: &Path, dest: &Path) -> io::Result<bool> {
     fs::rename(tmp, dest).map(|()| true)
 }
 
+/// Ranged reads up to this size run on the calling thread.
+const INLINE_READ: u64 = 128 << 10;
+
 /// Runs blocking file work off the async worker threads.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> StoreResult<T> + Send + 'static,
@@ -215,7 +218,10 @@ impl ObjectStore for LocalStore {
     async fn get(&self, key: &str, range: Option<Range<u64>>) -> StoreResult<Bytes> {
         let path = self.path_of(key)?;
         let key = key.to_owned();
-        blocking(move || {
+        let inline = range
+            .as_ref()
+            .is_some_and(|r| r.end.saturating_sub(r.start) <= INLINE_READ);
+        let read = move || {
             let mut file = File::open(&path).map_err(|e| not_found_as(&key, e))?;
             match range {
                 Some(r) => {
@@ -235,8 +241,9 @@ impl ObjectStore for LocalStore {
                     Ok(buffers::into_bytes(buf))
                 }
             }
-        })
-        .await
+        };
+        // A small read (a random read of a file) costs less than handing it to a thread.
+        if inline { read() } else { blocking(read).await }
     }
 
     async fn put(&self, key: &str, data: Bytes) -> StoreResult<()> {

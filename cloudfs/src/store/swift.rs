@@ -11,6 +11,7 @@ use cloudfs_swift::{
 };
 
 use super::{ListPage, ObjectMeta, ObjectStore, Piece, StoreError, StoreResult, validate_key};
+use crate::buffers;
 
 #[derive(Debug)]
 pub struct SwiftStore {
@@ -178,8 +179,9 @@ impl ObjectStore for SwiftStore {
     async fn get(&self, key: &str, range: Option<Range<u64>>) -> StoreResult<Bytes> {
         validate_key(key)?;
         self.client
-            .get_object(&self.container, key, range)
+            .get_object_into(&self.container, key, range, buffers::take)
             .await
+            .map(buffers::into_bytes)
             .map_err(|e| match e {
                 SwiftError::NotFound(_) => StoreError::NotFound(key.to_owned()),
                 other => store_error(other),
