@@ -201,8 +201,9 @@ fn rename_into_place(tmp: &Path, dest: &Path) -> io::Result<bool> {
     fs::rename(tmp, dest).map(|()| true)
 }
 
-/// Ranged reads up to this size run on the calling thread.
-const INLINE_READ: u64 = 128 << 10;
+/// File work moving up to this many bytes runs on the calling thread: a small read or write
+/// (a random read, a small file) or a metadata lookup costs less than handing it to a thread.
+const INLINE_BYTES: u64 = 128 << 10;
 
 /// Runs blocking file work off the async worker threads.
 async fn blocking<T: Send + 'static>(
@@ -213,15 +214,28 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| StoreError::Unavailable(format!("store worker failed: {e}")))?
 }
 
+/// Runs file work moving `bytes` on the calling thread when that is at most
+/// [`INLINE_BYTES`], else through [`blocking`].
+async fn sized<T: Send + 'static>(
+    bytes: u64,
+    f: impl FnOnce() -> StoreResult<T> + Send + 'static,
+) -> StoreResult<T> {
+    if bytes <= INLINE_BYTES {
+        f()
+    } else {
+        blocking(f).await
+    }
+}
+
 #[async_trait]
 impl ObjectStore for LocalStore {
     async fn get(&self, key: &str, range: Option<Range<u64>>) -> StoreResult<Bytes> {
         let path = self.path_of(key)?;
         let key = key.to_owned();
-        let inline = range
+        let bytes = range
             .as_ref()
-            .is_some_and(|r| r.end.saturating_sub(r.start) <= INLINE_READ);
-        let read = move || {
+            .map_or(u64::MAX, |r| r.end.saturating_sub(r.start));
+        sized(bytes, move || {
             let mut file = File::open(&path).map_err(|e| not_found_as(&key, e))?;
             match range {
                 Some(r) => {
@@ -241,15 +255,14 @@ impl ObjectStore for LocalStore {
                     Ok(buffers::into_bytes(buf))
                 }
             }
-        };
-        // A small read (a random read of a file) costs less than handing it to a thread.
-        if inline { read() } else { blocking(read).await }
+        })
+        .await
     }
 
     async fn put(&self, key: &str, data: Bytes) -> StoreResult<()> {
         let this = self.clone_handle();
         let key = key.to_owned();
-        blocking(move || {
+        sized(data.len() as u64, move || {
             this.write_via_temp(&key, |f| f.write_all(&data), false, rename_into_place)
                 .map(|_| ())
         })
@@ -259,7 +272,7 @@ impl ObjectStore for LocalStore {
     async fn put_if_absent(&self, key: &str, data: Bytes) -> StoreResult<bool> {
         let this = self.clone_handle();
         let key = key.to_owned();
-        blocking(move || {
+        sized(data.len() as u64, move || {
             this.write_via_temp(
                 &key,
                 |f| f.write_all(&data),
@@ -277,7 +290,7 @@ impl ObjectStore for LocalStore {
     async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>> {
         let path = self.path_of(key)?;
         let key = key.to_owned();
-        blocking(move || match fs::metadata(&path) {
+        sized(0, move || match fs::metadata(&path) {
             Ok(meta) if meta.is_file() => Ok(Some(ObjectMeta {
                 key,
                 size: meta.len(),
@@ -293,7 +306,7 @@ impl ObjectStore for LocalStore {
     async fn delete(&self, key: &str) -> StoreResult<()> {
         let path = self.path_of(key)?;
         let key = key.to_owned();
-        blocking(move || match fs::remove_file(&path) {
+        sized(0, move || match fs::remove_file(&path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(StoreError::io(&key, e)),
