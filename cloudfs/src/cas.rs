@@ -9,6 +9,7 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -213,11 +214,16 @@ pub struct BlockStore {
     /// Blocks `fsck --verify` found damaged: uploaded again however sure dedup is.
     damaged: Mutex<HashSet<Hash>>,
     hot: Mutex<HotBlocks>,
+    /// Cache writes handed to the background and not done yet (each holds a block).
+    pending_cache_writes: Arc<AtomicUsize>,
     timeout: Duration,
     metrics: EngineMetrics,
 }
 
 const KNOWN_LIMIT: usize = 1 << 20;
+/// Most cache writes left to the background at once: past this a reader writes its block
+/// itself, so a disk slower than the store slows reads instead of piling up blocks in memory.
+const BACKGROUND_CACHE_WRITES: usize = 4;
 
 /// How long the engine trusts that a block it saw in the store is still there while no
 /// metadata names it: a block found older than this by a dedup check is uploaded again, and
@@ -277,6 +283,7 @@ impl BlockStore {
                 ..HotBlocks::default()
             }),
             cache: Arc::new(cache),
+            pending_cache_writes: Arc::new(AtomicUsize::new(0)),
             timeout,
             metrics: EngineMetrics::new(),
         }
@@ -429,13 +436,7 @@ impl BlockStore {
                 self.mark_known(hash);
                 lock(&self.hot).insert(*hash, data.clone());
                 if !self.store.reads_are_local() {
-                    // The reader has the block already: it need not wait for the disk.
-                    let (cache, hash, data) = (self.cache.clone(), *hash, data.clone());
-                    tokio::task::spawn_blocking(move || {
-                        if let Err(e) = cache.insert(&hash, &data) {
-                            tracing::warn!(error = %e, "could not add a block to the cache");
-                        }
-                    });
+                    self.cache_in_background(*hash, data.clone());
                 }
                 Ok(data)
             })
@@ -443,6 +444,28 @@ impl BlockStore {
             .cloned();
         lock(&self.inflight).remove(hash);
         result
+    }
+
+    /// Adds a fetched block to the disk cache without making its reader wait, unless
+    /// [`BACKGROUND_CACHE_WRITES`] are pending already. The cache is best effort: a failed
+    /// write is logged.
+    fn cache_in_background(&self, hash: Hash, data: Bytes) {
+        let insert = move |cache: &BlockCache| {
+            if let Err(e) = cache.insert(&hash, &data) {
+                tracing::warn!(error = %e, "could not add a block to the cache");
+            }
+        };
+        let pending = self.pending_cache_writes.clone();
+        if pending.fetch_add(1, Ordering::AcqRel) >= BACKGROUND_CACHE_WRITES {
+            insert(&self.cache);
+            pending.fetch_sub(1, Ordering::AcqRel);
+            return;
+        }
+        let cache = self.cache.clone();
+        tokio::task::spawn_blocking(move || {
+            insert(&cache);
+            pending.fetch_sub(1, Ordering::AcqRel);
+        });
     }
 
     /// `len` bytes at `offset` of a block of `block_len` bytes: from the cache when it holds
@@ -575,6 +598,50 @@ mod tests {
                 fresh.fetch(&h1, 1000).await,
                 Err(CasError::Corrupt { .. })
             ));
+        });
+    }
+
+    #[test]
+    fn fetched_blocks_reach_the_disk_cache_in_the_background_or_inline_when_many_are_pending() {
+        let rt = tokio::runtime::Runtime::new().expect("rt");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mem = Arc::new(MemStore::new());
+        let blocks = BlockStore::new(
+            mem.clone(),
+            BlockCache::open(dir.path(), 1 << 20).expect("cache"),
+            Duration::from_secs(5),
+        );
+        let block = |n: u8| {
+            let data = Bytes::from(vec![n; 1000]);
+            (hash_block(&data), data)
+        };
+        let (first, second) = (block(1), block(2));
+        rt.block_on(async {
+            for (hash, data) in [&first, &second] {
+                mem.put(&block_key(hash), data.clone()).await.expect("put");
+            }
+            assert_eq!(blocks.fetch(&first.0, 1000).await.expect("fetch"), first.1);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !blocks.cache().contains(&first.0) {
+                assert!(
+                    Instant::now() < deadline,
+                    "the block never reached the cache"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            // With the background full, the reader writes the block before it returns.
+            blocks
+                .pending_cache_writes
+                .store(BACKGROUND_CACHE_WRITES, Ordering::Release);
+            assert_eq!(
+                blocks.fetch(&second.0, 1000).await.expect("fetch"),
+                second.1
+            );
+            assert!(blocks.cache().contains(&second.0));
+            assert_eq!(
+                blocks.pending_cache_writes.load(Ordering::Acquire),
+                BACKGROUND_CACHE_WRITES
+            );
         });
     }
 
