@@ -566,8 +566,13 @@ mod tests {
         });
     }
 
-    #[test]
-    fn uploads_dedup_and_fetches_verify() {
+    /// A runtime, a temp dir, an in-memory store and blocks over it cached in the temp dir.
+    fn over_mem_store() -> (
+        tokio::runtime::Runtime,
+        tempfile::TempDir,
+        Arc<MemStore>,
+        BlockStore,
+    ) {
         let rt = tokio::runtime::Runtime::new().expect("rt");
         let dir = tempfile::tempdir().expect("tempdir");
         let mem = Arc::new(MemStore::new());
@@ -576,6 +581,12 @@ mod tests {
             BlockCache::open(dir.path(), 1 << 20).expect("cache"),
             Duration::from_secs(5),
         );
+        (rt, dir, mem, blocks)
+    }
+
+    #[test]
+    fn uploads_dedup_and_fetches_verify() {
+        let (rt, dir, mem, blocks) = over_mem_store();
         rt.block_on(async {
             let data = Bytes::from(vec![7u8; 1000]);
             let h1 = hash_block(&data);
@@ -603,14 +614,7 @@ mod tests {
 
     #[test]
     fn fetched_blocks_reach_the_disk_cache_in_the_background_or_inline_when_many_are_pending() {
-        let rt = tokio::runtime::Runtime::new().expect("rt");
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mem = Arc::new(MemStore::new());
-        let blocks = BlockStore::new(
-            mem.clone(),
-            BlockCache::open(dir.path(), 1 << 20).expect("cache"),
-            Duration::from_secs(5),
-        );
+        let (rt, _dir, mem, blocks) = over_mem_store();
         let block = |n: u8| {
             let data = Bytes::from(vec![n; 1000]);
             (hash_block(&data), data)
