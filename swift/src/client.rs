@@ -136,6 +136,10 @@ pub struct BulkDeleteReport {
 /// minutes and outlast [`RetryPolicy::request_timeout`], failing a delete that succeeds.
 const BULK_DELETE_CHUNK: usize = 1000;
 
+/// The most a GET reserves before the body arrives (the largest block size a volume may
+/// have); a longer body grows its buffer as it streams in.
+const PREALLOCATION_CAP: u64 = 64 << 20;
+
 /// A client of one Swift account.
 #[derive(Debug)]
 pub struct SwiftClient {
@@ -559,7 +563,14 @@ impl SwiftClient {
         match resp.status() {
             StatusCode::RANGE_NOT_SATISFIABLE => Ok(Vec::new()),
             s if s.is_success() => {
-                let mut body = buffer(resp.content_length().unwrap_or(0) as usize);
+                // The announced length only sizes the first allocation, and never past what
+                // this call can expect: a server announcing more than it sends (or a huge
+                // object read whole) must not reserve memory up front.
+                let expected = range
+                    .as_ref()
+                    .map_or(PREALLOCATION_CAP, |r| r.end - r.start);
+                let announced = resp.content_length().unwrap_or(0);
+                let mut body = buffer(announced.min(expected).min(PREALLOCATION_CAP) as usize);
                 let transport = |source| SwiftError::Transport {
                     what: call.what.clone(),
                     source,

@@ -882,6 +882,32 @@ async fn awkward_object_names_and_copies() {
     }
 }
 
+/// A server announcing a body of a terabyte and sending five bytes: the client reserves no
+/// terabyte (that would abort the process) and reports the cut body as an error.
+#[tokio::test]
+async fn an_announced_length_is_not_trusted_for_memory() {
+    let addr = serve(|_request| async {
+        Response {
+            status: 200,
+            headers: vec![("content-length".into(), (1u64 << 40).to_string())],
+            body: Bytes::from_static(b"short"),
+        }
+    })
+    .await;
+    let client = client_with(
+        Credentials::Token {
+            storage_url: format!("http://{addr}/v1/AUTH_test"),
+            token: "token".into(),
+        },
+        quick_retries(1),
+    );
+    let result = client.get_object("c", "o", None).await;
+    assert!(
+        matches!(result, Err(SwiftError::Transport { .. })),
+        "{result:?}"
+    );
+}
+
 #[tokio::test]
 async fn create_only_puts() {
     let s = Scratch::new("if-absent").await;
