@@ -558,7 +558,7 @@ struct ReplicaState {
     /// The last generation written: its key and manifest.
     latest: Option<(String, Generation)>,
     chunks: Vec<Hash>,
-    synced_commits: Option<u64>,
+    synced_writes: Option<u64>,
     written: Vec<String>,
     pruned_old_epochs: bool,
 }
@@ -589,7 +589,7 @@ impl Replicator {
                 seq: first_seq,
                 latest: None,
                 chunks,
-                synced_commits: None,
+                synced_writes: None,
                 written: Vec::new(),
                 pruned_old_epochs: epoch == 0,
             }),
@@ -611,7 +611,7 @@ impl Replicator {
     ) -> VolumeResult<(String, Generation)> {
         let mut state = self.state.lock().await;
         if state.latest.is_none() {
-            state.synced_commits = None;
+            state.synced_writes = None;
         }
         self.push_locked(&mut state, meta, blocks).await?;
         state
@@ -626,14 +626,14 @@ impl Replicator {
         meta: &MetaStore,
         blocks: &BlockStore,
     ) -> VolumeResult<()> {
-        if state.synced_commits == Some(meta.commits()) {
+        if state.synced_writes == Some(meta.writes()) {
             return Ok(());
         }
         let snapshot = tempfile::NamedTempFile::new_in(
             meta.path().parent().unwrap_or_else(|| Path::new(".")),
         )?;
-        let commits = meta
-            .with_quiesced_file(|path, commits| fs::copy(path, snapshot.path()).map(|_| commits))?
+        let writes = meta
+            .with_quiesced_file(|path, writes| fs::copy(path, snapshot.path()).map(|_| writes))?
             .map_err(VolumeError::Io)?;
         let mut file = File::open(snapshot.path())?;
         let db_size = file.metadata()?.len();
@@ -682,7 +682,7 @@ impl Replicator {
         let pointer = pointer_json(self.epoch, state.seq)?;
         state.seq += 1;
         state.chunks = chunks;
-        state.synced_commits = Some(commits);
+        state.synced_writes = Some(writes);
         state.written.push(key.clone());
         state.latest = Some((key, generation));
         let pointer_key = pointer_key(&self.volume);

@@ -128,13 +128,13 @@ impl MetaHandle {
         self.current().read(f)
     }
 
-    fn commits(&self) -> u64 {
-        self.current().commits()
+    fn writes(&self) -> u64 {
+        self.current().writes()
     }
 
     fn write<T, E: From<meta::MetaError>>(
         &self,
-        f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T, E>,
+        f: impl FnOnce(&Connection) -> Result<T, E>,
     ) -> Result<T, E> {
         self.current().write(f)
     }
@@ -381,17 +381,17 @@ impl Fs {
     }
 
     /// Reads inode rows with `read` and lays unflushed sizes and times over them. A flush that
-    /// commits between the two would leave neither its new row nor its overlay (the old size
-    /// would come back), so a commit meanwhile means reading again.
+    /// completes between the two would leave neither its new row nor its overlay (the old size
+    /// would come back), so a write meanwhile means reading again.
     fn read_overlaid<T>(
         &self,
         read: impl Fn() -> FsResult<T>,
         overlay: impl Fn(&Self, T) -> T,
     ) -> FsResult<T> {
         for _ in 1..OVERLAY_READS {
-            let before = self.meta.commits();
+            let before = self.meta.writes();
             let value = overlay(self, read()?);
-            if self.meta.commits() == before {
+            if self.meta.writes() == before {
                 return Ok(value);
             }
         }

@@ -6,16 +6,25 @@
 //! runs on the writer connection when it is idle: its page cache stays warm, where a reader
 //! connection must drop its whole cache after every commit it did not make. When the writer is
 //! busy, reads use their own connections and never wait for it (WAL).
+//!
+//! Writes are grouped: each runs in a savepoint of one transaction that stays open for up to
+//! [`GROUP_COMMIT_WINDOW`], because a commit (locks, WAL frames) costs more than a small
+//! operation itself. Until that transaction commits, reads wait for the writer connection, the
+//! only one that sees it. Nothing durable is lost by the wait: the file is a working copy that
+//! is rebuilt from the store on every mount, and everything that copies it out (replication,
+//! restores) commits first.
 
 mod queries;
 mod schema;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
+use rusqlite::Connection;
+use rusqlite::OpenFlags;
 
 pub use queries::*;
 pub use schema::SCHEMA_VERSION;
@@ -36,14 +45,48 @@ pub type MetaResult<T> = Result<T, MetaError>;
 const READERS: usize = 4;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a write transaction stays open for more operations before it commits.
+pub const GROUP_COMMIT_WINDOW: Duration = Duration::from_millis(10);
+
+/// The writer connection and its open transaction, if any.
+#[derive(Debug)]
+struct Writer {
+    conn: Connection,
+    /// When the open transaction began; `None` when everything is committed.
+    open_since: Option<Instant>,
+}
+
+impl Writer {
+    fn commit(&mut self) -> MetaResult<()> {
+        if self.open_since.is_none() {
+            return Ok(());
+        }
+        let result = self.conn.prepare_cached("COMMIT")?.execute([]);
+        // A commit SQLite could not finish may have rolled the transaction back itself.
+        if result.is_ok() || self.conn.is_autocommit() {
+            self.open_since = None;
+        }
+        result.map(|_| ()).map_err(MetaError::from)
+    }
+
+    fn commit_if_due(&mut self) -> MetaResult<()> {
+        match self.open_since {
+            Some(since) if since.elapsed() >= GROUP_COMMIT_WINDOW => self.commit(),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// A volume's metadata database, open for this process.
 #[derive(Debug)]
 pub struct MetaStore {
     path: PathBuf,
-    writer: Mutex<Connection>,
+    writer: Mutex<Writer>,
+    /// Mirrors `Writer::open_since.is_some()` for readers deciding whether they may bypass it.
+    uncommitted: AtomicBool,
     readers: Vec<Mutex<Connection>>,
     next_reader: AtomicUsize,
-    commits: AtomicU64,
+    writes: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -65,6 +108,8 @@ fn configure(conn: &Connection) -> MetaResult<()> {
     // every mount, so local fsyncs would buy nothing.
     conn.pragma_update(None, "synchronous", "OFF")?;
     conn.pragma_update(None, "foreign_keys", "OFF")?;
+    // Savepoints of the grouped transaction journal in memory, not in temporary files.
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
     conn.set_prepared_statement_cache_capacity(64);
     Ok(())
 }
@@ -106,10 +151,14 @@ impl MetaStore {
         }
         Ok(MetaStore {
             path: path.to_path_buf(),
-            writer: Mutex::new(writer),
+            writer: Mutex::new(Writer {
+                conn: writer,
+                open_since: None,
+            }),
+            uncommitted: AtomicBool::new(false),
             readers,
             next_reader: AtomicUsize::new(0),
-            commits: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
         })
     }
 
@@ -117,30 +166,60 @@ impl MetaStore {
         &self.path
     }
 
-    /// Runs `f` in one write transaction, committed when `f` returns `Ok`.
+    /// Runs `f` atomically: all its changes, visible to every later read, or none when it
+    /// returns `Err`. The changes reach the file within [`GROUP_COMMIT_WINDOW`], or at the
+    /// next [`commit`](Self::commit).
     pub fn write<T, E: From<MetaError>>(
         &self,
-        f: impl FnOnce(&Transaction<'_>) -> Result<T, E>,
+        f: impl FnOnce(&Connection) -> Result<T, E>,
     ) -> Result<T, E> {
-        let mut conn = lock(&self.writer);
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(MetaError::from)?;
-        let value = f(&tx)?;
-        tx.commit().map_err(MetaError::from)?;
-        self.commits.fetch_add(1, Ordering::Release);
+        let mut writer = lock(&self.writer);
+        if writer.open_since.is_none() {
+            writer
+                .conn
+                .prepare_cached("BEGIN IMMEDIATE")
+                .and_then(|mut begin| begin.execute([]))
+                .map_err(MetaError::from)?;
+            writer.open_since = Some(Instant::now());
+            self.uncommitted.store(true, Ordering::Release);
+        }
+        // Dropped without `commit`, the savepoint rolls back only this operation's changes.
+        let savepoint = writer.conn.savepoint().map_err(MetaError::from)?;
+        let value = f(&savepoint)?;
+        savepoint.commit().map_err(MetaError::from)?;
+        self.writes.fetch_add(1, Ordering::Release);
+        let committed = writer.commit_if_due();
+        self.uncommitted
+            .store(writer.open_since.is_some(), Ordering::Release);
+        committed?;
         Ok(value)
     }
 
-    /// Runs `f` on an idle connection (a consistent snapshot for each statement, or for the
-    /// whole closure when `f` opens a transaction). `f` must not write: on the writer
-    /// connection nothing would stop it.
+    /// Commits the writes still grouped in the open transaction.
+    pub fn commit(&self) -> MetaResult<()> {
+        let mut writer = lock(&self.writer);
+        let committed = writer.commit();
+        self.uncommitted
+            .store(writer.open_since.is_some(), Ordering::Release);
+        committed
+    }
+
+    /// Runs `f` on an idle connection (a consistent snapshot for each statement). `f` must not
+    /// write: on the writer connection nothing would stop it.
     pub fn read<T, E: From<MetaError>>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T, E>,
     ) -> Result<T, E> {
-        if let Ok(conn) = self.writer.try_lock() {
-            return f(&conn);
+        if self.uncommitted.load(Ordering::Acquire) {
+            let mut writer = lock(&self.writer);
+            let committed = writer.commit_if_due();
+            self.uncommitted
+                .store(writer.open_since.is_some(), Ordering::Release);
+            committed?;
+            return f(&writer.conn);
+        }
+        if let Ok(writer) = self.writer.try_lock() {
+            return f(&writer.conn);
         }
         let start = self.next_reader.fetch_add(1, Ordering::Relaxed);
         for i in 0..self.readers.len() {
@@ -152,38 +231,48 @@ impl MetaStore {
         f(&conn)
     }
 
-    /// How many write transactions have committed since open.
-    pub fn commits(&self) -> u64 {
-        self.commits.load(Ordering::Acquire)
+    /// How many writes have completed since open (committed or still grouped).
+    pub fn writes(&self) -> u64 {
+        self.writes.load(Ordering::Acquire)
     }
 
     /// Replaces the whole database with a copy of the one at `source` (same schema family),
     /// in one step readers see atomically. Inode numbers stay unique over the life of the
     /// volume: the restored counter never goes below the one it replaces.
     pub fn restore_from(&self, source: &Path) -> MetaResult<()> {
-        let mut conn = lock(&self.writer);
-        let issued_before = issued_inodes(&conn)?;
+        let mut writer = self.committed_writer()?;
+        let conn = &mut writer.conn;
+        let issued_before = issued_inodes(conn)?;
         {
             let from = Connection::open_with_flags(source, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-            rusqlite::backup::Backup::new(&from, &mut conn)?.run_to_completion(
+            rusqlite::backup::Backup::new(&from, conn)?.run_to_completion(
                 1024,
                 Duration::ZERO,
                 None,
             )?;
         }
-        schema::migrate(&conn)?;
+        schema::migrate(conn)?;
         conn.execute(
             "UPDATE sqlite_sequence SET seq = MAX(seq, ?1) WHERE name = 'inodes'",
             [issued_before],
         )?;
-        self.commits.fetch_add(1, Ordering::Release);
+        self.writes.fetch_add(1, Ordering::Release);
         Ok(())
     }
 
-    /// Checkpoints the WAL into the main file and calls `f` with the file's path while no write
-    /// can happen, so `f` sees exactly the state after `commits()` transactions.
+    /// The writer, locked, with nothing left uncommitted.
+    fn committed_writer(&self) -> MetaResult<MutexGuard<'_, Writer>> {
+        let mut writer = lock(&self.writer);
+        writer.commit()?;
+        self.uncommitted.store(false, Ordering::Release);
+        Ok(writer)
+    }
+
+    /// Commits, checkpoints the WAL into the main file and calls `f` with the file's path while
+    /// no write can happen, so `f` sees exactly the state after `writes()` writes.
     pub fn with_quiesced_file<T>(&self, f: impl FnOnce(&Path, u64) -> T) -> MetaResult<T> {
-        let conn = lock(&self.writer);
+        let writer = self.committed_writer()?;
+        let conn = &writer.conn;
         let (busy, _, _): (i64, i64, i64) =
             conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?))
@@ -192,6 +281,119 @@ impl MetaStore {
             // A reader still holds an old snapshot; a FULL checkpoint still copies every frame.
             conn.query_row("PRAGMA wal_checkpoint(FULL)", [], |_| Ok(()))?;
         }
-        Ok(f(&self.path, self.commits()))
+        Ok(f(&self.path, self.writes()))
+    }
+}
+
+impl Drop for MetaStore {
+    fn drop(&mut self) {
+        if let Err(e) = self.commit() {
+            tracing::error!(path = %self.path.display(), "metadata changes not committed: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ROOT: u64 = 1;
+
+    fn store() -> (tempfile::TempDir, MetaStore) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = MetaStore::create(&dir.path().join("meta.db"), 0, 0, 0).expect("create");
+        (dir, store)
+    }
+
+    fn set(store: &MetaStore, name: &str) {
+        store
+            .write(|tx| set_xattr(tx, ROOT, name.as_bytes(), b"v"))
+            .expect("write");
+    }
+
+    fn has(conn: &Connection, name: &str) -> bool {
+        get_xattr(conn, ROOT, name.as_bytes())
+            .expect("read")
+            .is_some()
+    }
+
+    /// What another process opening the file would see: only committed changes.
+    fn committed_has(store: &MetaStore, name: &str) -> bool {
+        let conn = Connection::open_with_flags(store.path(), OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .expect("open");
+        has(&conn, name)
+    }
+
+    #[test]
+    fn grouped_writes_are_read_at_once_and_committed_on_demand() {
+        let (_dir, store) = store();
+        set(&store, "user.a");
+        assert!(
+            store
+                .read(|c| Ok::<_, MetaError>(has(c, "user.a")))
+                .expect("read")
+        );
+        assert!(
+            !committed_has(&store, "user.a"),
+            "grouped, not yet committed"
+        );
+        store.commit().expect("commit");
+        assert!(committed_has(&store, "user.a"));
+        assert_eq!(store.writes(), 2, "the root and one attribute");
+    }
+
+    #[test]
+    fn a_group_commits_once_its_window_has_passed() {
+        let (_dir, store) = store();
+        set(&store, "user.a");
+        std::thread::sleep(GROUP_COMMIT_WINDOW * 2);
+        assert!(
+            store
+                .read(|c| Ok::<_, MetaError>(has(c, "user.a")))
+                .expect("read")
+        );
+        assert!(committed_has(&store, "user.a"));
+        set(&store, "user.b");
+        std::thread::sleep(GROUP_COMMIT_WINDOW * 2);
+        set(&store, "user.c");
+        assert!(committed_has(&store, "user.b") && committed_has(&store, "user.c"));
+    }
+
+    #[test]
+    fn a_failed_write_rolls_back_only_itself() {
+        let (_dir, store) = store();
+        set(&store, "user.kept");
+        let failed = store.write(|tx| -> MetaResult<()> {
+            set_xattr(tx, ROOT, b"user.dropped", b"v")?;
+            Err(MetaError::Corrupt("fails on purpose".into()))
+        });
+        assert!(failed.is_err());
+        set(&store, "user.after");
+        store.commit().expect("commit");
+        assert!(committed_has(&store, "user.kept") && committed_has(&store, "user.after"));
+        assert!(!committed_has(&store, "user.dropped"));
+    }
+
+    #[test]
+    fn the_quiesced_file_and_a_reopened_store_hold_every_grouped_write() {
+        let (dir, store) = store();
+        set(&store, "user.a");
+        let copy = dir.path().join("copy.db");
+        let writes = store
+            .with_quiesced_file(|path, writes| std::fs::copy(path, &copy).map(|_| writes))
+            .expect("quiesce")
+            .expect("copy");
+        assert_eq!(writes, store.writes());
+        let copied = Connection::open(&copy).expect("open copy");
+        assert!(has(&copied, "user.a"));
+        set(&store, "user.b");
+        let path = store.path().to_path_buf();
+        drop(store);
+        let reopened = MetaStore::open(&path).expect("reopen");
+        assert!(
+            reopened
+                .read(|c| Ok::<_, MetaError>(has(c, "user.b")))
+                .expect("read")
+        );
     }
 }
