@@ -2,7 +2,8 @@
 # Benchmark (not a test): one job set on a plain local directory and on cloudfs over the
 # embedded LocalStore — and with --swift also on cloudfs over the local test Swift, next to
 # raw python-swiftclient upload/download of the same bytes (the Swift ceiling) — in one run,
-# printed as a table. Needs root (FUSE, drop_caches).
+# printed as a table (file-count rates: the median of three passes). Needs root (FUSE,
+# drop_caches).
 #
 #   tests/bench/fs.sh [--size MIB] [--swift]      # sequential file size, default 1024 MiB
 set -euo pipefail

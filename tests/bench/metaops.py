@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""Metadata and small-file rates in one directory: prints `name rate` lines (operations/s).
+"""Metadata and small-file rates in one directory: prints `name rate` lines (operations/s),
+each the median of PASSES passes (a pass is short enough for a background hiccup to skew it).
 
-Usage: metaops.py DIR [FILES] [SMALL_FILES]
+Usage: metaops.py DIR [FILES] [SMALL_FILES] [PASSES]
 """
 import os
+import statistics
 import sys
 import time
 
@@ -14,12 +16,9 @@ def rate(count, fn):
     return count / (time.perf_counter() - start)
 
 
-def main():
-    root = sys.argv[1]
-    n = int(sys.argv[2]) if len(sys.argv) > 2 else 10_000
-    small = int(sys.argv[3]) if len(sys.argv) > 3 else 1000
-    work = os.path.join(root, "metaops")
-    os.makedirs(work, exist_ok=True)
+def one_pass(root, n, small, tag):
+    work = os.path.join(root, f"metaops-{tag}")
+    os.makedirs(work)
     names = [os.path.join(work, f"f{i:06d}") for i in range(n)]
     moved = [name + ".r" for name in names]
 
@@ -40,19 +39,31 @@ def main():
             os.unlink(name)
 
     payload = os.urandom(64 * 1024)
-    small_dir = os.path.join(root, "small")
-    os.makedirs(small_dir, exist_ok=True)
+    small_dir = os.path.join(root, f"small-{tag}")
+    os.makedirs(small_dir)
 
     def small_files():
         for i in range(small):
             with open(os.path.join(small_dir, f"s{i:05d}"), "wb") as f:
                 f.write(payload[:8] + i.to_bytes(8, "little") + payload[16:])
 
-    print(f"create {rate(n, create):.0f}")
-    print(f"stat {rate(n, stat):.0f}")
-    print(f"rename {rate(n, rename):.0f}")
-    print(f"delete {rate(n, delete):.0f}")
-    print(f"small64k {rate(small, small_files):.0f}")
+    return {
+        "create": rate(n, create),
+        "stat": rate(n, stat),
+        "rename": rate(n, rename),
+        "delete": rate(n, delete),
+        "small64k": rate(small, small_files),
+    }
+
+
+def main():
+    root = sys.argv[1]
+    n = int(sys.argv[2]) if len(sys.argv) > 2 else 10_000
+    small = int(sys.argv[3]) if len(sys.argv) > 3 else 1000
+    passes = int(sys.argv[4]) if len(sys.argv) > 4 else 3
+    results = [one_pass(root, n, small, tag) for tag in range(passes)]
+    for name in results[0]:
+        print(f"{name} {statistics.median(r[name] for r in results):.0f}")
 
 
 if __name__ == "__main__":
