@@ -504,7 +504,7 @@ impl BlockStore {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::store::MemStore;
 
@@ -567,7 +567,7 @@ mod tests {
     }
 
     /// A runtime, a temp dir, an in-memory store and blocks over it cached in the temp dir.
-    fn over_mem_store() -> (
+    pub(crate) fn over_mem_store() -> (
         tokio::runtime::Runtime,
         tempfile::TempDir,
         Arc<MemStore>,

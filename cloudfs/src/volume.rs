@@ -3,7 +3,7 @@
 //!
 //! Store layout of a volume (see the design): `volumes/<volume>/config.json` (written once,
 //! create-only) and `volumes/<volume>/meta/gen-<epoch>-<seq>` generation manifests. A
-//! generation lists the BLAKE3 hashes of the database file cut into 256 KiB chunks; the chunks are
+//! generation lists the BLAKE3 hashes of the database file cut into 64 KiB chunks; the chunks are
 //! ordinary CAS blocks, so an unchanged chunk is never uploaded twice. Manifest names are never
 //! reused (the epoch grows with every read-write open, the sequence with every sync), so an
 //! eventually consistent store can never serve a stale copy under a current name.
@@ -33,7 +33,12 @@ pub const FORMAT_VERSION: u32 = 1;
 pub const DEFAULT_BLOCK_SIZE: u64 = 8 << 20;
 const MIN_BLOCK_SIZE: u64 = 4 << 10;
 const MAX_BLOCK_SIZE: u64 = 64 << 20;
-const CHUNK_SIZE: u64 = 256 << 10;
+/// The database is replicated in chunks of this size: a change re-uploads the chunks holding
+/// the pages it touched, so smaller chunks upload less per change (and name more chunks per
+/// generation). Each generation records the size it was cut with.
+const CHUNK_SIZE: u64 = 64 << 10;
+const MIN_CHUNK_SIZE: u64 = 4 << 10;
+const MAX_CHUNK_SIZE: u64 = 64 << 20;
 /// Generations kept besides the newest (older ones are deleted after each sync).
 const KEEP_GENERATIONS: usize = 3;
 
@@ -492,14 +497,21 @@ pub(crate) async fn rebuild_database(
             _ => {}
         }
     }
+    let size_ok = (MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&generation.chunk_size)
+        && generation.chunks.len() as u64 == generation.db_size.div_ceil(generation.chunk_size);
+    if !size_ok {
+        return Err(corrupt(
+            volume,
+            format!("generation {label} does not cut its database into chunks consistently"),
+        ));
+    }
     let mut file = File::create(db_path)?;
     let mut chunks = Vec::with_capacity(generation.chunks.len());
     let mut written = 0u64;
-    for hex_hash in &generation.chunks {
+    for (hex_hash, len) in generation.chunks.iter().zip(generation.chunk_lens()) {
         let mut hash = [0u8; 32];
         hex::decode_to_slice(hex_hash, &mut hash)
             .map_err(|_| corrupt(volume, format!("generation {label} names a bad chunk")))?;
-        let len = CHUNK_SIZE.min(generation.db_size - written);
         let data = blocks.fetch(&hash, len).await.map_err(|e| match e {
             CasError::Store(StoreError::NotFound(k)) => {
                 corrupt(volume, format!("metadata chunk {k} is missing"))
@@ -806,6 +818,47 @@ mod tests {
         for bad in ["", ".hidden", "a/b", "a b", &"x".repeat(129)] {
             assert!(validate_name(bad).is_err(), "{bad}");
         }
+    }
+
+    /// A generation of `db` cut into `chunk_size` chunks, its chunks uploaded.
+    async fn generation_of(db: &[u8], chunk_size: u64, blocks: &BlockStore) -> Generation {
+        let mut chunks = Vec::new();
+        for chunk in db.chunks(chunk_size as usize) {
+            let hash = hash_block(chunk);
+            blocks
+                .upload(hash, Bytes::copy_from_slice(chunk), false)
+                .await
+                .expect("upload");
+            chunks.push(hex::encode(hash));
+        }
+        Generation {
+            epoch: 1,
+            seq: 0,
+            db_size: db.len() as u64,
+            chunk_size,
+            chunks,
+            created_at_ns: 0,
+        }
+    }
+
+    #[test]
+    fn a_generation_rebuilds_with_the_chunk_size_it_was_cut_with() {
+        let (rt, dir, _mem, blocks) = crate::cas::tests::over_mem_store();
+        let db: Vec<u8> = (0..700_000u32).map(|i| (i % 251) as u8).collect();
+        let path = dir.path().join("rebuilt.db");
+        for chunk_size in [CHUNK_SIZE, 256 << 10] {
+            let generation = rt.block_on(generation_of(&db, chunk_size, &blocks));
+            rt.block_on(rebuild_database(&blocks, "v", &generation, "g", &path))
+                .expect("rebuild");
+            assert!(std::fs::read(&path).expect("read") == db, "{chunk_size}");
+        }
+        let mut inconsistent = rt.block_on(generation_of(&db, CHUNK_SIZE, &blocks));
+        inconsistent.chunk_size = 256 << 10;
+        let refused = rt.block_on(rebuild_database(&blocks, "v", &inconsistent, "g", &path));
+        assert!(
+            matches!(refused, Err(VolumeError::Corrupt { .. })),
+            "{refused:?}"
+        );
     }
 
     #[test]
