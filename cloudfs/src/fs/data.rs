@@ -16,16 +16,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::Bytes;
-use futures::future::try_join_all;
+use tokio::task::JoinSet;
 
 use super::{Caller, Fs, FsError, FsResult, get, lock, now_ns};
 use crate::buffers;
-use crate::cas::{REFRESH_AGE, hash_block};
+use crate::cas::{CasError, REFRESH_AGE, hash_block};
 use crate::meta::{self, BlockRef, Hash, Inode};
 
 /// Size of a file's size field while it has no unflushed changes.
 const CLEAN: u64 = u64::MAX;
-/// Blocks uploaded at once by one flush (bounds its memory to this many blocks).
+/// Blocks one flush has on the wire at once (bounds its memory to this many blocks).
 const UPLOAD_PARALLELISM: usize = 4;
 /// Emptied staging files kept for reuse.
 const SPARE_STAGING_FILES: usize = 64;
@@ -51,6 +51,17 @@ struct Uploaded {
     hash: Option<Hash>,
     /// When the upload ended: past [`REFRESH_AGE`] the flush checks the store again.
     at: Instant,
+}
+
+/// Waits for one of a flush's uploads to end (`Ok` when none is left).
+async fn next_upload(uploads: &mut JoinSet<Result<(), CasError>>) -> FsResult<()> {
+    match uploads.join_next().await {
+        Some(Ok(uploaded)) => Ok(uploaded?),
+        Some(Err(e)) => Err(FsError::Staging(std::io::Error::other(format!(
+            "block upload stopped: {e}"
+        )))),
+        None => Ok(()),
+    }
 }
 
 /// The content of a block: a hash, or `None` for an all-zero block (a hole).
@@ -532,30 +543,39 @@ impl Fs {
             .filter(|(idx, _)| **idx < live_blocks)
             .map(|(idx, s)| (*idx, s.extent.min(size - idx * bs)))
             .collect();
-        for batch in dirty.chunks(UPLOAD_PARALLELISM) {
-            let mut uploads = Vec::new();
-            for &(idx, len) in batch {
-                let Some(block) = staged.get(&idx) else {
-                    continue;
-                };
-                let current = block
-                    .uploaded
-                    .filter(|u| u.version == block.version && u.len == len)
-                    .filter(|u| u.at.elapsed() < REFRESH_AGE);
-                if let Some(done) = current {
-                    results.push((idx, done.hash.map(|h| (h, len))));
-                    continue;
-                }
-                let buf = read_staged(block, len)?;
-                let Some(hash) = content_hash(&buf) else {
-                    results.push((idx, None));
-                    continue;
-                };
-                let referenced = self.meta.read(|c| meta::hash_referenced(c, &hash))?;
-                results.push((idx, Some((hash, len))));
-                uploads.push(self.blocks.upload(hash, buf, referenced));
+        // A sliding window of uploads: the next block is read and hashed while earlier ones
+        // are on the wire. Returning early drops the set, which cancels the uploads left.
+        let mut uploads = JoinSet::new();
+        for (idx, len) in dirty {
+            let Some(block) = staged.get(&idx) else {
+                continue;
+            };
+            let current = block
+                .uploaded
+                .filter(|u| u.version == block.version && u.len == len)
+                .filter(|u| u.at.elapsed() < REFRESH_AGE);
+            if let Some(done) = current {
+                results.push((idx, done.hash.map(|h| (h, len))));
+                continue;
             }
-            self.rt.block_on(try_join_all(uploads))?;
+            let buf = read_staged(block, len)?;
+            let Some(hash) = content_hash(&buf) else {
+                results.push((idx, None));
+                continue;
+            };
+            let referenced = self.meta.read(|c| meta::hash_referenced(c, &hash))?;
+            results.push((idx, Some((hash, len))));
+            let blocks = self.blocks.clone();
+            uploads.spawn_on(
+                async move { blocks.upload(hash, buf, referenced).await },
+                &self.rt,
+            );
+            if uploads.len() >= UPLOAD_PARALLELISM {
+                self.rt.block_on(next_upload(&mut uploads))?;
+            }
+        }
+        while !uploads.is_empty() {
+            self.rt.block_on(next_upload(&mut uploads))?;
         }
         let mtime = state.mtime_ns.load(Ordering::Acquire);
         self.meta.write(|tx| -> FsResult<()> {
