@@ -5,26 +5,24 @@
 //! writers and "database is locked" cannot happen between this process's own threads. A read
 //! runs on the writer connection when it is idle: its page cache stays warm, where a reader
 //! connection must drop its whole cache after every commit it did not make. When the writer is
-//! busy, reads use their own connections and never wait for it (WAL).
+//! busy with everything committed, reads use their own connections and never wait for it (WAL).
 //!
 //! Writes are grouped: each runs in a savepoint of one transaction that stays open for up to
 //! [`GROUP_COMMIT_WINDOW`], because a commit (locks, WAL frames) costs more than a small
 //! operation itself. Until that transaction commits, reads wait for the writer connection, the
-//! only one that sees it. Nothing durable is lost by the wait: the file is a working copy that
-//! is rebuilt from the store on every mount, and everything that copies it out (replication,
-//! restores) commits first.
+//! only one that sees it. Nothing durable hangs on the deferred commit: the file is a working
+//! copy that is rebuilt from the store on every mount, and everything that copies it out
+//! (replication, restores) commits first.
 
 mod queries;
 mod schema;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use rusqlite::Connection;
-use rusqlite::OpenFlags;
+use rusqlite::{Connection, OpenFlags};
 
 pub use queries::*;
 pub use schema::SCHEMA_VERSION;
