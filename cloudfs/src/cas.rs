@@ -9,7 +9,7 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -145,6 +145,8 @@ pub struct BlockCache {
     dir: PathBuf,
     budget: u64,
     index: Mutex<CacheIndex>,
+    /// Whether the directory's file system takes direct I/O (until it refuses once).
+    direct_io: AtomicBool,
 }
 
 impl BlockCache {
@@ -155,6 +157,7 @@ impl BlockCache {
             dir: dir.to_path_buf(),
             budget,
             index: Mutex::new(CacheIndex::default()),
+            direct_io: AtomicBool::new(true),
         };
         for entry in fs::read_dir(dir)? {
             let entry = entry?;
@@ -204,10 +207,17 @@ impl BlockCache {
             return Ok(());
         }
         let path = self.path(hash);
-        let tmp = match write_direct(&self.dir, data) {
+        let direct = if self.direct_io.load(Ordering::Relaxed) {
+            write_direct(&self.dir, data)
+        } else {
+            Err(io::Error::from_raw_os_error(libc::EINVAL))
+        };
+        let tmp = match direct {
             Ok(tmp) => tmp,
-            // A file system without direct I/O (tmpfs) takes the bytes through its cache.
+            // A file system without direct I/O takes the bytes through its cache, from now on
+            // without trying again.
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                self.direct_io.store(false, Ordering::Relaxed);
                 let mut tmp = tempfile::NamedTempFile::new_in(&self.dir)?;
                 tmp.write_all(data)?;
                 tmp
