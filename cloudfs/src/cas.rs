@@ -6,10 +6,10 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File};
-use std::io::{self, Write};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -17,6 +17,7 @@ use bytes::Bytes;
 use tokio::sync::OnceCell;
 
 use crate::buffers;
+use crate::direct_io::DirectWriter;
 use crate::meta::Hash;
 use crate::metrics::{CacheTier, EngineMetrics};
 use crate::store::{ObjectStore, StoreError, unix_now_secs};
@@ -107,46 +108,13 @@ impl CacheIndex {
     }
 }
 
-/// Direct I/O moves whole units of this size (the largest logical block size of common disks)
-/// from memory aligned to it.
-const DIRECT_IO_ALIGN: usize = 4096;
-
-/// A fresh temporary file in `dir` holding `data`, written around the page cache: a block
-/// entering the cache is not read back soon, and copying every fetched block into the page
-/// cache as well costs more CPU than fetching it (`EINVAL` where direct I/O is unsupported).
-fn write_direct(dir: &Path, data: &[u8]) -> io::Result<tempfile::NamedTempFile> {
-    let tmp = tempfile::Builder::new().make_in(dir, |path| {
-        fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)
-    })?;
-    let padded = data.len().next_multiple_of(DIRECT_IO_ALIGN);
-    let mut buf = buffers::take(padded + DIRECT_IO_ALIGN);
-    let start = buf.as_ptr().align_offset(DIRECT_IO_ALIGN);
-    if start >= DIRECT_IO_ALIGN {
-        return Err(io::Error::from_raw_os_error(libc::EINVAL));
-    }
-    buf.resize(start, 0);
-    buf.extend_from_slice(data);
-    buf.resize(start + padded, 0);
-    let written = tmp.as_file().write_all(&buf[start..]);
-    drop(buffers::into_bytes(buf));
-    written?;
-    // The padding of the last unit goes again.
-    tmp.as_file().set_len(data.len() as u64)?;
-    Ok(tmp)
-}
-
 /// A bounded directory of verified whole blocks.
 #[derive(Debug)]
 pub struct BlockCache {
     dir: PathBuf,
     budget: u64,
     index: Mutex<CacheIndex>,
-    /// Whether the directory's file system takes direct I/O (until it refuses once).
-    direct_io: AtomicBool,
+    writer: DirectWriter,
 }
 
 impl BlockCache {
@@ -157,7 +125,7 @@ impl BlockCache {
             dir: dir.to_path_buf(),
             budget,
             index: Mutex::new(CacheIndex::default()),
-            direct_io: AtomicBool::new(true),
+            writer: DirectWriter::default(),
         };
         for entry in fs::read_dir(dir)? {
             let entry = entry?;
@@ -207,23 +175,8 @@ impl BlockCache {
             return Ok(());
         }
         let path = self.path(hash);
-        let direct = if self.direct_io.load(Ordering::Relaxed) {
-            write_direct(&self.dir, data)
-        } else {
-            Err(io::Error::from_raw_os_error(libc::EINVAL))
-        };
-        let tmp = match direct {
-            Ok(tmp) => tmp,
-            // A file system without direct I/O takes the bytes through its cache, from now on
-            // without trying again.
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                self.direct_io.store(false, Ordering::Relaxed);
-                let mut tmp = tempfile::NamedTempFile::new_in(&self.dir)?;
-                tmp.write_all(data)?;
-                tmp
-            }
-            Err(e) => return Err(e),
-        };
+        let tmp = tempfile::NamedTempFile::new_in(&self.dir)?;
+        self.writer.write_file(tmp.as_file(), data)?;
         tmp.persist(&path).map_err(|e| e.error)?;
         lock(&self.index).insert(*hash, data.len() as u64);
         self.evict();
@@ -596,9 +549,9 @@ pub(crate) mod tests {
         let cache = BlockCache::open(dir.path(), 1 << 30).expect("open");
         for len in [
             1,
-            DIRECT_IO_ALIGN - 1,
-            DIRECT_IO_ALIGN,
-            3 * DIRECT_IO_ALIGN + 17,
+            crate::direct_io::ALIGN - 1,
+            crate::direct_io::ALIGN,
+            3 * crate::direct_io::ALIGN + 17,
             1 << 20,
         ] {
             let data: Vec<u8> = (0..len).map(|i| (i % 253) as u8 + 1).collect();

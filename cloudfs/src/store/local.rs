@@ -12,6 +12,7 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -20,13 +21,18 @@ use bytes::Bytes;
 
 use super::{ListPage, ObjectMeta, ObjectStore, Piece, StoreError, StoreResult, validate_key};
 use crate::buffers;
+use crate::direct_io::DirectWriter;
 
 const TMP_DIR: &str = ".tmp";
+/// Objects this large (data blocks) are written around the page cache (see `direct_io`);
+/// smaller ones (metadata, small files' blocks) are cheaper through it.
+const DIRECT_WRITE_MIN: usize = 1 << 20;
 
 #[derive(Debug)]
 pub struct LocalStore {
     root: PathBuf,
     tmp_counter: AtomicU64,
+    writer: Arc<DirectWriter>,
 }
 
 impl LocalStore {
@@ -45,6 +51,7 @@ impl LocalStore {
         Ok(LocalStore {
             root: root.to_path_buf(),
             tmp_counter: AtomicU64::new(0),
+            writer: Arc::default(),
         })
     }
 
@@ -263,7 +270,14 @@ impl ObjectStore for LocalStore {
         let this = self.clone_handle();
         let key = key.to_owned();
         sized(data.len() as u64, move || {
-            this.write_via_temp(&key, |f| f.write_all(&data), false, rename_into_place)
+            let fill = |f: &mut File| {
+                if data.len() >= DIRECT_WRITE_MIN {
+                    this.writer.write_file(f, &data)
+                } else {
+                    f.write_all(&data)
+                }
+            };
+            this.write_via_temp(&key, fill, false, rename_into_place)
                 .map(|_| ())
         })
         .await
@@ -407,6 +421,7 @@ impl LocalStore {
         LocalStore {
             root: self.root.clone(),
             tmp_counter: AtomicU64::new(self.tmp_counter.fetch_add(1 << 32, Ordering::Relaxed)),
+            writer: self.writer.clone(),
         }
     }
 }
