@@ -65,6 +65,10 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> MountError {
     move |source| MountError::Io { context, source }
 }
 
+/// Most dirty bytes a mount keeps in memory (more wait in staging files): room for the
+/// blocks of a sequential writer in flight to the store, small enough for a bounded RSS.
+const MEMORY_STAGING_CAP: u64 = 64 << 20;
+
 /// Everything a mount needs.
 #[derive(Debug, Clone)]
 pub struct MountConfig {
@@ -322,6 +326,7 @@ pub fn open_engine(
         block_size,
         read_only: config.read_only,
         dirty_budget: (config.cache_size / 4).max(2 * block_size),
+        memory_staging: (config.cache_size / 32).clamp(block_size, MEMORY_STAGING_CAP),
         max_readahead_blocks: (config.cache_size / 4 / block_size).clamp(1, 8),
     };
     let follower = (config.read_only && config.snapshot.is_none()).then(|| Follower {

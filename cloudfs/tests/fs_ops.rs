@@ -473,3 +473,39 @@ fn a_quota_refuses_growth_past_it_and_statfs_reports_it() {
     t.write_at(b, 0, &vec![9; 3 << 20]);
     assert!(total(&t).0 >= 1 << 49, "unlimited again");
 }
+
+/// A block a writer filled is uploaded in the background, then recorded and its buffer freed
+/// by the writer's next call; reading it and writing into it again before the file is
+/// flushed must still see every write.
+#[test]
+fn blocks_recorded_after_their_background_upload_stay_readable_and_writable() {
+    let t = TestFs::new(64 << 10);
+    let mut data = pattern(4 * 65536, 9);
+    let (inode, fh) =
+        t.fs.create(ME, ROOT, b"f", 0o644, 0o022, libc::O_RDWR)
+            .expect("create");
+    let ino = inode.ino;
+    t.fs.write(ino, fh, 0, &data).expect("write");
+    let keys: Vec<String> = data
+        .chunks(65536)
+        .map(|block| cloudfs::cas::block_key(&cloudfs::cas::hash_block(block)))
+        .collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !keys.iter().all(|k| t.store.keys().contains(k)) {
+        assert!(std::time::Instant::now() < deadline, "background uploads");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(t.read_handle(ino, fh).expect("read before flush"), data);
+
+    t.fs.write(ino, fh, 65536 + 10, b"rewritten")
+        .expect("rewrite");
+    data[65536 + 10..65536 + 19].copy_from_slice(b"rewritten");
+    t.fs.write(ino, fh, 3 * 65536, &[0u8; 65536])
+        .expect("zero a block");
+    data[3 * 65536..].fill(0);
+    assert_eq!(t.read_handle(ino, fh).expect("read after rewrites"), data);
+    t.fs.release(ino, fh).expect("release");
+    assert_eq!(t.read_all(ino), data);
+    assert_eq!(t.fs.getattr(ino).expect("getattr").size, data.len() as u64);
+}

@@ -1,16 +1,16 @@
 //! File contents: open handles, write-back staging of dirty blocks, reads with read-ahead,
 //! flush (upload + one metadata transaction), truncate.
 //!
-//! A dirty block lives in an anonymous file in the staging directory until the file is
-//! flushed: on `flush`/`fsync`/`release`, when the staging budget fills, and before any
-//! attribute change. Flushing hashes each dirty block, uploads the ones the pool lacks, and
-//! swaps the new block list in with one SQLite transaction, so metadata never names a block
-//! that is not stored. All-zero blocks become holes.
+//! A dirty block waits in a staging buffer (see `staging`) until the file is flushed: on
+//! `flush`/`fsync`/`release`, when the staging budget fills, and before any attribute change.
+//! Flushing hashes each dirty block, uploads the ones the pool lacks, and swaps the new block
+//! list in with one SQLite transaction, so metadata never names a block that is not stored.
+//! All-zero blocks become holes. A block a writer fills is uploaded at once in the background
+//! and, once stored and still unchanged, recorded by the writer's next call, which frees its
+//! buffer: a long sequential write streams through a few buffers instead of staging it all.
 
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -18,8 +18,8 @@ use std::time::Instant;
 use bytes::Bytes;
 use tokio::task::JoinSet;
 
+use super::staging::BlockBuffer;
 use super::{Caller, Fs, FsError, FsResult, get, lock, now_ns};
-use crate::buffers;
 use crate::cas::{CasError, REFRESH_AGE, hash_block};
 use crate::meta::{self, BlockRef, Hash, Inode};
 
@@ -27,25 +27,22 @@ use crate::meta::{self, BlockRef, Hash, Inode};
 const CLEAN: u64 = u64::MAX;
 /// Blocks one flush has on the wire at once (bounds its memory to this many blocks).
 const UPLOAD_PARALLELISM: usize = 4;
-/// Emptied staging files kept for reuse.
-const SPARE_STAGING_FILES: usize = 64;
 /// Largest file: what fits in the kernel's `loff_t`.
 const MAX_FILE_SIZE: u64 = i64::MAX as u64;
 
 /// A block being rewritten: its bytes so far, and how far they reach.
 #[derive(Debug)]
 struct Staged {
-    file: File,
+    buffer: BlockBuffer,
     extent: u64,
     /// Changes with every write into the block (unique across the file system).
     version: u64,
-    /// A background upload of the block as it was at some version.
-    uploaded: Option<Uploaded>,
 }
 
-/// The stored form of a staged block: `None` hash for a hole.
+/// A finished background upload of a filled block: `None` hash for a hole.
 #[derive(Debug, Clone, Copy)]
 struct Uploaded {
+    idx: u64,
     version: u64,
     len: u64,
     hash: Option<Hash>,
@@ -64,6 +61,19 @@ async fn next_upload(uploads: &mut JoinSet<Result<(), CasError>>) -> FsResult<()
     }
 }
 
+/// Names `block` (hash and length; `None` for a hole) as block `idx` of file `ino`.
+fn record_block(
+    tx: &rusqlite::Connection,
+    ino: u64,
+    idx: u64,
+    block: Option<(Hash, u64)>,
+) -> meta::MetaResult<()> {
+    match block {
+        Some((hash, len)) => meta::put_block(tx, ino, &BlockRef { idx, hash, len }),
+        None => meta::delete_block(tx, ino, idx),
+    }
+}
+
 /// The content of a block: a hash, or `None` for an all-zero block (a hole).
 fn content_hash(data: &[u8]) -> Option<Hash> {
     (!data.iter().all(|b| *b == 0)).then(|| hash_block(data))
@@ -77,6 +87,8 @@ pub struct FileState {
     size: AtomicU64,
     mtime_ns: AtomicI64,
     staged: Mutex<BTreeMap<u64, Staged>>,
+    /// Background uploads that ended, waiting for the holder of `staged` to record them.
+    uploaded: Mutex<Vec<Uploaded>>,
 }
 
 impl FileState {
@@ -86,6 +98,7 @@ impl FileState {
             size: AtomicU64::new(CLEAN),
             mtime_ns: AtomicI64::new(0),
             staged: Mutex::new(BTreeMap::new()),
+            uploaded: Mutex::new(Vec::new()),
         }
     }
 
@@ -117,14 +130,6 @@ struct Piece {
     at: usize,
 }
 
-/// The first `len` bytes of a staged block, in a buffer that is reused once uploaded.
-fn read_staged(block: &Staged, len: u64) -> FsResult<Bytes> {
-    let mut buf = buffers::take(len as usize);
-    buf.resize(len as usize, 0);
-    read_exact_at(&block.file, &mut buf, 0)?;
-    Ok(buffers::into_bytes(buf))
-}
-
 fn pieces(offset: u64, len: u64, block_size: u64) -> impl Iterator<Item = Piece> {
     let end = offset + len;
     let mut pos = offset;
@@ -144,19 +149,6 @@ fn pieces(offset: u64, len: u64, block_size: u64) -> impl Iterator<Item = Piece>
         pos += len;
         Some(piece)
     })
-}
-
-fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match file.read_at(&mut buf[filled..], offset + filled as u64) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(filled)
 }
 
 impl Fs {
@@ -181,25 +173,16 @@ impl Fs {
         }
     }
 
-    /// Drops staged blocks, keeping their files for reuse: creating and deleting a file per
-    /// written block costs more (inode allocation) than the write itself for small files.
+    /// Drops staged blocks, giving their buffers back.
     fn unstage_all(&self, staged: &mut BTreeMap<u64, Staged>) {
-        let released: u64 = staged.values().map(|s| s.extent).sum();
-        self.staged_bytes.fetch_sub(released, Ordering::AcqRel);
-        let mut spare = lock(&self.spare_staging);
         for (_, block) in std::mem::take(staged) {
-            if spare.len() < SPARE_STAGING_FILES && block.file.set_len(0).is_ok() {
-                spare.push(block.file);
-            }
+            self.unstage(block);
         }
     }
 
-    /// An empty staging file.
-    fn staging_file(&self) -> FsResult<File> {
-        match lock(&self.spare_staging).pop() {
-            Some(file) => Ok(file),
-            None => Ok(tempfile::tempfile_in(&self.staging_dir)?),
-        }
+    fn unstage(&self, block: Staged) {
+        self.staging.discharge(block.extent);
+        self.staging.recycle(block.buffer);
     }
 
     fn handle(&self, fh: u64) -> FsResult<Arc<OpenHandle>> {
@@ -310,7 +293,7 @@ impl Fs {
                     let out = &mut buf[piece.at..piece.at + piece.len as usize];
                     if let Some(block) = staged.as_ref().and_then(|s| s.get(&piece.idx)) {
                         let n = piece.len.min(block.extent.saturating_sub(piece.start)) as usize;
-                        read_exact_at(&block.file, &mut out[..n], piece.start)?;
+                        block.buffer.read_at(&mut out[..n], piece.start)?;
                         continue;
                     }
                     let Some(block) = stored.get(&piece.idx) else {
@@ -397,6 +380,7 @@ impl Fs {
             CLEAN => self.meta.read(|c| get(c, ino))?.size,
             size => size,
         };
+        self.record_uploaded(ino, &state, &mut staged, size)?;
         let offset = if handle.append { size } else { offset };
         let end = offset
             .checked_add(data.len() as u64)
@@ -414,10 +398,9 @@ impl Fs {
                 piece.len,
             )?;
             let chunk = &data[piece.at..piece.at + piece.len as usize];
-            block.file.write_all_at(chunk, piece.start)?;
+            block.buffer.write_at(chunk, piece.start)?;
             let new_extent = block.extent.max(piece.start + piece.len);
-            self.staged_bytes
-                .fetch_add(new_extent - block.extent, Ordering::AcqRel);
+            self.staging.charge(new_extent - block.extent);
             block.extent = new_extent;
             block.version = self.next_version.fetch_add(1, Ordering::Relaxed);
             if piece.start + piece.len == self.config.block_size {
@@ -426,7 +409,7 @@ impl Fs {
         }
         state.mtime_ns.store(now_ns(), Ordering::Release);
         state.size.store(size.max(end), Ordering::Release);
-        if self.staged_bytes.load(Ordering::Acquire) > self.config.dirty_budget {
+        if self.staging.staged_bytes() > self.config.dirty_budget {
             self.flush_locked(ino, &state, &mut staged)?;
         }
         Ok(data.len() as u32)
@@ -435,11 +418,11 @@ impl Fs {
     /// Starts uploading a block a writer just filled, so a sequential writer's blocks stream
     /// to the store while it writes the next ones. Skipped when the upload slots are busy (the
     /// flush uploads it then); the result is used only if the block has not changed since.
-    fn upload_behind(&self, state: &Arc<FileState>, block: &Staged, idx: u64) -> FsResult<()> {
+    fn upload_behind(&self, state: &Arc<FileState>, block: &mut Staged, idx: u64) -> FsResult<()> {
         let Ok(permit) = self.upload_slots.clone().try_acquire_owned() else {
             return Ok(());
         };
-        let data = read_staged(block, block.extent)?;
+        let data = block.buffer.snapshot(block.extent)?;
         let version = block.version;
         let (state, meta, blocks) = (state.clone(), self.meta.current(), self.blocks.clone());
         self.rt.spawn(async move {
@@ -458,19 +441,64 @@ impl Fs {
                 }
             }
             drop(permit);
-            // Never wait for the lock on an I/O thread: a flush holding it waits for I/O.
-            // Without it the flush simply uploads the block itself.
-            if let Ok(mut staged) = state.staged.try_lock()
-                && let Some(block) = staged.get_mut(&idx).filter(|b| b.version == version)
-            {
-                block.uploaded = Some(Uploaded {
-                    version,
-                    len,
-                    hash,
-                    at: Instant::now(),
-                });
-            }
+            // Not `staged`: a flush holding it may be waiting for this very I/O thread.
+            lock(&state.uploaded).push(Uploaded {
+                idx,
+                version,
+                len,
+                hash,
+                at: Instant::now(),
+            });
         });
+        Ok(())
+    }
+
+    /// Records the blocks whose background upload ended while they stayed unchanged, and
+    /// frees their buffers. The stored size grows to cover them (a reader of the stored file
+    /// may see them before the writer closes it, as on a local file system).
+    fn record_uploaded(
+        &self,
+        ino: u64,
+        state: &FileState,
+        staged: &mut BTreeMap<u64, Staged>,
+        size: u64,
+    ) -> FsResult<()> {
+        let finished = std::mem::take(&mut *lock(&state.uploaded));
+        if finished.is_empty() {
+            return Ok(());
+        }
+        let bs = self.config.block_size;
+        let current: Vec<Uploaded> = finished
+            .into_iter()
+            .filter(|u| u.len == bs && (u.idx + 1) * bs <= size && u.at.elapsed() < REFRESH_AGE)
+            .filter(|u| {
+                staged
+                    .get(&u.idx)
+                    .is_some_and(|b| b.version == u.version && b.extent == u.len)
+            })
+            .collect();
+        let Some(end) = current.iter().map(|u| (u.idx + 1) * bs).max() else {
+            return Ok(());
+        };
+        let mtime = state.mtime_ns.load(Ordering::Acquire);
+        self.meta.write(|tx| -> FsResult<()> {
+            let Some(mut inode) = meta::get_inode(tx, ino)? else {
+                return Ok(());
+            };
+            for block in &current {
+                record_block(tx, ino, block.idx, block.hash.map(|h| (h, block.len)))?;
+            }
+            inode.size = inode.size.max(end);
+            inode.mtime_ns = mtime.max(inode.mtime_ns);
+            inode.ctime_ns = inode.mtime_ns;
+            meta::update_inode(tx, &inode)?;
+            Ok(())
+        })?;
+        for block in &current {
+            if let Some(done) = staged.remove(&block.idx) {
+                self.unstage(done);
+            }
+        }
         Ok(())
     }
 
@@ -490,7 +518,7 @@ impl Fs {
             Entry::Vacant(slot) => slot,
         };
         {
-            let file = self.staging_file()?;
+            let mut buffer = self.staging.buffer()?;
             let mut extent = 0;
             let stored = self.meta.read(|c| meta::blocks_in(c, ino, idx, idx))?;
             if let Some(block) = stored.first() {
@@ -501,16 +529,15 @@ impl Fs {
                     let data = self
                         .rt
                         .block_on(self.blocks.fetch(&block.hash, block.len))?;
-                    file.write_all_at(&data[..live as usize], 0)?;
+                    buffer.write_at(&data[..live as usize], 0)?;
                     extent = live;
-                    self.staged_bytes.fetch_add(live, Ordering::AcqRel);
+                    self.staging.charge(live);
                 }
             }
             Ok(slot.insert(Staged {
-                file,
+                buffer,
                 extent,
                 version: self.next_version.fetch_add(1, Ordering::Relaxed),
-                uploaded: None,
             }))
         }
     }
@@ -535,6 +562,7 @@ impl Fs {
         if size == CLEAN {
             return Ok(());
         }
+        self.record_uploaded(ino, state, staged, size)?;
         let bs = self.config.block_size;
         let live_blocks = size.div_ceil(bs);
         let mut results: Vec<(u64, Option<(Hash, u64)>)> = Vec::with_capacity(staged.len());
@@ -547,18 +575,10 @@ impl Fs {
         // are on the wire. Returning early drops the set, which cancels the uploads left.
         let mut uploads = JoinSet::new();
         for (idx, len) in dirty {
-            let Some(block) = staged.get(&idx) else {
+            let Some(block) = staged.get_mut(&idx) else {
                 continue;
             };
-            let current = block
-                .uploaded
-                .filter(|u| u.version == block.version && u.len == len)
-                .filter(|u| u.at.elapsed() < REFRESH_AGE);
-            if let Some(done) = current {
-                results.push((idx, done.hash.map(|h| (h, len))));
-                continue;
-            }
-            let buf = read_staged(block, len)?;
+            let buf = block.buffer.snapshot(len)?;
             let Some(hash) = content_hash(&buf) else {
                 results.push((idx, None));
                 continue;
@@ -583,18 +603,7 @@ impl Fs {
                 return Ok(()); // deleted meanwhile: nothing to record
             };
             for (idx, block) in &results {
-                match block {
-                    Some((hash, len)) => meta::put_block(
-                        tx,
-                        ino,
-                        &BlockRef {
-                            idx: *idx,
-                            hash: *hash,
-                            len: *len,
-                        },
-                    )?,
-                    None => meta::delete_block(tx, ino, *idx)?,
-                }
+                record_block(tx, ino, *idx, *block)?;
             }
             meta::delete_blocks_from(tx, ino, live_blocks)?;
             inode.size = size;
@@ -646,11 +655,10 @@ impl Fs {
         let cut = new_size % bs;
         if new_size < inode.size && cut != 0 {
             let block = self.stage(ino, &mut staged, new_size / bs, inode.size, false, 0)?;
-            block.file.set_len(cut)?;
+            block.buffer.set_len(cut)?;
             block.version = self.next_version.fetch_add(1, Ordering::Relaxed);
             let kept = block.extent.min(cut);
-            self.staged_bytes
-                .fetch_sub(block.extent - kept, Ordering::AcqRel);
+            self.staging.discharge(block.extent - kept);
             block.extent = kept;
         }
         state.mtime_ns.store(now_ns(), Ordering::Release);

@@ -7,6 +7,7 @@
 
 mod data;
 mod error;
+mod staging;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -52,6 +53,8 @@ pub struct FsConfig {
     pub read_only: bool,
     /// Dirty bytes staged locally before writers start uploading.
     pub dirty_budget: u64,
+    /// Of those, the most held in memory rather than in staging files.
+    pub memory_staging: u64,
     /// Most blocks read ahead of a sequential reader.
     pub max_readahead_blocks: u64,
 }
@@ -153,9 +156,7 @@ pub struct Fs {
     blocks: Arc<BlockStore>,
     rt: Handle,
     config: FsConfig,
-    staging_dir: PathBuf,
-    staged_bytes: AtomicU64,
-    spare_staging: Mutex<Vec<std::fs::File>>,
+    staging: staging::StagingPool,
     files: Mutex<HashMap<u64, Arc<FileState>>>,
     handles: Mutex<HashMap<u64, Arc<data::OpenHandle>>>,
     next_handle: AtomicU64,
@@ -255,14 +256,14 @@ impl Fs {
             })?;
         }
         let seals = meta.read(meta::has_seals)?;
+        let staging =
+            staging::StagingPool::new(staging_dir, config.block_size, config.memory_staging);
         Ok(Fs {
             meta: MetaHandle(std::sync::RwLock::new(meta)),
             blocks,
             rt,
             config,
-            staging_dir,
-            staged_bytes: AtomicU64::new(0),
-            spare_staging: Mutex::new(Vec::new()),
+            staging,
             files: Mutex::new(HashMap::new()),
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
