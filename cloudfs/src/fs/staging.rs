@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 
 use super::lock;
-use crate::buffers;
+use crate::{buffers, direct_io};
 
 /// Emptied staging files kept for reuse: creating and deleting a file per written block costs
 /// more (inode allocation) than the write itself for small files.
@@ -32,9 +32,30 @@ impl Drop for Reservation {
     }
 }
 
+/// Where an in-memory block starts in its buffer: at the first address aligned for direct
+/// I/O, so that the upload can hand the bytes to the disk without copying them first.
+fn front(buf: &[u8]) -> usize {
+    if buf.is_empty() {
+        0 // not allocated yet (an allocated buffer holds at least its padding or data)
+    } else {
+        padding(buf.as_ptr())
+    }
+}
+
+fn padding(at: *const u8) -> usize {
+    (direct_io::ALIGN - at as usize % direct_io::ALIGN) % direct_io::ALIGN
+}
+
+/// An in-memory block buffer: a reused allocation, padded up to an aligned [`front`].
+fn block_vec(block_size: usize) -> Vec<u8> {
+    let mut buf = buffers::take(block_size + direct_io::ALIGN);
+    buf.resize(padding(buf.as_ptr()), 0);
+    buf
+}
+
 #[derive(Debug)]
 enum Storage {
-    /// Being written.
+    /// Being written: the block's bytes start at [`front`] (empty before the first write).
     Memory(Vec<u8>),
     /// Handed to an upload as it was; the next write copies it back into `Memory`.
     Shared(Bytes),
@@ -53,12 +74,17 @@ impl BlockBuffer {
     /// The bytes of an in-memory buffer, writable (a shared one is copied first).
     fn memory(&mut self) -> Option<&mut Vec<u8>> {
         if let Storage::Shared(bytes) = &self.storage {
-            let mut copy = buffers::take(self.block_size);
+            let mut copy = block_vec(self.block_size);
             copy.extend_from_slice(bytes);
             self.storage = Storage::Memory(copy);
         }
         match &mut self.storage {
-            Storage::Memory(data) => Some(data),
+            Storage::Memory(data) => {
+                if data.capacity() == 0 {
+                    *data = block_vec(self.block_size);
+                }
+                Some(data)
+            }
             Storage::Shared(_) | Storage::File(_) => None,
         }
     }
@@ -67,17 +93,15 @@ impl BlockBuffer {
         if let Storage::File(file) = &self.storage {
             return file.write_all_at(data, offset);
         }
-        let block_size = self.block_size;
         if let Some(memory) = self.memory() {
-            let (start, end) = (offset as usize, offset as usize + data.len());
-            if memory.capacity() == 0 {
-                // One reused block-sized buffer rather than growing into fresh pages.
-                *memory = buffers::take(block_size.max(end));
+            let start = front(memory) + offset as usize;
+            if memory.len() < start {
+                memory.resize(start, 0);
             }
-            if memory.len() < end {
-                memory.resize(end, 0);
-            }
-            memory[start..end].copy_from_slice(data);
+            // Overwrite what is there, append the rest (no zero-filling first).
+            let overlap = (memory.len() - start).min(data.len());
+            memory[start..start + overlap].copy_from_slice(&data[..overlap]);
+            memory.extend_from_slice(&data[overlap..]);
         }
         Ok(())
     }
@@ -85,7 +109,7 @@ impl BlockBuffer {
     /// Fills `out` from `offset`, as far as the buffer reaches; returns the bytes read.
     pub(super) fn read_at(&self, out: &mut [u8], offset: u64) -> io::Result<usize> {
         let held: &[u8] = match &self.storage {
-            Storage::Memory(data) => data,
+            Storage::Memory(data) => &data[front(data)..],
             Storage::Shared(bytes) => bytes,
             Storage::File(file) => return read_exact_at(file, out, offset),
         };
@@ -101,7 +125,7 @@ impl BlockBuffer {
             return file.set_len(len);
         }
         if let Some(memory) = self.memory() {
-            memory.resize(len as usize, 0);
+            memory.resize(front(memory) + len as usize, 0);
         }
         Ok(())
     }
@@ -120,8 +144,9 @@ impl BlockBuffer {
             Storage::Shared(bytes) if bytes.len() == len => Ok(bytes.clone()),
             Storage::Shared(_) | Storage::Memory(_) => {
                 let mut data = self.memory().map(std::mem::take).unwrap_or_default();
-                data.resize(len, 0);
-                let bytes = buffers::into_bytes(data);
+                let start = front(&data);
+                data.resize(start + len, 0);
+                let bytes = buffers::into_bytes(data).slice(start..);
                 self.storage = Storage::Shared(bytes.clone());
                 Ok(bytes)
             }
