@@ -1,11 +1,13 @@
 //! Writing whole files around the page cache. A block written to the block cache or to the
 //! local store is not read back soon, and copying it into the page cache first costs more CPU
 //! than producing it: every page of a new file is a fresh page to allocate, fill and later
-//! write back. Direct I/O hands the bytes to the disk from one reused, aligned buffer instead.
+//! write back. Direct I/O hands the bytes to the disk as they are when they sit at an aligned
+//! address, else from a reused aligned copy.
 
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::buffers;
@@ -43,7 +45,8 @@ impl DirectWriter {
                 done => return done,
             }
         }
-        (&*file).write_all(data)
+        // At offset 0 whatever a refused direct write left as the file position.
+        file.write_all_at(data, 0)
     }
 }
 

@@ -326,7 +326,9 @@ pub fn open_engine(
         block_size,
         read_only: config.read_only,
         dirty_budget: (config.cache_size / 4).max(2 * block_size),
-        memory_staging: (config.cache_size / 32).clamp(block_size, MEMORY_STAGING_CAP),
+        memory_staging: (config.cache_size / 32)
+            .min(MEMORY_STAGING_CAP)
+            .max(block_size),
         max_readahead_blocks: (config.cache_size / 4 / block_size).clamp(1, 8),
     };
     let follower = (config.read_only && config.snapshot.is_none()).then(|| Follower {

@@ -486,16 +486,7 @@ fn blocks_recorded_after_their_background_upload_stay_readable_and_writable() {
             .expect("create");
     let ino = inode.ino;
     t.fs.write(ino, fh, 0, &data).expect("write");
-    let keys: Vec<String> = data
-        .chunks(65536)
-        .map(|block| cloudfs::cas::block_key(&cloudfs::cas::hash_block(block)))
-        .collect();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !keys.iter().all(|k| t.store.keys().contains(k)) {
-        assert!(std::time::Instant::now() < deadline, "background uploads");
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-    std::thread::sleep(std::time::Duration::from_millis(50));
+    wait_for_blocks(&t, &data.chunks(65536).collect::<Vec<_>>());
     assert_eq!(t.read_handle(ino, fh).expect("read before flush"), data);
 
     t.fs.write(ino, fh, 65536 + 10, b"rewritten")
@@ -508,4 +499,66 @@ fn blocks_recorded_after_their_background_upload_stay_readable_and_writable() {
     t.fs.release(ino, fh).expect("release");
     assert_eq!(t.read_all(ino), data);
     assert_eq!(t.fs.getattr(ino).expect("getattr").size, data.len() as u64);
+}
+
+/// What the store holds of a file being written (a snapshot, a follower, or a crash sees it):
+/// its stored size and how many blocks are recorded.
+fn stored_extent(t: &TestFs, ino: u64) -> (u64, usize) {
+    t.fs.meta()
+        .read(|c| -> cloudfs::meta::MetaResult<(u64, usize)> {
+            let size = cloudfs::meta::get_inode(c, ino)?.map_or(0, |i| i.size);
+            Ok((
+                size,
+                cloudfs::meta::blocks_in(c, ino, 0, u64::MAX >> 1)?.len(),
+            ))
+        })
+        .expect("stored metadata")
+}
+
+fn wait_for_blocks(t: &TestFs, blocks: &[&[u8]]) {
+    let keys: Vec<String> = blocks
+        .iter()
+        .map(|block| cloudfs::cas::block_key(&cloudfs::cas::hash_block(block)))
+        .collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !keys.iter().all(|k| t.store.keys().contains(k)) {
+        assert!(std::time::Instant::now() < deadline, "background uploads");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(50));
+}
+
+/// Blocks uploaded in the background are recorded only once no block before them is still
+/// staged: the stored file is always a prefix of the writes, never one with a hole.
+#[test]
+fn background_uploads_are_recorded_only_as_a_prefix_of_the_file() {
+    let t = TestFs::new(64 << 10);
+    let bs = 65536;
+    let mut data = pattern(4 * bs, 3);
+    let (inode, fh) =
+        t.fs.create(ME, ROOT, b"f", 0o644, 0o022, libc::O_RDWR)
+            .expect("create");
+    let ino = inode.ino;
+    t.fs.write(ino, fh, 0, &data[..100]).expect("start block 0");
+    t.fs.write(ino, fh, bs as u64, &data[bs..])
+        .expect("blocks 1-3");
+    wait_for_blocks(
+        &t,
+        &[&data[bs..2 * bs], &data[2 * bs..3 * bs], &data[3 * bs..]],
+    );
+    t.fs.write(ino, fh, 100, &data[100..200])
+        .expect("more of block 0");
+    assert_eq!(stored_extent(&t, ino), (0, 0), "block 0 is still staged");
+
+    t.fs.write(ino, fh, 200, &data[200..bs])
+        .expect("fill block 0");
+    wait_for_blocks(&t, &[&data[..bs]]);
+    data.extend_from_slice(b"tail");
+    t.fs.write(ino, fh, 4 * bs as u64, b"tail")
+        .expect("start block 4");
+    assert_eq!(stored_extent(&t, ino), (4 * bs as u64, 4));
+    assert_eq!(t.read_handle(ino, fh).expect("read"), data);
+    t.fs.release(ino, fh).expect("release");
+    assert_eq!(stored_extent(&t, ino), (data.len() as u64, 5));
+    assert_eq!(t.read_all(ino), data);
 }

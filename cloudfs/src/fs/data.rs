@@ -6,11 +6,13 @@
 //! Flushing hashes each dirty block, uploads the ones the pool lacks, and swaps the new block
 //! list in with one SQLite transaction, so metadata never names a block that is not stored.
 //! All-zero blocks become holes. A block a writer fills is uploaded at once in the background
-//! and, once stored and still unchanged, recorded by the writer's next call, which frees its
-//! buffer: a long sequential write streams through a few buffers instead of staging it all.
+//! and, once stored and still unchanged, recorded by the writer's next call when every staged
+//! block before it is recorded too, which frees its buffer: a long sequential write streams
+//! through a few buffers instead of staging it all, and the stored file only ever holds a
+//! prefix of what the writer wrote (never a hole where a block is still on its way).
 
 use std::collections::btree_map::Entry;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -46,7 +48,8 @@ struct Uploaded {
     version: u64,
     len: u64,
     hash: Option<Hash>,
-    /// When the upload ended: past [`REFRESH_AGE`] the flush checks the store again.
+    /// When the upload ended: past [`REFRESH_AGE`] the record is dropped and the flush
+    /// uploads the block again.
     at: Instant,
 }
 
@@ -380,13 +383,19 @@ impl Fs {
             CLEAN => self.meta.read(|c| get(c, ino))?.size,
             size => size,
         };
-        self.record_uploaded(ino, &state, &mut staged, size)?;
+        if let Err(e) = self.record_uploaded(ino, &state, &mut staged, size) {
+            // Only bookkeeping: the flush uploads (deduplicated) and records the blocks.
+            tracing::warn!(ino, error = %e, "could not record blocks uploaded in the background");
+        }
         let offset = if handle.append { size } else { offset };
         let end = offset
             .checked_add(data.len() as u64)
             .filter(|end| *end <= MAX_FILE_SIZE)
             .ok_or(FsError::FileTooLarge)?;
         self.check_quota(ino, size, end)?;
+        // Dirty from here on, so that whatever a failing write leaves staged is flushed.
+        state.mtime_ns.store(now_ns(), Ordering::Release);
+        state.size.store(size, Ordering::Release);
         for piece in pieces(offset, data.len() as u64, self.config.block_size) {
             let covers_from_start = piece.start == 0;
             let block = self.stage(
@@ -407,7 +416,6 @@ impl Fs {
                 self.upload_behind(&state, block, piece.idx)?;
             }
         }
-        state.mtime_ns.store(now_ns(), Ordering::Release);
         state.size.store(size.max(end), Ordering::Release);
         if self.staging.staged_bytes() > self.config.dirty_budget {
             self.flush_locked(ino, &state, &mut staged)?;
@@ -416,11 +424,16 @@ impl Fs {
     }
 
     /// Starts uploading a block a writer just filled, so a sequential writer's blocks stream
-    /// to the store while it writes the next ones. Skipped when the upload slots are busy (the
-    /// flush uploads it then); the result is used only if the block has not changed since.
+    /// to the store while it writes the next ones. While every upload slot is busy the writer
+    /// waits for one, so it runs at the store's pace instead of piling blocks up for the
+    /// flush; the result is used only if the block has not changed since.
     fn upload_behind(&self, state: &Arc<FileState>, block: &mut Staged, idx: u64) -> FsResult<()> {
-        let Ok(permit) = self.upload_slots.clone().try_acquire_owned() else {
-            return Ok(());
+        let permit = match self.upload_slots.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => match self.rt.block_on(self.upload_slots.clone().acquire_owned()) {
+                Ok(permit) => permit,
+                Err(_) => return Ok(()), // closed: the flush uploads the block
+            },
         };
         let data = block.buffer.snapshot(block.extent)?;
         let version = block.version;
@@ -453,9 +466,10 @@ impl Fs {
         Ok(())
     }
 
-    /// Records the blocks whose background upload ended while they stayed unchanged, and
-    /// frees their buffers. The stored size grows to cover them (a reader of the stored file
-    /// may see them before the writer closes it, as on a local file system).
+    /// Records the blocks whose background upload ended while they stayed unchanged and
+    /// before which no other block is staged, and frees their buffers. The stored size grows
+    /// to cover them (a reader of the stored file, a snapshot, or the state after a crash sees
+    /// a prefix of the writes, as on a local file system).
     fn record_uploaded(
         &self,
         ino: u64,
@@ -463,20 +477,26 @@ impl Fs {
         staged: &mut BTreeMap<u64, Staged>,
         size: u64,
     ) -> FsResult<()> {
-        let finished = std::mem::take(&mut *lock(&state.uploaded));
+        let mut finished = std::mem::take(&mut *lock(&state.uploaded));
         if finished.is_empty() {
             return Ok(());
         }
         let bs = self.config.block_size;
-        let current: Vec<Uploaded> = finished
-            .into_iter()
-            .filter(|u| u.len == bs && (u.idx + 1) * bs <= size && u.at.elapsed() < REFRESH_AGE)
-            .filter(|u| {
-                staged
+        finished.retain(|u| {
+            u.len == bs
+                && (u.idx + 1) * bs <= size
+                && u.at.elapsed() < REFRESH_AGE
+                && staged
                     .get(&u.idx)
                     .is_some_and(|b| b.version == u.version && b.extent == u.len)
-            })
-            .collect();
+        });
+        let ready: HashSet<u64> = finished.iter().map(|u| u.idx).collect();
+        let first_waiting = staged.keys().find(|idx| !ready.contains(idx));
+        let (current, later): (Vec<Uploaded>, Vec<Uploaded>) = finished
+            .into_iter()
+            .partition(|u| first_waiting.is_none_or(|w| u.idx < *w));
+        // Recorded once the blocks before them are.
+        lock(&state.uploaded).extend(later);
         let Some(end) = current.iter().map(|u| (u.idx + 1) * bs).max() else {
             return Ok(());
         };
@@ -617,7 +637,6 @@ impl Fs {
         Ok(())
     }
 
-    /// Sets a file's size; a cut inside a block re-stores that block shortened.
     /// Refuses to grow file `ino` from `size` to `new_size` past the volume's quota: the
     /// committed bytes of all files, with this one at its new size, must fit. Growth other
     /// files have staged but not flushed yet is not counted (the dirty budget bounds it).
@@ -637,6 +656,7 @@ impl Fs {
         Ok(())
     }
 
+    /// Sets a file's size; a cut inside a block re-stores that block shortened.
     pub(super) fn truncate(&self, ino: u64, new_size: u64) -> FsResult<()> {
         if new_size > MAX_FILE_SIZE {
             return Err(FsError::FileTooLarge);

@@ -53,7 +53,9 @@ pub struct FsConfig {
     pub read_only: bool,
     /// Dirty bytes staged locally before writers start uploading.
     pub dirty_budget: u64,
-    /// Of those, the most held in memory rather than in staging files.
+    /// Memory for staged blocks, a whole block per staged block (more wait in staging
+    /// files). Blocks still being uploaded after their file moved on may take up to the
+    /// upload slots' worth of blocks beyond it.
     pub memory_staging: u64,
     /// Most blocks read ahead of a sequential reader.
     pub max_readahead_blocks: u64,

@@ -36,7 +36,7 @@ impl Drop for Reservation {
 /// I/O, so that the upload can hand the bytes to the disk without copying them first.
 fn front(buf: &[u8]) -> usize {
     if buf.is_empty() {
-        0 // not allocated yet (an allocated buffer holds at least its padding or data)
+        0 // not allocated yet, or allocated aligned and not written yet
     } else {
         padding(buf.as_ptr())
     }
