@@ -477,19 +477,11 @@ impl Fs {
         staged: &mut BTreeMap<u64, Staged>,
         size: u64,
     ) -> FsResult<()> {
-        let mut finished = std::mem::take(&mut *lock(&state.uploaded));
+        let finished = self.finished_uploads(state, staged, size);
         if finished.is_empty() {
             return Ok(());
         }
         let bs = self.config.block_size;
-        finished.retain(|u| {
-            u.len == bs
-                && (u.idx + 1) * bs <= size
-                && u.at.elapsed() < REFRESH_AGE
-                && staged
-                    .get(&u.idx)
-                    .is_some_and(|b| b.version == u.version && b.extent == u.len)
-        });
         let ready: HashSet<u64> = finished.iter().map(|u| u.idx).collect();
         let first_waiting = staged.keys().find(|idx| !ready.contains(idx));
         let (current, later): (Vec<Uploaded>, Vec<Uploaded>) = finished
@@ -520,6 +512,27 @@ impl Fs {
             }
         }
         Ok(())
+    }
+
+    /// Takes the finished background uploads that still describe their staged block (same
+    /// version, whole, inside the file, recent enough to trust).
+    fn finished_uploads(
+        &self,
+        state: &FileState,
+        staged: &BTreeMap<u64, Staged>,
+        size: u64,
+    ) -> Vec<Uploaded> {
+        let bs = self.config.block_size;
+        let mut finished = std::mem::take(&mut *lock(&state.uploaded));
+        finished.retain(|u| {
+            u.len == bs
+                && (u.idx + 1) * bs <= size
+                && u.at.elapsed() < REFRESH_AGE
+                && staged
+                    .get(&u.idx)
+                    .is_some_and(|b| b.version == u.version && b.extent == u.len)
+        });
+        finished
     }
 
     /// The staging copy of block `idx`, created from the stored block unless the write that
@@ -582,7 +595,13 @@ impl Fs {
         if size == CLEAN {
             return Ok(());
         }
-        self.record_uploaded(ino, state, staged, size)?;
+        // The flush records every block in one transaction: no prefix rule, and a block
+        // uploaded in the background is neither hashed nor uploaded again.
+        let uploaded: HashMap<u64, Uploaded> = self
+            .finished_uploads(state, staged, size)
+            .into_iter()
+            .map(|u| (u.idx, u))
+            .collect();
         let bs = self.config.block_size;
         let live_blocks = size.div_ceil(bs);
         let mut results: Vec<(u64, Option<(Hash, u64)>)> = Vec::with_capacity(staged.len());
@@ -595,6 +614,10 @@ impl Fs {
         // are on the wire. Returning early drops the set, which cancels the uploads left.
         let mut uploads = JoinSet::new();
         for (idx, len) in dirty {
+            if let Some(done) = uploaded.get(&idx).filter(|u| u.len == len) {
+                results.push((idx, done.hash.map(|h| (h, len))));
+                continue;
+            }
             let Some(block) = staged.get_mut(&idx) else {
                 continue;
             };

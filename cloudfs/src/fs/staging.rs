@@ -154,7 +154,7 @@ impl BlockBuffer {
     }
 }
 
-pub(super) fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
     let mut filled = 0;
     while filled < buf.len() {
         match file.read_at(&mut buf[filled..], offset + filled as u64) {
