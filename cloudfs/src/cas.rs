@@ -17,7 +17,7 @@ use bytes::Bytes;
 use tokio::sync::OnceCell;
 
 use crate::buffers;
-use crate::direct_io::DirectWriter;
+use crate::direct_io::DirectIo;
 use crate::meta::Hash;
 use crate::metrics::{CacheTier, EngineMetrics};
 use crate::store::{ObjectStore, StoreError, unix_now_secs};
@@ -114,7 +114,7 @@ pub struct BlockCache {
     dir: PathBuf,
     budget: u64,
     index: Mutex<CacheIndex>,
-    writer: DirectWriter,
+    direct: DirectIo,
 }
 
 impl BlockCache {
@@ -125,7 +125,7 @@ impl BlockCache {
             dir: dir.to_path_buf(),
             budget,
             index: Mutex::new(CacheIndex::default()),
-            writer: DirectWriter::default(),
+            direct: DirectIo::default(),
         };
         for entry in fs::read_dir(dir)? {
             let entry = entry?;
@@ -176,7 +176,7 @@ impl BlockCache {
         }
         let path = self.path(hash);
         let tmp = tempfile::NamedTempFile::new_in(&self.dir)?;
-        self.writer.write_file(tmp.as_file(), data)?;
+        self.direct.write_file(tmp.as_file(), data)?;
         tmp.persist(&path).map_err(|e| e.error)?;
         lock(&self.index).insert(*hash, data.len() as u64);
         self.evict();

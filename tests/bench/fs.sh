@@ -2,7 +2,8 @@
 # Benchmark (not a test): one job set on a plain local directory and on cloudfs over the
 # embedded LocalStore — and with --swift also on cloudfs over the local test Swift, next to
 # raw python-swiftclient upload/download of the same bytes (the Swift ceiling) — in one run,
-# printed as a table (sequential write and file-count rates: the median of three passes).
+# printed as a table (sequential write, cold read and file-count rates: the median of three
+# passes).
 # Needs root (FUSE, drop_caches).
 #
 #   tests/bench/fs.sh [--size MIB] [--swift]      # sequential file size, default 1024 MiB
@@ -49,22 +50,37 @@ fio_job() { # fio_job DIR RW BS [extra...] -> "MiB/s IOPS"
 declare -A R
 peak_rss_kib=0
 
-seq_write() { # seq_write DIR -> MiB/s, the median of three passes (one alone swings widely)
+median() { printf '%s\n' "$@" | sort -n | sed -n "$((($# + 1) / 2))p"; }
+
+# Sequential rates are the median of three passes: one alone swings widely on a shared host.
+seq_write() { # seq_write DIR -> MiB/s
   local runs=() rate
   for _ in 1 2 3; do
     rm -f "$1/seq.0.0"; drop_caches
     read -r rate _ < <(fio_job "$1" write 1M --end_fsync=1)
     runs+=("$rate")
   done
-  printf '%s\n' "${runs[@]}" | sort -n | sed -n 2p
+  median "${runs[@]}"
+}
+
+# cold_read LABEL DIR REMOUNT: each pass after REMOUNT (not in a subshell: it tracks the mount)
+# and dropping caches.
+cold_read() {
+  local runs=() rate
+  for _ in 1 2 3; do
+    $3; drop_caches
+    read -r rate _ < <(fio_job "$2" read 1M)
+    runs+=("$rate")
+  done
+  R[$1.seqr]=$(median "${runs[@]}")
 }
 
 # run_jobs LABEL DIR REMOUNT STORED: REMOUNT makes the next read cold, STORED prints bytes stored.
 run_jobs() {
   local label=$1 dir=$2 remount=$3 stored=$4 before
   R[$label.seqw]=$(seq_write "$dir")
+  cold_read "$label" "$dir" "$remount"
   $remount; drop_caches
-  read -r R[$label.seqr] _ < <(fio_job "$dir" read 1M)
   read -r _ R[$label.rand] < <(fio_job "$dir" randread 4k --runtime=15 --time_based)
   while read -r key value; do R[$label.$key]=$value; done < <(python3 tests/bench/metaops.py "$dir")
   head -c $((256 << 20)) /dev/urandom > "$dir/dup1"; sync "$dir/dup1"
@@ -156,7 +172,7 @@ row() {
 }
 row "seq write ${size_mib} MiB + fsync (MiB/s)" seqw
 row "cold seq read 1 MiB (MiB/s)" seqr
-row "4 KiB random read (IOPS)" rand
+row "cold 4 KiB random read (IOPS)" rand
 row "create (files/s)" create
 row "stat (files/s)" stat
 row "rename (files/s)" rename

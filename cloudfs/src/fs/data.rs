@@ -115,13 +115,46 @@ impl FileState {
     }
 }
 
+/// How far from where the previous read ended a read may start and still continue a
+/// sequential stream: the kernel sends its read-ahead as several requests at once, and the
+/// FUSE threads serve them in any order.
+const SEQUENTIAL_SLACK: u64 = 4 << 20;
+
 /// One `open` of a file: its flags and read-ahead state.
 #[derive(Debug)]
 pub(super) struct OpenHandle {
     ino: u64,
     append: bool,
+    /// Where the last read ended.
     next_offset: AtomicU64,
+    /// How many reads in a row started within [`SEQUENTIAL_SLACK`] of the one before.
+    near_reads: AtomicU64,
     window: AtomicU64,
+}
+
+impl OpenHandle {
+    fn new(ino: u64, append: bool) -> OpenHandle {
+        OpenHandle {
+            ino,
+            append,
+            next_offset: AtomicU64::new(0),
+            near_reads: AtomicU64::new(0),
+            window: AtomicU64::new(1),
+        }
+    }
+
+    /// Notes a read of `offset..end`; whether it continues a sequential stream: it starts
+    /// where the last one ended, or it is the second in a row to start close to that (one
+    /// random read landing close by chance is not taken for a stream).
+    fn continues_stream(&self, offset: u64, end: u64) -> bool {
+        let previous_end = self.next_offset.swap(end, Ordering::AcqRel);
+        if offset.abs_diff(previous_end) > SEQUENTIAL_SLACK {
+            self.near_reads.store(0, Ordering::Release);
+            return false;
+        }
+        let near_reads = self.near_reads.fetch_add(1, Ordering::AcqRel) + 1;
+        offset == previous_end || near_reads >= 2
+    }
 }
 
 /// The part of one block an I/O range covers.
@@ -198,12 +231,7 @@ impl Fs {
     fn new_handle(&self, ino: u64, flags: i32) -> u64 {
         self.file_state(ino).opens.fetch_add(1, Ordering::AcqRel);
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        let handle = OpenHandle {
-            ino,
-            append: flags & libc::O_APPEND != 0,
-            next_offset: AtomicU64::new(0),
-            window: AtomicU64::new(1),
-        };
+        let handle = OpenHandle::new(ino, flags & libc::O_APPEND != 0);
         lock(&self.handles).insert(fh, Arc::new(handle));
         fh
     }
@@ -281,7 +309,7 @@ impl Fs {
             .into_iter()
             .map(|b| (b.idx, b))
             .collect();
-        let sequential = handle.next_offset.swap(end, Ordering::AcqRel) == offset;
+        let sequential = handle.continues_stream(offset, end);
         let is_staged = |idx: u64| staged.as_ref().is_some_and(|s| s.contains_key(&idx));
         let within_one_stored_block = stored
             .get(&first)
@@ -764,7 +792,29 @@ impl Fs {
 
 #[cfg(test)]
 mod tests {
-    use super::pieces;
+    use super::{OpenHandle, SEQUENTIAL_SLACK, pieces};
+
+    #[test]
+    fn reads_served_out_of_order_continue_a_stream_and_random_ones_do_not() {
+        const KIB: u64 = 1 << 10;
+        let handle = OpenHandle::new(1, false);
+        // The kernel's read-ahead of one stream, served by threads in another order.
+        let stream = [(0, 256), (512, 768), (256, 512), (768, 1024), (1024, 1280)];
+        for (start, end) in stream {
+            assert!(
+                handle.continues_stream(start * KIB, end * KIB),
+                "{start} KiB"
+            );
+        }
+        // A jump elsewhere is not sequential, nor is one read that lands close by chance,
+        // but a second one in a row starts a stream again.
+        let far = 100 * SEQUENTIAL_SLACK;
+        assert!(!handle.continues_stream(far, far + 4 * KIB));
+        assert!(!handle.continues_stream(3 * SEQUENTIAL_SLACK, 3 * SEQUENTIAL_SLACK + 4 * KIB));
+        assert!(!handle.continues_stream(far, far + 4 * KIB));
+        assert!(!handle.continues_stream(far + 64 * KIB, far + 68 * KIB));
+        assert!(handle.continues_stream(far + 128 * KIB, far + 132 * KIB));
+    }
 
     #[test]
     fn pieces_split_at_block_boundaries() {

@@ -21,18 +21,18 @@ use bytes::Bytes;
 
 use super::{ListPage, ObjectMeta, ObjectStore, Piece, StoreError, StoreResult, validate_key};
 use crate::buffers;
-use crate::direct_io::DirectWriter;
+use crate::direct_io::DirectIo;
 
 const TMP_DIR: &str = ".tmp";
-/// Objects this large (data blocks) are written around the page cache (see `direct_io`);
-/// smaller ones (metadata, small files' blocks) are cheaper through it.
-const DIRECT_WRITE_MIN: usize = 1 << 20;
+/// Objects this large (data blocks) are written, and read whole, around the page cache (see
+/// `direct_io`); smaller ones (metadata, small files' blocks) are cheaper through it.
+const DIRECT_IO_MIN: usize = 1 << 20;
 
 #[derive(Debug)]
 pub struct LocalStore {
     root: PathBuf,
     tmp_counter: AtomicU64,
-    writer: Arc<DirectWriter>,
+    direct: Arc<DirectIo>,
 }
 
 impl LocalStore {
@@ -51,7 +51,7 @@ impl LocalStore {
         Ok(LocalStore {
             root: root.to_path_buf(),
             tmp_counter: AtomicU64::new(0),
-            writer: Arc::default(),
+            direct: Arc::default(),
         })
     }
 
@@ -242,6 +242,7 @@ impl ObjectStore for LocalStore {
         let bytes = range
             .as_ref()
             .map_or(u64::MAX, |r| r.end.saturating_sub(r.start));
+        let direct = self.direct.clone();
         sized(bytes, move || {
             let mut file = File::open(&path).map_err(|e| not_found_as(&key, e))?;
             match range {
@@ -256,6 +257,11 @@ impl ObjectStore for LocalStore {
                 }
                 None => {
                     let len = file.metadata().map_err(|e| StoreError::io(&key, e))?.len();
+                    if len >= DIRECT_IO_MIN as u64 {
+                        return direct
+                            .read_file(&file, len as usize)
+                            .map_err(|e| StoreError::io(&key, e));
+                    }
                     let mut buf = buffers::take(len as usize);
                     file.read_to_end(&mut buf)
                         .map_err(|e| StoreError::io(&key, e))?;
@@ -271,8 +277,8 @@ impl ObjectStore for LocalStore {
         let key = key.to_owned();
         sized(data.len() as u64, move || {
             let fill = |f: &mut File| {
-                if data.len() >= DIRECT_WRITE_MIN {
-                    this.writer.write_file(f, &data)
+                if data.len() >= DIRECT_IO_MIN {
+                    this.direct.write_file(f, &data)
                 } else {
                     f.write_all(&data)
                 }
@@ -421,7 +427,7 @@ impl LocalStore {
         LocalStore {
             root: self.root.clone(),
             tmp_counter: AtomicU64::new(self.tmp_counter.fetch_add(1 << 32, Ordering::Relaxed)),
-            writer: self.writer.clone(),
+            direct: self.direct.clone(),
         }
     }
 }
