@@ -252,6 +252,10 @@ struct HotBlocks {
 }
 
 impl HotBlocks {
+    fn contains(&self, hash: &Hash) -> bool {
+        self.entries.iter().any(|(h, _)| h == hash)
+    }
+
     fn get(&mut self, hash: &Hash) -> Option<Bytes> {
         let at = self.entries.iter().position(|(h, _)| h == hash)?;
         let entry = self.entries.remove(at)?;
@@ -413,6 +417,29 @@ impl BlockStore {
             Err(CasError::Store(StoreError::NotFound(_))) => Ok(false),
             Err(e) => Err(e),
         }
+    }
+
+    /// How many blocks of `block_size` bytes ahead of a sequential reader may be fetched:
+    /// where fetched blocks are not cached on disk, four fewer than the memory for hot blocks
+    /// holds (room for the reader's block, the ones it just left, which are used more
+    /// recently than blocks still ahead, and fetches finishing out of order), or blocks read
+    /// ahead would push each other out before they are read.
+    pub fn read_ahead_limit(&self, block_size: u64) -> u64 {
+        if self.store.reads_are_local() {
+            (lock(&self.hot).budget / block_size.max(1))
+                .saturating_sub(4)
+                .max(1)
+        } else {
+            u64::MAX
+        }
+    }
+
+    /// Whether block `hash` is neither in memory nor in the disk cache nor being fetched:
+    /// whether reading ahead should fetch it.
+    pub fn needs_fetch(&self, hash: &Hash) -> bool {
+        !lock(&self.hot).contains(hash)
+            && !lock(&self.inflight).contains_key(hash)
+            && !self.cache.contains(hash)
     }
 
     /// A whole block, verified against its hash, from the cache or the store (one download
@@ -590,6 +617,33 @@ pub(crate) mod tests {
             let stored = local.get(&block_key(&hash), None).await.expect("get");
             assert_eq!(stored, data);
         });
+    }
+
+    /// Reading ahead skips blocks held or being fetched, and on a local store stays within
+    /// what the hot blocks' memory holds.
+    #[test]
+    fn read_ahead_fetches_only_missing_blocks_and_fits_local_hot_memory() {
+        let rt = tokio::runtime::Runtime::new().expect("rt");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let local = Arc::new(crate::store::LocalStore::open(dir.path()).expect("store"));
+        let cache = BlockCache::open(&dir.path().join("cache"), 1 << 20).expect("cache");
+        let blocks = BlockStore::new(local.clone(), cache, Duration::from_secs(5));
+        let block_size = 4 << 20;
+        assert_eq!(
+            blocks.read_ahead_limit(block_size),
+            HOT_FLOOR / block_size - 4
+        );
+        assert_eq!(blocks.read_ahead_limit(HOT_FLOOR), 1);
+        let data = Bytes::from(vec![3u8; 1000]);
+        let hash = hash_block(&data);
+        rt.block_on(async {
+            local.put(&block_key(&hash), data).await.expect("put");
+            assert!(blocks.needs_fetch(&hash));
+            blocks.fetch(&hash, 1000).await.expect("fetch");
+            assert!(!blocks.needs_fetch(&hash));
+        });
+        let (_rt, _dir, _mem, remote) = over_mem_store();
+        assert_eq!(remote.read_ahead_limit(block_size), u64::MAX);
     }
 
     /// A runtime, a temp dir, an in-memory store and blocks over it cached in the temp dir.

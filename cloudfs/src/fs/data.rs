@@ -369,10 +369,14 @@ impl Fs {
     fn read_ahead(&self, handle: &OpenHandle, last: u64, file_size: u64) -> FsResult<()> {
         let bs = self.config.block_size;
         let window = handle.window.load(Ordering::Acquire);
-        handle.window.store(
-            (window * 2).min(self.config.max_readahead_blocks.max(1)),
-            Ordering::Release,
-        );
+        let max_window = self
+            .config
+            .max_readahead_blocks
+            .min(self.blocks.read_ahead_limit(bs))
+            .max(1);
+        handle
+            .window
+            .store((window * 2).min(max_window), Ordering::Release);
         let last_block = file_size.saturating_sub(1) / bs;
         if last >= last_block || self.config.max_readahead_blocks == 0 {
             return Ok(());
@@ -382,7 +386,9 @@ impl Fs {
             .meta
             .read(|c| meta::blocks_in(c, handle.ino, last + 1, upto))?;
         for block in ahead {
-            if self.blocks.cache().contains(&block.hash) {
+            // Also not when being fetched: a second task would only wait for the first, and
+            // hold a read-ahead slot that a block further on needs.
+            if !self.blocks.needs_fetch(&block.hash) {
                 continue;
             }
             let Ok(permit) = self.prefetch_slots.clone().try_acquire_owned() else {
