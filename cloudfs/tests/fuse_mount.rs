@@ -1006,6 +1006,57 @@ fn mmap_writes_and_reads() {
     assert_same(map.bytes(), &data, "read through a mapping");
 }
 
+/// Write-only handles bypass the page cache; what they write must still reach a reader that
+/// holds the file open with pages cached, and a mapping of the file, and move the size.
+#[test]
+fn write_only_handles_and_cached_readers_agree() {
+    let mut h = Harness::new();
+    h.mount(&[]);
+    let path = h.at("shared.bin");
+    let mut want = pattern(21, 100_000);
+    fs::write(&path, &want).expect("write");
+    let reader = File::open(&path).expect("open for reading");
+    assert_same(&read_at(&reader, 0, want.len()), &want, "first read");
+    let map = Mapping::new(&reader, want.len(), false).expect("mmap read-only");
+
+    let writer = OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("open write-only");
+    writer
+        .write_all_at(b"overwritten", 50_000)
+        .expect("overwrite");
+    writer.write_all_at(b"appended", 100_000).expect("extend");
+    want[50_000..50_011].copy_from_slice(b"overwritten");
+    want.extend_from_slice(b"appended");
+    assert_eq!(reader.metadata().expect("fstat").len(), want.len() as u64);
+    assert_same(
+        &read_at(&reader, 0, want.len()),
+        &want,
+        "read after the writes",
+    );
+    assert_same(
+        &map.bytes()[49_990..50_020],
+        &want[49_990..50_020],
+        "the mapping",
+    );
+
+    let mut appender = OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .expect("open to append");
+    appender.write_all(b"+tail").expect("append");
+    want.extend_from_slice(b"+tail");
+    drop((writer, appender));
+    assert_same(
+        &read_at(&reader, 0, want.len()),
+        &want,
+        "read after the append",
+    );
+    drop(map);
+    assert_content(&path, &want);
+}
+
 #[test]
 fn concurrent_writers() {
     const WRITERS: u64 = 8;
