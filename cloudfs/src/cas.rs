@@ -420,15 +420,13 @@ impl BlockStore {
     }
 
     /// How many blocks of `block_size` bytes ahead of a sequential reader may be fetched:
-    /// where fetched blocks are not cached on disk, four fewer than the memory for hot blocks
-    /// holds (room for the reader's block, the ones it just left, which are used more
-    /// recently than blocks still ahead, and fetches finishing out of order), or blocks read
-    /// ahead would push each other out before they are read.
+    /// where fetched blocks are not cached on disk, half the blocks the memory for hot blocks
+    /// holds (maybe none), or blocks read ahead would push each other out before they are
+    /// read: the other half keeps the reader's block and those it just left, which were used
+    /// more recently than the blocks still ahead, and fetches finishing out of order.
     pub fn read_ahead_limit(&self, block_size: u64) -> u64 {
         if self.store.reads_are_local() {
-            (lock(&self.hot).budget / block_size.max(1))
-                .saturating_sub(4)
-                .max(1)
+            lock(&self.hot).budget / block_size.max(1) / 2
         } else {
             u64::MAX
         }
@@ -631,9 +629,9 @@ pub(crate) mod tests {
         let block_size = 4 << 20;
         assert_eq!(
             blocks.read_ahead_limit(block_size),
-            HOT_FLOOR / block_size - 4
+            HOT_FLOOR / block_size / 2
         );
-        assert_eq!(blocks.read_ahead_limit(HOT_FLOOR), 1);
+        assert_eq!(blocks.read_ahead_limit(HOT_FLOOR), 0);
         let data = Bytes::from(vec![3u8; 1000]);
         let hash = hash_block(&data);
         rt.block_on(async {

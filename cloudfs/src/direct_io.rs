@@ -93,7 +93,9 @@ fn read_direct(file: &File, len: usize) -> io::Result<Bytes> {
     let start = (ALIGN - buf.as_ptr() as usize % ALIGN) % ALIGN;
     buf.resize(start, 0);
     let mut done = 0;
-    while done < padded {
+    // Whole units at aligned offsets; a read of less than whole units is the end of the file
+    // (reading on from an unaligned offset is refused by some file systems).
+    while done < len && done.is_multiple_of(ALIGN) {
         let spare = &mut buf.spare_capacity_mut()[done..padded];
         // SAFETY: reads at most `spare.len()` bytes into memory `buf` owns and does not use
         // otherwise meanwhile; they are counted as initialised only below, once written.

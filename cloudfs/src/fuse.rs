@@ -132,19 +132,6 @@ impl FuseFs {
     }
 }
 
-/// How the kernel caches what goes through a file handle opened with `flags`. A write-only
-/// handle bypasses the page cache: the kernel then passes the writer's own pages to the FUSE
-/// request instead of copying them into page-cache pages first (a copy, and a fresh page per
-/// 4 KiB), and nothing is lost, for nothing can read or map a file through a write-only
-/// handle. Handles that can read keep the page cache, which serves mmap and re-reads.
-fn caching(flags: i32) -> FopenFlags {
-    if flags & libc::O_ACCMODE == libc::O_WRONLY {
-        FopenFlags::FOPEN_DIRECT_IO
-    } else {
-        FopenFlags::empty()
-    }
-}
-
 fn empty(reply: ReplyEmpty, result: Result<(), FsError>) {
     match result {
         Ok(()) => reply.ok(),
@@ -340,7 +327,7 @@ impl Filesystem for FuseFs {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let _change = self.fs.change();
         match self.measured("open", || self.fs.open(ino.0, flags.0)) {
-            Ok(fh) => reply.opened(FileHandle(fh), caching(flags.0)),
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -598,7 +585,7 @@ impl Filesystem for FuseFs {
                 &self.attr(&inode),
                 Generation(inode.generation),
                 FileHandle(fh),
-                caching(flags),
+                FopenFlags::empty(),
             ),
             Err(e) => reply.error(errno(&e)),
         }

@@ -2,12 +2,13 @@
 # Benchmark (not a test): one job set on a plain local directory and on cloudfs over the
 # embedded LocalStore — and with --swift also on cloudfs over the local test Swift, next to
 # raw python-swiftclient upload/download of the same bytes (the Swift ceiling) — in one run,
-# printed as a table (sequential writes, cold read and file-count rates: the median of three
+# printed as a table (sequential write, cold read and file-count rates: the median of three
 # passes).
 # Needs root (FUSE, drop_caches).
 #
 #   tests/bench/fs.sh [--size MIB] [--swift]      # sequential file size, default 1024 MiB
 set -euo pipefail
+shopt -s inherit_errexit # a failing job inside $(...) stops the run, not a wrong median
 cd "$(dirname "$0")/../.."
 size_mib=1024
 with_swift=0
@@ -63,16 +64,6 @@ seq_write() { # seq_write DIR -> MiB/s
   median "${runs[@]}"
 }
 
-stream_write() { # stream_write DIR -> MiB/s through a write-only handle
-  local runs=()
-  for _ in 1 2 3; do
-    rm -f "$1/stream"; drop_caches
-    runs+=("$(python3 tests/bench/stream_write.py "$1/stream" "$size_mib")")
-  done
-  rm -f "$1/stream"
-  median "${runs[@]}"
-}
-
 # cold_read LABEL DIR REMOUNT: each pass after REMOUNT (not in a subshell: it tracks the mount)
 # and dropping caches.
 cold_read() {
@@ -89,7 +80,6 @@ cold_read() {
 run_jobs() {
   local label=$1 dir=$2 remount=$3 stored=$4 before
   R[$label.seqw]=$(seq_write "$dir")
-  R[$label.streamw]=$(stream_write "$dir")
   cold_read "$label" "$dir" "$remount"
   $remount; drop_caches
   read -r _ R[$label.rand] < <(fio_job "$dir" randread 4k --runtime=15 --time_based)
@@ -117,6 +107,7 @@ remount_cloudfs() { # fresh cache dir each time: the next read is cold
   hwm=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")
   ((hwm > peak_rss_kib)) && peak_rss_kib=$hwm
   "$bin" umount "$mnt" >/dev/null
+  rm -rf "$work/cache.$remounts"
   mount_cloudfs "$store_url"
 }
 
@@ -182,7 +173,6 @@ row() {
   printf '\n'
 }
 row "seq write ${size_mib} MiB + fsync (MiB/s)" seqw
-row "write-only stream + fsync (MiB/s)" streamw
 row "cold seq read 1 MiB (MiB/s)" seqr
 row "cold 4 KiB random read (IOPS)" rand
 row "create (files/s)" create

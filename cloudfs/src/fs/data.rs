@@ -372,15 +372,15 @@ impl Fs {
         let max_window = self
             .config
             .max_readahead_blocks
-            .min(self.blocks.read_ahead_limit(bs))
-            .max(1);
+            .min(self.blocks.read_ahead_limit(bs));
         handle
             .window
-            .store((window * 2).min(max_window), Ordering::Release);
+            .store((window * 2).min(max_window.max(1)), Ordering::Release);
         let last_block = file_size.saturating_sub(1) / bs;
-        if last >= last_block || self.config.max_readahead_blocks == 0 {
+        if last >= last_block || max_window == 0 {
             return Ok(());
         }
+        let window = window.min(max_window);
         let upto = (last + window).min(last_block);
         let ahead = self
             .meta
