@@ -24,7 +24,8 @@ pub const ALIGN: usize = 4096;
 /// allows.
 #[derive(Debug)]
 pub struct DirectIo {
-    /// Cleared when the file system refuses direct I/O once: later writes skip trying.
+    /// Cleared when the file system refuses direct I/O once: later writes and reads skip
+    /// trying.
     supported: AtomicBool,
 }
 
