@@ -311,10 +311,6 @@ impl BlockStore {
         &self.store
     }
 
-    pub fn cache(&self) -> &BlockCache {
-        &self.cache
-    }
-
     /// Bounds a store request in time, so a hung store surfaces as an error, never a hang.
     pub async fn timed<T>(
         &self,
@@ -704,7 +700,7 @@ pub(crate) mod tests {
             }
             assert_eq!(blocks.fetch(&first.0, 1000).await.expect("fetch"), first.1);
             let deadline = Instant::now() + Duration::from_secs(10);
-            while !blocks.cache().contains(&first.0) {
+            while !blocks.cache.contains(&first.0) {
                 assert!(
                     Instant::now() < deadline,
                     "the block never reached the cache"
@@ -719,7 +715,7 @@ pub(crate) mod tests {
                 blocks.fetch(&second.0, 1000).await.expect("fetch"),
                 second.1
             );
-            assert!(blocks.cache().contains(&second.0));
+            assert!(blocks.cache.contains(&second.0));
             assert_eq!(
                 blocks.pending_cache_writes.load(Ordering::Acquire),
                 BACKGROUND_CACHE_WRITES
