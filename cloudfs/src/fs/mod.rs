@@ -164,6 +164,9 @@ pub struct Fs {
     next_handle: AtomicU64,
     prefetch_slots: Arc<tokio::sync::Semaphore>,
     upload_slots: Arc<tokio::sync::Semaphore>,
+    /// Where write-behind uploads run when the mount gives them a runtime of their own (see
+    /// [`Fs::run_write_behind_on`]); on `rt` otherwise.
+    write_behind_rt: std::sync::OnceLock<Handle>,
     next_version: AtomicU64,
     sync: Option<Arc<dyn MetadataSync>>,
     /// Whether any directory may be sealed (spares the ancestry check while none is).
@@ -271,12 +274,20 @@ impl Fs {
             next_handle: AtomicU64::new(1),
             prefetch_slots: Arc::new(tokio::sync::Semaphore::new(8)),
             upload_slots: Arc::new(tokio::sync::Semaphore::new(4)),
+            write_behind_rt: std::sync::OnceLock::new(),
             next_version: AtomicU64::new(1),
             sync,
             seals: std::sync::atomic::AtomicBool::new(seals),
             changes: std::sync::RwLock::new(()),
             quota: AtomicU64::new(NO_QUOTA),
         })
+    }
+
+    /// Runs the hashing and uploading of blocks that writers filled on `runtime` from now on:
+    /// a mount gives them threads of lower CPU priority, so that on a busy machine a FUSE
+    /// request never waits for a CPU behind them. Only the first call counts.
+    pub fn run_write_behind_on(&self, runtime: Handle) {
+        let _ = self.write_behind_rt.set(runtime);
     }
 
     /// Sets (or with `None` lifts) the most bytes the volume's files may hold. Writes that
