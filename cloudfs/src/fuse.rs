@@ -155,7 +155,10 @@ impl Filesystem for FuseFs {
         let wanted = InitFlags::FUSE_ATOMIC_O_TRUNC
             | InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_DO_READDIRPLUS
-            | InitFlags::FUSE_READDIRPLUS_AUTO;
+            | InitFlags::FUSE_READDIRPLUS_AUTO
+            // Lets the kernel skip asking for `security.capability` before every write (one
+            // round trip per write) by leaving the set-ID bits to us: see `drop_setid_bits`.
+            | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
         let _ = config.add_capabilities(wanted & config.capabilities());
         Ok(())
     }
@@ -174,7 +177,7 @@ impl Filesystem for FuseFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -199,7 +202,18 @@ impl Filesystem for FuseFs {
             atime: atime.map(set_time),
             mtime: mtime.map(set_time),
         };
-        match self.measured("setattr", || self.fs.setattr(ino.0, change)) {
+        // A chown, or a truncate by a caller without CAP_FSETID (uid 0 stands for it: fuser
+        // does not pass on the kernel's FATTR_KILL_SUIDGID), drops the set-ID bits; an explicit
+        // mode is the caller's word.
+        let drops_setid = mode.is_none()
+            && (uid.is_some() || gid.is_some() || (size.is_some() && req.uid() != 0));
+        let result = self.measured("setattr", || {
+            if drops_setid {
+                self.fs.drop_setid_bits(ino.0)?;
+            }
+            self.fs.setattr(ino.0, change)
+        });
+        match result {
             Ok(inode) => reply.attr(&TTL, &self.attr(&inode)),
             Err(e) => reply.error(errno(&e)),
         }
@@ -324,9 +338,16 @@ impl Filesystem for FuseFs {
         self.entry(reply, result);
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let _change = self.fs.change();
-        match self.measured("open", || self.fs.open(ino.0, flags.0)) {
+        let truncates = flags.0 & libc::O_TRUNC != 0 && req.uid() != 0;
+        let result = self.measured("open", || {
+            if truncates {
+                self.fs.drop_setid_bits(ino.0)?;
+            }
+            self.fs.open(ino.0, flags.0)
+        });
+        match result {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(errno(&e)),
         }
@@ -359,13 +380,19 @@ impl Filesystem for FuseFs {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         let _change = self.fs.change();
-        match self.measured("write", || self.fs.write(ino.0, fh.0, offset, data)) {
+        let result = self.measured("write", || {
+            if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+                self.fs.drop_setid_bits(ino.0)?;
+            }
+            self.fs.write(ino.0, fh.0, offset, data)
+        });
+        match result {
             Ok(n) => {
                 self.metrics.bytes_written(n as usize);
                 reply.written(n)

@@ -2188,3 +2188,86 @@ fn a_quota_is_what_df_reports_and_writes_past_it_fail_with_enospc() {
     assert!(size(&h) >= 1 << 49, "unlimited");
     h.umount();
 }
+
+/// Runs `script` in `sh` as user and group `id` (no supplementary groups, no capabilities).
+fn as_user(id: u32, script: &str) {
+    use std::os::unix::process::CommandExt;
+    let out = run(Command::new("sh").args(["-c", script]).uid(id).gid(id))
+        .unwrap_or_else(|e| panic!("running `{script}` as {id}: {e}"));
+    assert!(
+        out.status.success(),
+        "`{script}` as {id}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The kernel leaves dropping the set-ID bits to cloudfs (so that a write need not ask for
+/// `security.capability` first); they must go exactly when a local file system drops them.
+#[test]
+fn set_id_bits_drop_on_unprivileged_writes_and_truncates_and_on_chown() {
+    let mut h = Harness::new();
+    set_mode(h.root(), 0o755); // the other user reaches the mount through the test's dir
+    h.mount(&[]);
+    let path = h.at("tool");
+    let shell_path = utf8(&path).to_owned();
+    fs::write(&path, b"#!/bin/sh\n").expect("write");
+    std::os::unix::fs::chown(&path, Some(1000), Some(1000)).expect("chown");
+
+    set_mode(&path, 0o6775);
+    OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| f.write_all(b"# root\n"))
+        .expect("append as root");
+    assert_eq!(mode_of(&path), 0o6775, "a write with CAP_FSETID keeps them");
+
+    // File capabilities (revision 2: effective, CAP_NET_BIND_SERVICE permitted) go on any
+    // write, as on a local file system.
+    let mut caps = vec![1, 0, 0, 2];
+    caps.extend_from_slice(&(1u32 << 10).to_le_bytes()); // CAP_NET_BIND_SERVICE
+    caps.extend_from_slice(&[0; 12]);
+    set_xattr(&path, "security.capability", &caps, 0).expect("set file capabilities");
+    OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| f.write_all(b"# root again\n"))
+        .expect("append as root");
+    assert_errno(
+        get_xattr(&path, "security.capability"),
+        libc::ENODATA,
+        "file capabilities after a write",
+    );
+
+    for (what, script) in [
+        ("write", format!("printf '# user\\n' >> {shell_path}")),
+        ("truncate", format!("truncate -s 5 {shell_path}")),
+        ("open with O_TRUNC", format!(": > {shell_path}")),
+    ] {
+        set_mode(&path, 0o6775);
+        as_user(1000, &script);
+        assert_eq!(mode_of(&path), 0o775, "{what} by the owner drops both");
+    }
+
+    set_mode(&path, 0o6764);
+    as_user(1000, &format!("printf x >> {shell_path}"));
+    assert_eq!(
+        mode_of(&path),
+        0o2764,
+        "set-group-ID without group execute (mandatory locking) stays"
+    );
+
+    set_mode(&path, 0o6775);
+    std::os::unix::fs::chown(&path, Some(1001), None).expect("chown by root");
+    assert_eq!(mode_of(&path), 0o775, "a chown drops them, even by root");
+
+    let dir = h.at("shared");
+    fs::create_dir(&dir).expect("mkdir");
+    set_mode(&dir, 0o2775);
+    std::os::unix::fs::chown(&dir, Some(1000), Some(1000)).expect("chown a directory");
+    assert_eq!(
+        mode_of(&dir),
+        0o2775,
+        "a directory keeps its set-group-ID bit"
+    );
+    assert_content(&path, b"x");
+}

@@ -240,6 +240,15 @@ fn touch_dir(conn: &Connection, dir: &mut Inode, nlink_delta: i32, now: i64) -> 
     Ok(())
 }
 
+fn without_setid(mode: u32) -> u32 {
+    let mode = mode & !libc::S_ISUID;
+    if mode & libc::S_IXGRP != 0 {
+        mode & !libc::S_ISGID
+    } else {
+        mode // a set-group-ID bit without group execute marks mandatory locking: it stays
+    }
+}
+
 impl Fs {
     /// Builds the file system over an open volume. A writable one first drops the inodes of
     /// files that were unlinked while open when the previous mount ended.
@@ -466,6 +475,25 @@ impl Fs {
             inode.ctime_ns = now;
             meta::update_inode(tx, &inode)?;
             Ok(inode)
+        })
+    }
+
+    /// Clears a non-directory's set-user-ID bit, and its set-group-ID bit when it is
+    /// group-executable. A kernel that leaves this to the file system (for the sake of writes
+    /// that need not ask for `security.capability` first) asks for it on a chown, and on a
+    /// write or truncate by a caller without `CAP_FSETID`.
+    pub fn drop_setid_bits(&self, ino: u64) -> FsResult<()> {
+        let mode = self.meta.read(|c| get(c, ino))?.mode;
+        if mode & libc::S_IFMT == libc::S_IFDIR || without_setid(mode) == mode {
+            return Ok(());
+        }
+        self.changeable(&[ino])?;
+        self.meta.write(|tx| -> FsResult<()> {
+            let mut inode = get(tx, ino)?;
+            inode.mode = without_setid(inode.mode);
+            inode.ctime_ns = now_ns();
+            meta::update_inode(tx, &inode)?;
+            Ok(())
         })
     }
 
