@@ -3,7 +3,7 @@
 # embedded LocalStore — and with --swift also on cloudfs over the local test Swift, next to
 # raw python-swiftclient upload/download of the same bytes (the Swift ceiling) — in one run,
 # printed as a table (sequential write, cold read and file-count rates: the median of three
-# passes).
+# passes; the plain directory's and cloudfs-over-LocalStore's sequential passes take turns).
 # Needs root (FUSE, drop_caches).
 #
 #   tests/bench/fs.sh [--size MIB] [--swift]      # sequential file size, default 1024 MiB
@@ -54,33 +54,53 @@ peak_rss_kib=0
 median() { printf '%s\n' "$@" | sort -n | sed -n "$((($# + 1) / 2))p"; }
 
 # Sequential rates are the median of three passes: one alone swings widely on a shared host.
-seq_write() { # seq_write DIR -> MiB/s
-  local runs=() rate
-  for _ in 1 2 3; do
-    rm -f "$1/seq.0.0"; drop_caches
-    read -r rate _ < <(fio_job "$1" write 1M --end_fsync=1)
-    runs+=("$rate")
-  done
-  median "${runs[@]}"
+write_pass() { # write_pass DIR -> MiB/s
+  local rate
+  rm -f "$1/seq.0.0"; drop_caches
+  read -r rate _ < <(fio_job "$1" write 1M --end_fsync=1)
+  echo "$rate"
 }
 
-# cold_read LABEL DIR REMOUNT: each pass after REMOUNT (not in a subshell: it tracks the mount)
-# and dropping caches.
-cold_read() {
-  local runs=() rate
-  for _ in 1 2 3; do
-    $3; drop_caches
-    read -r rate _ < <(fio_job "$2" read 1M)
-    runs+=("$rate")
-  done
-  R[$1.seqr]=$(median "${runs[@]}")
+# read_pass DIR REMOUNT RATES: appends the rate of a cold read, after REMOUNT (not in a
+# subshell: it tracks the mount) and dropping caches, to the array named RATES.
+read_pass() {
+  local -n rates=$3
+  local rate
+  $2; drop_caches
+  read -r rate _ < <(fio_job "$1" read 1M)
+  rates+=("$rate")
 }
 
-# run_jobs LABEL DIR REMOUNT STORED: REMOUNT makes the next read cold, STORED prints bytes stored.
-run_jobs() {
+sequential() { # sequential LABEL DIR REMOUNT
+  local writes=() reads=()
+  for _ in 1 2 3; do writes+=("$(write_pass "$2")"); done
+  for _ in 1 2 3; do read_pass "$2" "$3" reads; done
+  R[$1.seqw]=$(median "${writes[@]}")
+  R[$1.seqr]=$(median "${reads[@]}")
+}
+
+# The plain directory and cloudfs over LocalStore take turns, pass by pass: the disk and
+# memory speed of a shared host drift over minutes (twofold, seen on a VM), and taking
+# turns exposes both to the same drift, which their ratio is meant to leave out.
+sequential_side_by_side() {
+  local plain_writes=() local_writes=() plain_reads=() local_reads=()
+  for _ in 1 2 3; do
+    plain_writes+=("$(write_pass "$work/plain")")
+    local_writes+=("$(write_pass "$mnt")")
+  done
+  for _ in 1 2 3; do
+    read_pass "$work/plain" drop_caches plain_reads
+    read_pass "$mnt" remount_cloudfs local_reads
+  done
+  R[plain.seqw]=$(median "${plain_writes[@]}")
+  R[local.seqw]=$(median "${local_writes[@]}")
+  R[plain.seqr]=$(median "${plain_reads[@]}")
+  R[local.seqr]=$(median "${local_reads[@]}")
+}
+
+# the_rest LABEL DIR REMOUNT STORED: REMOUNT makes the next read cold, STORED prints bytes stored.
+the_rest() {
   local label=$1 dir=$2 remount=$3 stored=$4 before
-  R[$label.seqw]=$(seq_write "$dir")
-  cold_read "$label" "$dir" "$remount"
   $remount; drop_caches
   read -r _ R[$label.rand] < <(fio_job "$dir" randread 4k --runtime=15 --time_based)
   while read -r key value; do R[$label.$key]=$value; done < <(python3 tests/bench/metaops.py "$dir")
@@ -111,14 +131,14 @@ remount_cloudfs() { # fresh cache dir each time: the next read is cold
   mount_cloudfs "$store_url"
 }
 
-echo "plain directory: $work/plain"
-run_jobs plain "$work/plain" drop_caches plain_stored
-
 store_url="file://$work/store"
 "$bin" format "$store_url" bench >/dev/null
 mount_cloudfs "$store_url"
+echo "plain directory: $work/plain"
 echo "cloudfs: $mnt over $store_url"
-run_jobs local "$mnt" remount_cloudfs local_stored
+sequential_side_by_side
+the_rest plain "$work/plain" drop_caches plain_stored
+the_rest local "$mnt" remount_cloudfs local_stored
 remount_cloudfs
 "$bin" umount "$mnt" >/dev/null
 
@@ -131,7 +151,8 @@ if ((with_swift)); then
   "$bin" format "$store_url" bench >/dev/null
   mount_cloudfs "$store_url"
   echo "cloudfs: $mnt over $store_url"
-  run_jobs swift "$mnt" remount_cloudfs swift_stored
+  sequential swift "$mnt" remount_cloudfs
+  the_rest swift "$mnt" remount_cloudfs swift_stored
   remount_cloudfs
   "$bin" umount "$mnt" >/dev/null
   labels+=(swift raw)
