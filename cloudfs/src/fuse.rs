@@ -101,6 +101,17 @@ fn attr(inode: &Inode, block_size: u64) -> FileAttr {
     }
 }
 
+/// How long the kernel may trust what it is told about `inode`: not at all while it has a
+/// set-ID bit, which cloudfs may drop without the kernel seeing the new mode (on a write or a
+/// chown: see `Fs::drop_setid_bits`). Rare files; the rest keep [`TTL`].
+fn ttl(inode: &Inode) -> &'static Duration {
+    if inode.mode & (libc::S_ISUID | libc::S_ISGID) != 0 && !inode.is_dir() {
+        &Duration::ZERO
+    } else {
+        &TTL
+    }
+}
+
 fn errno(e: &FsError) -> Errno {
     Errno::from_i32(e.errno())
 }
@@ -122,7 +133,11 @@ fn set_time(t: TimeOrNow) -> SetTime {
 impl FuseFs {
     fn entry(&self, reply: ReplyEntry, result: Result<Inode, FsError>) {
         match result {
-            Ok(inode) => reply.entry(&TTL, &self.attr(&inode), Generation(inode.generation)),
+            Ok(inode) => reply.entry(
+                ttl(&inode),
+                &self.attr(&inode),
+                Generation(inode.generation),
+            ),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -156,8 +171,9 @@ impl Filesystem for FuseFs {
             | InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_DO_READDIRPLUS
             | InitFlags::FUSE_READDIRPLUS_AUTO
-            // Lets the kernel skip asking for `security.capability` before every write (one
-            // round trip per write) by leaving the set-ID bits to us: see `drop_setid_bits`.
+            // The kernel then asks for `security.capability` once per attribute refresh
+            // instead of before every write (a round trip each), and leaves the set-ID bits to
+            // us: see `Fs::drop_setid_bits`. It still removes file capabilities itself.
             | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
         let _ = config.add_capabilities(wanted & config.capabilities());
         Ok(())
@@ -170,7 +186,7 @@ impl Filesystem for FuseFs {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.measured("getattr", || self.fs.getattr(ino.0)) {
-            Ok(inode) => reply.attr(&TTL, &self.attr(&inode)),
+            Ok(inode) => reply.attr(ttl(&inode), &self.attr(&inode)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -214,7 +230,7 @@ impl Filesystem for FuseFs {
             self.fs.setattr(ino.0, change)
         });
         match result {
-            Ok(inode) => reply.attr(&TTL, &self.attr(&inode)),
+            Ok(inode) => reply.attr(ttl(&inode), &self.attr(&inode)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -340,7 +356,10 @@ impl Filesystem for FuseFs {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let _change = self.fs.change();
-        let truncates = flags.0 & libc::O_TRUNC != 0 && req.uid() != 0;
+        // As the engine truncates: only an open for writing (see `Fs::open`).
+        let truncates = flags.0 & libc::O_TRUNC != 0
+            && flags.0 & libc::O_ACCMODE != libc::O_RDONLY
+            && req.uid() != 0;
         let result = self.measured("open", || {
             if truncates {
                 self.fs.drop_setid_bits(ino.0)?;
@@ -492,7 +511,7 @@ impl Filesystem for FuseFs {
                         INodeNo(e.inode.ino),
                         e.offset,
                         name,
-                        &TTL,
+                        ttl(&e.inode),
                         &attr,
                         generation,
                     ) {
@@ -608,7 +627,7 @@ impl Filesystem for FuseFs {
         });
         match result {
             Ok((inode, fh)) => reply.created(
-                &TTL,
+                ttl(&inode),
                 &self.attr(&inode),
                 Generation(inode.generation),
                 FileHandle(fh),

@@ -356,20 +356,6 @@ pub fn open_engine(
     })
 }
 
-/// How much nicer than the FUSE threads the write-behind threads run. While a writer keeps
-/// the FUSE threads busy, its filled blocks are hashed and uploaded on the CPU time they
-/// leave; a writer that outruns them waits for an upload slot, which leaves them all of it.
-/// Measured on two cores: at the same priority, a waking FUSE thread often waited behind a
-/// hash, and a sequential writer ran about 15% slower.
-const WRITE_BEHIND_NICENESS: i32 = 19;
-
-fn lower_cpu_priority() {
-    // Best effort, and never refused: raising the niceness needs no privilege. On Linux the
-    // niceness belongs to the calling thread, not the whole process.
-    // SAFETY: nice has no preconditions.
-    let _ = unsafe { libc::nice(WRITE_BEHIND_NICENESS) };
-}
-
 /// How often a read-write mount re-reads its volume's quota from the store.
 const QUOTA_CHECK_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -412,16 +398,8 @@ pub fn run(
         .enable_all()
         .build()
         .map_err(io_err("starting the I/O runtime"))?;
-    let write_behind = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("cloudfs-write-behind")
-        .on_thread_start(lower_cpu_priority)
-        .enable_all()
-        .build()
-        .map_err(io_err("starting the write-behind runtime"))?;
     let engine = open_engine(store, &config.volume, &config.engine, rt.handle())?;
     let fs = engine.fs.clone();
-    fs.run_write_behind_on(write_behind.handle().clone());
     let mut options = vec![
         MountOption::FSName(format!("cloudfs:{}", config.volume)),
         MountOption::Subtype("cloudfs".into()),

@@ -2189,11 +2189,13 @@ fn a_quota_is_what_df_reports_and_writes_past_it_fail_with_enospc() {
     h.umount();
 }
 
-/// Runs `script` in `sh` as user and group `id` (no supplementary groups, no capabilities).
-fn as_user(id: u32, script: &str) {
+/// Runs `script` in `sh`, with `path` as `$1`, as user and group `id` (no supplementary
+/// groups, no capabilities).
+fn as_user(id: u32, script: &str, path: &Path) {
     use std::os::unix::process::CommandExt;
-    let out = run(Command::new("sh").args(["-c", script]).uid(id).gid(id))
-        .unwrap_or_else(|e| panic!("running `{script}` as {id}: {e}"));
+    let mut command = Command::new("sh");
+    command.args(["-c", script, "sh"]).arg(path).uid(id).gid(id);
+    let out = run(&mut command).unwrap_or_else(|e| panic!("running `{script}` as {id}: {e}"));
     assert!(
         out.status.success(),
         "`{script}` as {id}: {}",
@@ -2209,7 +2211,6 @@ fn set_id_bits_drop_on_unprivileged_writes_and_truncates_and_on_chown() {
     set_mode(h.root(), 0o755); // the other user reaches the mount through the test's dir
     h.mount(&[]);
     let path = h.at("tool");
-    let shell_path = utf8(&path).to_owned();
     fs::write(&path, b"#!/bin/sh\n").expect("write");
     std::os::unix::fs::chown(&path, Some(1000), Some(1000)).expect("chown");
 
@@ -2238,18 +2239,29 @@ fn set_id_bits_drop_on_unprivileged_writes_and_truncates_and_on_chown() {
         "file capabilities after a write",
     );
 
+    OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .and_then(|f| f.set_len(20))
+        .expect("truncate as root");
+    assert_eq!(
+        mode_of(&path),
+        0o6775,
+        "a truncate with CAP_FSETID keeps them"
+    );
+
     for (what, script) in [
-        ("write", format!("printf '# user\\n' >> {shell_path}")),
-        ("truncate", format!("truncate -s 5 {shell_path}")),
-        ("open with O_TRUNC", format!(": > {shell_path}")),
+        ("write", "printf '# user\\n' >> \"$1\""),
+        ("truncate", "truncate -s 5 \"$1\""),
+        ("open with O_TRUNC", ": > \"$1\""),
     ] {
         set_mode(&path, 0o6775);
-        as_user(1000, &script);
+        as_user(1000, script, &path);
         assert_eq!(mode_of(&path), 0o775, "{what} by the owner drops both");
     }
 
     set_mode(&path, 0o6764);
-    as_user(1000, &format!("printf x >> {shell_path}"));
+    as_user(1000, "printf x >> \"$1\"", &path);
     assert_eq!(
         mode_of(&path),
         0o2764,

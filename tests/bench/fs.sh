@@ -61,8 +61,8 @@ write_pass() { # write_pass DIR -> MiB/s
   echo "$rate"
 }
 
-# read_pass DIR REMOUNT RATES: appends the rate of a cold read, after REMOUNT (not in a
-# subshell: it tracks the mount) and dropping caches, to the array named RATES.
+# read_pass DIR REMOUNT RATES: appends the rate of a cold read, after REMOUNT (`:` for none;
+# not in a subshell: it tracks the mount) and dropping caches, to the array named RATES.
 read_pass() {
   local -n rates=$3
   local rate
@@ -89,7 +89,7 @@ sequential_side_by_side() {
     local_writes+=("$(write_pass "$mnt")")
   done
   for _ in 1 2 3; do
-    read_pass "$work/plain" drop_caches plain_reads
+    read_pass "$work/plain" : plain_reads
     read_pass "$mnt" remount_cloudfs local_reads
   done
   R[plain.seqw]=$(median "${plain_writes[@]}")
@@ -98,8 +98,9 @@ sequential_side_by_side() {
   R[local.seqr]=$(median "${local_reads[@]}")
 }
 
-# the_rest LABEL DIR REMOUNT STORED: REMOUNT makes the next read cold, STORED prints bytes stored.
-the_rest() {
+# other_jobs LABEL DIR REMOUNT STORED: all but the sequential jobs. REMOUNT makes the next
+# read cold, STORED prints the bytes stored.
+other_jobs() {
   local label=$1 dir=$2 remount=$3 stored=$4 before
   $remount; drop_caches
   read -r _ R[$label.rand] < <(fio_job "$dir" randread 4k --runtime=15 --time_based)
@@ -137,8 +138,8 @@ mount_cloudfs "$store_url"
 echo "plain directory: $work/plain"
 echo "cloudfs: $mnt over $store_url"
 sequential_side_by_side
-the_rest plain "$work/plain" drop_caches plain_stored
-the_rest local "$mnt" remount_cloudfs local_stored
+other_jobs plain "$work/plain" drop_caches plain_stored
+other_jobs local "$mnt" remount_cloudfs local_stored
 remount_cloudfs
 "$bin" umount "$mnt" >/dev/null
 
@@ -152,7 +153,7 @@ if ((with_swift)); then
   mount_cloudfs "$store_url"
   echo "cloudfs: $mnt over $store_url"
   sequential swift "$mnt" remount_cloudfs
-  the_rest swift "$mnt" remount_cloudfs swift_stored
+  other_jobs swift "$mnt" remount_cloudfs swift_stored
   remount_cloudfs
   "$bin" umount "$mnt" >/dev/null
   labels+=(swift raw)

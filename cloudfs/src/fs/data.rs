@@ -472,8 +472,7 @@ impl Fs {
         let data = block.buffer.snapshot(block.extent)?;
         let version = block.version;
         let (state, meta, blocks) = (state.clone(), self.meta.current(), self.blocks.clone());
-        let rt = self.write_behind_rt.get().unwrap_or(&self.rt);
-        rt.spawn(async move {
+        self.rt.spawn(async move {
             let len = data.len() as u64;
             let hashing = data.clone();
             let Ok(hash) = tokio::task::spawn_blocking(move || content_hash(&hashing)).await else {

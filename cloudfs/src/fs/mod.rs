@@ -164,9 +164,6 @@ pub struct Fs {
     next_handle: AtomicU64,
     prefetch_slots: Arc<tokio::sync::Semaphore>,
     upload_slots: Arc<tokio::sync::Semaphore>,
-    /// Where write-behind uploads run when the mount gives them a runtime of their own (see
-    /// [`Fs::run_write_behind_on`]); on `rt` otherwise.
-    write_behind_rt: std::sync::OnceLock<Handle>,
     next_version: AtomicU64,
     sync: Option<Arc<dyn MetadataSync>>,
     /// Whether any directory may be sealed (spares the ancestry check while none is).
@@ -245,7 +242,7 @@ fn without_setid(mode: u32) -> u32 {
     if mode & libc::S_IXGRP != 0 {
         mode & !libc::S_ISGID
     } else {
-        mode // a set-group-ID bit without group execute marks mandatory locking: it stays
+        mode // the FUSE rule: without group execute it makes no program set-group-ID
     }
 }
 
@@ -283,20 +280,12 @@ impl Fs {
             next_handle: AtomicU64::new(1),
             prefetch_slots: Arc::new(tokio::sync::Semaphore::new(8)),
             upload_slots: Arc::new(tokio::sync::Semaphore::new(4)),
-            write_behind_rt: std::sync::OnceLock::new(),
             next_version: AtomicU64::new(1),
             sync,
             seals: std::sync::atomic::AtomicBool::new(seals),
             changes: std::sync::RwLock::new(()),
             quota: AtomicU64::new(NO_QUOTA),
         })
-    }
-
-    /// Runs the hashing and uploading of blocks that writers filled on `runtime` from now on:
-    /// a mount gives them threads of lower CPU priority, so that on a busy machine a FUSE
-    /// request never waits for a CPU behind them. Only the first call counts.
-    pub fn run_write_behind_on(&self, runtime: Handle) {
-        let _ = self.write_behind_rt.set(runtime);
     }
 
     /// Sets (or with `None` lifts) the most bytes the volume's files may hold. Writes that
@@ -481,7 +470,9 @@ impl Fs {
     /// Clears a non-directory's set-user-ID bit, and its set-group-ID bit when it is
     /// group-executable. A kernel that leaves this to the file system (for the sake of writes
     /// that need not ask for `security.capability` first) asks for it on a chown, and on a
-    /// write or truncate by a caller without `CAP_FSETID`.
+    /// write, truncate or `O_TRUNC` open by a caller without `CAP_FSETID`. The FUSE adapter
+    /// learns of the last two only as "not uid 0": a root caller without `CAP_FSETID` keeps
+    /// the bits on a truncate.
     pub fn drop_setid_bits(&self, ino: u64) -> FsResult<()> {
         let mode = self.meta.read(|c| get(c, ino))?.mode;
         if mode & libc::S_IFMT == libc::S_IFDIR || without_setid(mode) == mode {
