@@ -61,41 +61,37 @@ write_pass() { # write_pass DIR -> MiB/s
   echo "$rate"
 }
 
-# read_pass DIR REMOUNT RATES: appends the rate of a cold read, after REMOUNT (`:` for none;
-# not in a subshell: it tracks the mount) and dropping caches, to the array named RATES.
+# read_pass DIR REMOUNT: sets `rate` to the MiB/s of a cold read, after REMOUNT (`:` for
+# none) and dropping caches. Not in a subshell: REMOUNT tracks the mount.
 read_pass() {
-  local -n rates=$3
-  local rate
   $2; drop_caches
   read -r rate _ < <(fio_job "$1" read 1M)
-  rates+=("$rate")
 }
 
-sequential() { # sequential LABEL DIR REMOUNT
-  local writes=() reads=()
-  for _ in 1 2 3; do writes+=("$(write_pass "$2")"); done
-  for _ in 1 2 3; do read_pass "$2" "$3" reads; done
-  R[$1.seqw]=$(median "${writes[@]}")
-  R[$1.seqr]=$(median "${reads[@]}")
-}
-
-# The plain directory and cloudfs over LocalStore take turns, pass by pass: the disk and
-# memory speed of a shared host drift over minutes (twofold, seen on a VM), and taking
-# turns exposes both to the same drift, which their ratio is meant to leave out.
-sequential_side_by_side() {
-  local plain_writes=() local_writes=() plain_reads=() local_reads=()
+# sequential LABEL DIR REMOUNT [LABEL DIR REMOUNT ...]: the sequential rows of each file
+# system. Several take turns, pass by pass: the disk and memory speed of a shared host drift
+# over minutes (twofold, seen on a VM), and taking turns exposes all of them to the same
+# drift, which their ratios are meant to leave out.
+sequential() {
+  local -A writes=() reads=()
+  local i label rate
   for _ in 1 2 3; do
-    plain_writes+=("$(write_pass "$work/plain")")
-    local_writes+=("$(write_pass "$mnt")")
+    for ((i = 1; i <= $#; i += 3)); do
+      writes[${!i}]+=" $(write_pass "${@:i+1:1}")"
+    done
   done
   for _ in 1 2 3; do
-    read_pass "$work/plain" : plain_reads
-    read_pass "$mnt" remount_cloudfs local_reads
+    for ((i = 1; i <= $#; i += 3)); do
+      read_pass "${@:i+1:1}" "${@:i+2:1}"
+      reads[${!i}]+=" $rate"
+    done
   done
-  R[plain.seqw]=$(median "${plain_writes[@]}")
-  R[local.seqw]=$(median "${local_writes[@]}")
-  R[plain.seqr]=$(median "${plain_reads[@]}")
-  R[local.seqr]=$(median "${local_reads[@]}")
+  for label in "${!writes[@]}"; do
+    # shellcheck disable=SC2086 # the rates are words
+    R[$label.seqw]=$(median ${writes[$label]})
+    # shellcheck disable=SC2086
+    R[$label.seqr]=$(median ${reads[$label]})
+  done
 }
 
 # other_jobs LABEL DIR REMOUNT STORED: all but the sequential jobs. REMOUNT makes the next
@@ -137,7 +133,7 @@ store_url="file://$work/store"
 mount_cloudfs "$store_url"
 echo "plain directory: $work/plain"
 echo "cloudfs: $mnt over $store_url"
-sequential_side_by_side
+sequential plain "$work/plain" : local "$mnt" remount_cloudfs
 other_jobs plain "$work/plain" drop_caches plain_stored
 other_jobs local "$mnt" remount_cloudfs local_stored
 remount_cloudfs
