@@ -1,20 +1,21 @@
 //! The thin `fuser` adapter: decodes kernel requests, calls [`Fs`], encodes replies. Errors
 //! become errnos here, and failures (as opposed to refusals) are logged here, once.
 
+use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
-    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    INodeNo, InitFlags, KernelConfig, LockOwner, Notifier, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use crate::fs::{Caller, Fs, FsError, RenameMode, SetAttr, SetTime, XattrMode};
+use crate::fs::{Caller, Fs, FsError, RenameMode, SetAttr, SetTime, Written, XattrMode};
 use crate::meta::Inode;
 use crate::metrics::EngineMetrics;
 
@@ -27,11 +28,31 @@ const READDIR_BATCH: usize = 256;
 pub struct FuseFs {
     fs: Arc<Fs>,
     metrics: EngineMetrics,
+    /// Whether handles that write a file from scratch bypass the page cache (see
+    /// [`FuseFs::bypasses_page_cache`]): only on kernels that keep shared mappings of such
+    /// files coherent with their direct writes (`FUSE_DIRECT_IO_ALLOW_MMAP`, Linux 6.6).
+    direct_writes: bool,
+    /// The handles opened with `FOPEN_DIRECT_IO`.
+    direct_handles: Mutex<HashSet<u64>>,
+    /// Set once the session is up; see [`FuseFs::drop_stale_pages`].
+    notifier: Arc<OnceLock<Notifier>>,
 }
 
 impl FuseFs {
     pub fn new(fs: Arc<Fs>, metrics: EngineMetrics) -> FuseFs {
-        FuseFs { fs, metrics }
+        FuseFs {
+            fs,
+            metrics,
+            direct_writes: false,
+            direct_handles: Mutex::new(HashSet::new()),
+            notifier: Arc::new(OnceLock::new()),
+        }
+    }
+
+    /// Where the session's notifier goes once the session is up (the session owns the
+    /// `FuseFs` by then).
+    pub fn notifier_slot(&self) -> Arc<OnceLock<Notifier>> {
+        self.notifier.clone()
     }
 
     /// Runs operation `op`, counting and timing it, and logging it if it failed (as
@@ -142,6 +163,57 @@ impl FuseFs {
         }
     }
 
+    /// Whether handle `fh`, opened with `flags`, bypasses the page cache (`FOPEN_DIRECT_IO`):
+    /// one that writes a file from scratch, opened write-only or on an `empty` file. Its
+    /// writes then reach the engine copied once, from the writer's own pages, instead of
+    /// through page-cache pages first; reads through it, if any, come from the engine's block
+    /// memory. A read-write handle on a file with contents, a database's say, keeps the page
+    /// cache for its reads.
+    fn bypasses_page_cache(&self, fh: u64, flags: i32, empty: impl FnOnce() -> bool) -> bool {
+        let bypass = self.direct_writes
+            && match flags & libc::O_ACCMODE {
+                libc::O_WRONLY => true,
+                libc::O_RDWR => empty(),
+                _ => false,
+            };
+        if bypass {
+            self.direct_handles().insert(fh);
+        }
+        bypass
+    }
+
+    fn direct_handles(&self) -> std::sync::MutexGuard<'_, HashSet<u64>> {
+        self.direct_handles
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn open_flags(bypasses_page_cache: bool) -> FopenFlags {
+        if bypasses_page_cache {
+            FopenFlags::FOPEN_DIRECT_IO
+        } else {
+            FopenFlags::empty()
+        }
+    }
+
+    /// After a direct write to a file other handles have open: drops the kernel's pages of
+    /// the range. The kernel drops them itself before it sends the write, but a reader may
+    /// have cached the old bytes again while the write was on its way here. Sent before the
+    /// write is answered, so that it is visible to every read that starts after it. No engine
+    /// lock is held here: a reader's page lock that this waits for is released when its
+    /// read, served by another thread, ends.
+    fn drop_stale_pages(&self, ino: u64, fh: u64, written: Written) {
+        if !written.open_elsewhere || !self.direct_handles().contains(&fh) {
+            return;
+        }
+        if let Some(notifier) = self.notifier.get()
+            && let Err(e) =
+                notifier.inval_inode(INodeNo(ino), written.offset as i64, i64::from(written.len))
+        {
+            tracing::warn!(ino, error = %e, "could not drop pages a write made stale");
+        }
+    }
+
     fn attr(&self, inode: &Inode) -> FileAttr {
         attr(inode, self.fs.config().block_size)
     }
@@ -173,9 +245,15 @@ impl Filesystem for FuseFs {
             | InitFlags::FUSE_READDIRPLUS_AUTO
             // The kernel then asks for `security.capability` once per attribute refresh
             // instead of before every write (a round trip each), and leaves the set-ID bits to
-            // us: see `Fs::drop_setid_bits`. It still removes file capabilities itself.
-            | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
-        let _ = config.add_capabilities(wanted & config.capabilities());
+            // us: see `Fs::drop_setid_bits`. It still removes file capabilities itself, before
+            // writes through the page cache (the engine does before direct ones).
+            | InitFlags::FUSE_HANDLE_KILLPRIV_V2
+            // Lets handles that bypass the page cache be mapped too (a shared mapping's
+            // pages are written back and dropped before each direct write).
+            | InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP;
+        let granted = wanted & config.capabilities();
+        self.direct_writes = granted.contains(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP);
+        let _ = config.add_capabilities(granted);
         Ok(())
     }
 
@@ -367,7 +445,13 @@ impl Filesystem for FuseFs {
             self.fs.open(ino.0, flags.0)
         });
         match result {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok(fh) => {
+                let direct = self.bypasses_page_cache(fh, flags.0, || {
+                    flags.0 & libc::O_TRUNC != 0
+                        || self.fs.getattr(ino.0).is_ok_and(|inode| inode.size == 0)
+                });
+                reply.opened(FileHandle(fh), Self::open_flags(direct))
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -404,17 +488,20 @@ impl Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let _change = self.fs.change();
-        let result = self.measured("write", || {
-            if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
-                self.fs.drop_setid_bits(ino.0)?;
-            }
-            self.fs.write(ino.0, fh.0, offset, data)
-        });
+        let result = {
+            let _change = self.fs.change();
+            self.measured("write", || {
+                if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+                    self.fs.drop_setid_bits(ino.0)?;
+                }
+                self.fs.write(ino.0, fh.0, offset, data)
+            })
+        };
         match result {
-            Ok(n) => {
-                self.metrics.bytes_written(n as usize);
-                reply.written(n)
+            Ok(written) => {
+                self.metrics.bytes_written(written.len as usize);
+                self.drop_stale_pages(ino.0, fh.0, written);
+                reply.written(written.len)
             }
             Err(e) => reply.error(errno(&e)),
         }
@@ -443,6 +530,7 @@ impl Filesystem for FuseFs {
         reply: ReplyEmpty,
     ) {
         let _change = self.fs.change();
+        self.direct_handles().remove(&fh.0);
         empty(
             reply,
             self.measured("release", || self.fs.release(ino.0, fh.0)),
@@ -626,13 +714,16 @@ impl Filesystem for FuseFs {
                 .create(caller(req), parent.0, name.as_bytes(), mode, umask, flags)
         });
         match result {
-            Ok((inode, fh)) => reply.created(
-                ttl(&inode),
-                &self.attr(&inode),
-                Generation(inode.generation),
-                FileHandle(fh),
-                FopenFlags::empty(),
-            ),
+            Ok((inode, fh)) => {
+                let direct = self.bypasses_page_cache(fh, flags, || inode.size == 0);
+                reply.created(
+                    ttl(&inode),
+                    &self.attr(&inode),
+                    Generation(inode.generation),
+                    FileHandle(fh),
+                    Self::open_flags(direct),
+                )
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }

@@ -428,8 +428,12 @@ pub fn run(
         None => None,
     };
     let fuse_fs = FuseFs::new(fs.clone(), engine.metrics.clone());
+    let notifier = fuse_fs.notifier_slot();
     let session = fuser::Session::new(fuse_fs, &mountpoint, &fuse_config)
-        .and_then(fuser::Session::spawn)
+        .and_then(|session| {
+            let _ = notifier.set(session.notifier());
+            session.spawn()
+        })
         .map_err(io_err(format!("mounting {}", mountpoint.display())))?;
     fs::create_dir_all(&config.run_dir).map_err(io_err("creating the run directory"))?;
     let live = engine.volume_sync.as_ref().map(|sync| {

@@ -177,6 +177,30 @@ fn xattrs() {
 }
 
 #[test]
+fn a_write_takes_file_capabilities_and_other_attributes_stay() {
+    let t = TestFs::new(64 << 10);
+    let tool = t.write_file(ROOT, "tool", b"#!/bin/sh\n");
+    let other = t.write_file(ROOT, "other", b"x");
+    for ino in [tool, other] {
+        t.fs.setxattr(ino, b"security.capability", b"caps", XattrMode::Any)
+            .expect("set capabilities");
+    }
+    t.fs.setxattr(tool, b"user.note", b"kept", XattrMode::Any)
+        .expect("set");
+    t.write_at(tool, 0, b"#!/bin/bash\n");
+    assert!(matches!(
+        t.fs.getxattr(tool, b"security.capability"),
+        Err(FsError::NoAttribute)
+    ));
+    assert_eq!(t.fs.getxattr(tool, b"user.note").expect("get"), b"kept");
+    assert_eq!(
+        t.fs.getxattr(other, b"security.capability").expect("get"),
+        b"caps",
+        "a file nobody wrote keeps them"
+    );
+}
+
+#[test]
 fn readdir_offsets_are_stable_while_entries_change() {
     let t = TestFs::new(64 << 10);
     for i in 0..50 {

@@ -248,6 +248,15 @@ impl Mapping {
         // SAFETY: the range is exactly this live mapping.
         cvt(unsafe { libc::msync(self.ptr, self.len, libc::MS_SYNC) }).map(drop)
     }
+
+    /// How many of the mapped file's pages the page cache holds (touching none of them).
+    fn resident_pages(&self) -> usize {
+        let page = 4096;
+        let mut resident = vec![0u8; self.len.div_ceil(page)];
+        // SAFETY: the range is exactly this live mapping; `resident` has a byte per page.
+        cvt(unsafe { libc::mincore(self.ptr, self.len, resident.as_mut_ptr()) }).expect("mincore");
+        resident.iter().filter(|r| *r & 1 != 0).count()
+    }
 }
 
 impl Drop for Mapping {
@@ -1052,6 +1061,59 @@ fn writes_reach_readers_holding_the_file_open_with_pages_cached() {
     }
     drop((writer, appender, map));
     assert_content(&path, &want);
+}
+
+/// Whether this kernel lets a handle that bypasses the page cache be mapped too
+/// (`FUSE_DIRECT_IO_ALLOW_MMAP`, Linux 6.6): cloudfs bypasses it only then.
+fn kernel_maps_direct_io_files() -> bool {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").expect("kernel release");
+    let mut numbers = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse::<u32>().unwrap_or(0));
+    (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0)) >= (6, 6)
+}
+
+#[test]
+fn writes_that_start_a_file_bypass_the_page_cache_and_updates_in_place_keep_it() {
+    const LEN: usize = 1 << 20;
+    let mut h = Harness::new();
+    h.mount(&[]);
+    let path = h.at("pages.bin");
+    fs::write(&path, pattern(31, LEN)).expect("write");
+    // Opened before the writers: an open without FOPEN_KEEP_CACHE drops the file's pages.
+    let observer = File::open(&path).expect("open for reading");
+    let map = Mapping::new(&observer, LEN, false).expect("mmap");
+
+    let data = pattern(32, LEN);
+    let mut writer = File::create(&path).expect("open write-only, truncating");
+    writer.write_all(&data).expect("write");
+    let bypassed = map.resident_pages();
+    drop(writer);
+    let updater = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .expect("open read-write");
+    updater.write_all_at(&data, 0).expect("write in place");
+    assert_same(&read_at(&updater, 0, LEN), &data, "read back in place");
+    let cached = map.resident_pages();
+    if kernel_maps_direct_io_files() {
+        assert_eq!(bypassed, 0, "pages cached by a write-only handle");
+    } else {
+        assert_eq!(
+            bypassed,
+            LEN / 4096,
+            "pages cached by a write-only handle (old kernel)"
+        );
+    }
+    assert_eq!(
+        cached,
+        LEN / 4096,
+        "pages cached by a read-write handle on a full file"
+    );
+    assert_same(map.bytes(), &data, "the mapping");
+    drop((updater, map, observer));
+    assert_content(&path, &data);
 }
 
 #[test]

@@ -115,6 +115,16 @@ impl FileState {
     }
 }
 
+/// Where a write's bytes landed (an appending handle writes at the end, wherever the caller
+/// said), and whether other handles have the file open: their pages in the kernel's cache may
+/// hold what it overwrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    pub offset: u64,
+    pub len: u32,
+    pub open_elsewhere: bool,
+}
+
 /// How far from where the previous read ended a read may start and still continue a
 /// sequential stream: the kernel sends its read-ahead as several requests at once, and the
 /// FUSE threads serve them in any order.
@@ -405,12 +415,13 @@ impl Fs {
         Ok(())
     }
 
-    pub fn write(&self, ino: u64, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+    pub fn write(&self, ino: u64, fh: u64, offset: u64, data: &[u8]) -> FsResult<Written> {
         self.changeable(&[ino])?;
         let handle = self.handle(fh)?;
         if handle.ino != ino {
             return Err(FsError::BadHandle);
         }
+        self.drop_capabilities(ino)?;
         let state = self.file_state(ino);
         let mut staged = lock(&state.staged);
         let size = match state.size.load(Ordering::Acquire) {
@@ -454,7 +465,11 @@ impl Fs {
         if self.staging.staged_bytes() > self.config.dirty_budget {
             self.flush_locked(ino, &state, &mut staged)?;
         }
-        Ok(data.len() as u32)
+        Ok(Written {
+            offset,
+            len: data.len() as u32,
+            open_elsewhere: state.opens.load(Ordering::Acquire) > 1,
+        })
     }
 
     /// Starts uploading a block a writer just filled, so a sequential writer's blocks stream

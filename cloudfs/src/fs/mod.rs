@@ -21,7 +21,7 @@ use tokio::runtime::Handle;
 use crate::cas::BlockStore;
 use crate::meta::{self, DirEntry, Inode, MetaStore, ROOT_INO};
 
-pub use data::FileState;
+pub use data::{FileState, Written};
 pub use error::{FsError, FsResult};
 
 /// Longest name a directory entry may have (as Linux file systems do).
@@ -168,6 +168,8 @@ pub struct Fs {
     sync: Option<Arc<dyn MetadataSync>>,
     /// Whether any directory may be sealed (spares the ancestry check while none is).
     seals: std::sync::atomic::AtomicBool,
+    /// Whether any file may carry capabilities (spares a write the lookup while none does).
+    capabilities: std::sync::atomic::AtomicBool,
     /// Shared by every kernel request that changes the volume; [`Fs::freeze`] takes it
     /// exclusively.
     changes: std::sync::RwLock<()>,
@@ -183,6 +185,9 @@ pub type Frozen<'a> = std::sync::RwLockWriteGuard<'a, ()>;
 /// The extended attribute that seals a directory: set it (any value) to seal, remove it to
 /// unseal. In the `trusted` namespace, so only root (CAP_SYS_ADMIN) can change it.
 pub const SEAL_XATTR: &[u8] = b"trusted.cloudfs.sealed";
+
+/// Where file capabilities live; a write takes them away (see [`Fs::drop_capabilities`]).
+const CAPABILITY_XATTR: &[u8] = b"security.capability";
 
 /// The extended attribute that copies a directory tree: setting it on a directory to
 /// `<parent inode>:<name>` runs [`Fs::snapshot_tree`] into that parent under that name.
@@ -267,6 +272,7 @@ impl Fs {
             })?;
         }
         let seals = meta.read(meta::has_seals)?;
+        let capabilities = meta.read(|c| meta::has_xattr_anywhere(c, CAPABILITY_XATTR))?;
         let staging =
             staging::StagingPool::new(staging_dir, config.block_size, config.memory_staging);
         Ok(Fs {
@@ -283,6 +289,7 @@ impl Fs {
             next_version: AtomicU64::new(1),
             sync,
             seals: std::sync::atomic::AtomicBool::new(seals),
+            capabilities: std::sync::atomic::AtomicBool::new(capabilities),
             changes: std::sync::RwLock::new(()),
             quota: AtomicU64::new(NO_QUOTA),
         })
@@ -330,6 +337,9 @@ impl Fs {
         let seals = meta.read(meta::has_seals)?;
         self.seals
             .store(seals, std::sync::atomic::Ordering::Release);
+        let capabilities = meta.read(|c| meta::has_xattr_anywhere(c, CAPABILITY_XATTR))?;
+        self.capabilities
+            .store(capabilities, std::sync::atomic::Ordering::Release);
         Ok(())
     }
 
@@ -889,7 +899,29 @@ impl Fs {
             inode.ctime_ns = now;
             meta::update_inode(tx, &inode)?;
             Ok(())
-        })
+        })?;
+        if name == CAPABILITY_XATTR {
+            self.capabilities
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Takes file `ino`'s capabilities away, as a write does on a local file system. The
+    /// kernel does it itself before a write through the page cache, not before a direct one.
+    pub(super) fn drop_capabilities(&self, ino: u64) -> FsResult<()> {
+        if !self.capabilities.load(std::sync::atomic::Ordering::Acquire)
+            || self
+                .meta
+                .read(|c| meta::get_xattr(c, ino, CAPABILITY_XATTR))?
+                .is_none()
+        {
+            return Ok(());
+        }
+        match self.removexattr(ino, CAPABILITY_XATTR) {
+            Err(FsError::NoAttribute) => Ok(()), // a concurrent write took them
+            other => other,
+        }
     }
 
     pub fn listxattr(&self, ino: u64) -> FsResult<Vec<Vec<u8>>> {

@@ -274,6 +274,15 @@ pub fn remove_xattr(conn: &Connection, ino: u64, name: &[u8]) -> MetaResult<bool
     Ok(n > 0)
 }
 
+/// Whether any inode has extended attribute `name`.
+pub fn has_xattr_anywhere(conn: &Connection, name: &[u8]) -> MetaResult<bool> {
+    Ok(conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM xattrs WHERE name = ?1)",
+        [name],
+        |r| r.get(0),
+    )?)
+}
+
 pub fn list_xattrs(conn: &Connection, ino: u64) -> MetaResult<Vec<Vec<u8>>> {
     let mut stmt = conn.prepare_cached("SELECT name FROM xattrs WHERE ino = ?1 ORDER BY name")?;
     let rows = stmt.query_map([ino as i64], |r| r.get(0))?;
