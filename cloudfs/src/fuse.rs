@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -29,23 +30,41 @@ pub struct FuseFs {
     fs: Arc<Fs>,
     metrics: EngineMetrics,
     /// Whether handles that write a file from scratch bypass the page cache (see
-    /// [`FuseFs::bypasses_page_cache`]): only on kernels that keep shared mappings of such
-    /// files coherent with their direct writes (`FUSE_DIRECT_IO_ALLOW_MMAP`, Linux 6.6).
+    /// [`FuseFs::decide_direct_io`]): only on kernels that keep shared mappings of such files
+    /// coherent with their direct writes (`FUSE_DIRECT_IO_ALLOW_MMAP`, fixed in Linux 6.9).
     direct_writes: bool,
-    /// The handles opened with `FOPEN_DIRECT_IO`.
+    /// The handles opened with `FOPEN_DIRECT_IO`: only their writes can leave other handles'
+    /// pages stale.
     direct_handles: Mutex<HashSet<u64>>,
     /// Set once the session is up; see [`FuseFs::drop_stale_pages`].
     notifier: Arc<OnceLock<Notifier>>,
+    /// FUSE threads waiting for the kernel to drop pages, and how many may: all but one, which
+    /// stays free to serve the reads whose page locks the kernel waits for.
+    dropping_pages: AtomicUsize,
+    max_dropping_pages: usize,
+    rt: tokio::runtime::Handle,
 }
 
+/// The kernel version whose FUSE maps direct-I/O files coherently (ABI 7.40, Linux 6.9).
+const COHERENT_DIRECT_IO_MMAP: fuser::Version = fuser::Version(7, 40);
+
 impl FuseFs {
-    pub fn new(fs: Arc<Fs>, metrics: EngineMetrics) -> FuseFs {
+    /// Serves `fs` with `fuse_threads` threads; `rt` runs what must not hold one up.
+    pub fn new(
+        fs: Arc<Fs>,
+        metrics: EngineMetrics,
+        fuse_threads: usize,
+        rt: tokio::runtime::Handle,
+    ) -> FuseFs {
         FuseFs {
             fs,
             metrics,
             direct_writes: false,
             direct_handles: Mutex::new(HashSet::new()),
             notifier: Arc::new(OnceLock::new()),
+            dropping_pages: AtomicUsize::new(0),
+            max_dropping_pages: fuse_threads.saturating_sub(1),
+            rt,
         }
     }
 
@@ -163,13 +182,13 @@ impl FuseFs {
         }
     }
 
-    /// Whether handle `fh`, opened with `flags`, bypasses the page cache (`FOPEN_DIRECT_IO`):
-    /// one that writes a file from scratch, opened write-only or on an `empty` file. Its
-    /// writes then reach the engine copied once, from the writer's own pages, instead of
-    /// through page-cache pages first; reads through it, if any, come from the engine's block
-    /// memory. A read-write handle on a file with contents, a database's say, keeps the page
-    /// cache for its reads.
-    fn bypasses_page_cache(&self, fh: u64, flags: i32, empty: impl FnOnce() -> bool) -> bool {
+    /// Decides whether handle `fh`, opened with `flags`, bypasses the page cache
+    /// (`FOPEN_DIRECT_IO`), and records it: one that writes a file from scratch, opened
+    /// write-only or on an `empty` file. Its writes then skip the copy into page-cache pages
+    /// (the kernel hands the writer's own pages over); reads through it, if any, come from
+    /// the engine's block memory. A read-write handle on a file with contents, a database's
+    /// say, keeps the page cache for its reads.
+    fn decide_direct_io(&self, fh: u64, flags: i32, empty: impl FnOnce() -> bool) -> bool {
         let bypass = self.direct_writes
             && match flags & libc::O_ACCMODE {
                 libc::O_WRONLY => true,
@@ -198,20 +217,35 @@ impl FuseFs {
 
     /// After a direct write to a file other handles have open: drops the kernel's pages of
     /// the range. The kernel drops them itself before it sends the write, but a reader may
-    /// have cached the old bytes again while the write was on its way here. Sent before the
-    /// write is answered, so that it is visible to every read that starts after it. No engine
-    /// lock is held here: a reader's page lock that this waits for is released when its
-    /// read, served by another thread, ends.
-    fn drop_stale_pages(&self, ino: u64, fh: u64, written: Written) {
-        if !written.open_elsewhere || !self.direct_handles().contains(&fh) {
+    /// have cached the old bytes again while the write was on its way here. Done before the
+    /// write is answered, so that every read that starts after it sees it, by a FUSE thread
+    /// holding no engine lock: the page locks the kernel waits for are released when the
+    /// reads holding them, served by other threads, end. With no thread to spare, it is done
+    /// just after the answer instead. Writes of a mapping's pages (`FUSE_WRITE_CACHE`) come
+    /// from the page cache itself, which may wait for their answer.
+    fn drop_stale_pages(&self, ino: u64, fh: u64, written: Written, flags: WriteFlags) {
+        if written.len == 0 // a length of 0 would mean the whole file
+            || !written.open_elsewhere
+            || flags.contains(WriteFlags::FUSE_WRITE_CACHE)
+            || !self.direct_handles().contains(&fh)
+        {
             return;
         }
-        if let Some(notifier) = self.notifier.get()
-            && let Err(e) =
-                notifier.inval_inode(INodeNo(ino), written.offset as i64, i64::from(written.len))
-        {
-            tracing::warn!(ino, error = %e, "could not drop pages a write made stale");
+        let Some(notifier) = self.notifier.get().cloned() else {
+            return;
+        };
+        let range = (INodeNo(ino), written.offset as i64, i64::from(written.len));
+        let drop_range = move || {
+            if let Err(e) = notifier.inval_inode(range.0, range.1, range.2) {
+                tracing::warn!(ino, error = %e, "could not drop pages a write made stale");
+            }
+        };
+        if self.dropping_pages.fetch_add(1, Ordering::AcqRel) < self.max_dropping_pages {
+            drop_range();
+        } else {
+            self.rt.spawn_blocking(drop_range);
         }
+        self.dropping_pages.fetch_sub(1, Ordering::AcqRel);
     }
 
     fn attr(&self, inode: &Inode) -> FileAttr {
@@ -252,7 +286,8 @@ impl Filesystem for FuseFs {
             // pages are written back and dropped before each direct write).
             | InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP;
         let granted = wanted & config.capabilities();
-        self.direct_writes = granted.contains(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP);
+        self.direct_writes = granted.contains(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP)
+            && config.kernel_abi() >= COHERENT_DIRECT_IO_MMAP;
         let _ = config.add_capabilities(granted);
         Ok(())
     }
@@ -446,7 +481,7 @@ impl Filesystem for FuseFs {
         });
         match result {
             Ok(fh) => {
-                let direct = self.bypasses_page_cache(fh, flags.0, || {
+                let direct = self.decide_direct_io(fh, flags.0, || {
                     flags.0 & libc::O_TRUNC != 0
                         || self.fs.getattr(ino.0).is_ok_and(|inode| inode.size == 0)
                 });
@@ -494,13 +529,17 @@ impl Filesystem for FuseFs {
                 if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
                     self.fs.drop_setid_bits(ino.0)?;
                 }
+                // A mapping's writeback keeps them, as on a local file system.
+                if !write_flags.contains(WriteFlags::FUSE_WRITE_CACHE) {
+                    self.fs.drop_capabilities(ino.0)?;
+                }
                 self.fs.write(ino.0, fh.0, offset, data)
             })
         };
         match result {
             Ok(written) => {
                 self.metrics.bytes_written(written.len as usize);
-                self.drop_stale_pages(ino.0, fh.0, written);
+                self.drop_stale_pages(ino.0, fh.0, written, write_flags);
                 reply.written(written.len)
             }
             Err(e) => reply.error(errno(&e)),
@@ -715,7 +754,7 @@ impl Filesystem for FuseFs {
         });
         match result {
             Ok((inode, fh)) => {
-                let direct = self.bypasses_page_cache(fh, flags, || inode.size == 0);
+                let direct = self.decide_direct_io(fh, flags, || inode.size == 0);
                 reply.created(
                     ttl(&inode),
                     &self.attr(&inode),

@@ -427,7 +427,12 @@ pub fn run(
         )?),
         None => None,
     };
-    let fuse_fs = FuseFs::new(fs.clone(), engine.metrics.clone());
+    let fuse_fs = FuseFs::new(
+        fs.clone(),
+        engine.metrics.clone(),
+        config.fuse_threads.max(1),
+        rt.handle().clone(),
+    );
     let notifier = fuse_fs.notifier_slot();
     let session = fuser::Session::new(fuse_fs, &mountpoint, &fuse_config)
         .and_then(|session| {

@@ -13,7 +13,7 @@
 
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -92,6 +92,9 @@ pub struct FileState {
     staged: Mutex<BTreeMap<u64, Staged>>,
     /// Background uploads that ended, waiting for the holder of `staged` to record them.
     uploaded: Mutex<Vec<Uploaded>>,
+    /// Whether the file may have capabilities a write must drop (see
+    /// `Fs::drop_capabilities`): until a write looked and until they are set again.
+    capabilities_unchecked: AtomicBool,
 }
 
 impl FileState {
@@ -102,7 +105,18 @@ impl FileState {
             mtime_ns: AtomicI64::new(0),
             staged: Mutex::new(BTreeMap::new()),
             uploaded: Mutex::new(Vec::new()),
+            capabilities_unchecked: AtomicBool::new(true),
         }
+    }
+
+    pub(super) fn may_have_capabilities(&self) {
+        self.capabilities_unchecked.store(true, Ordering::Release);
+    }
+
+    /// Whether a write must look for capabilities; the next one need not, unless they are set
+    /// again meanwhile.
+    pub(super) fn take_capabilities_check(&self) -> bool {
+        self.capabilities_unchecked.swap(false, Ordering::AcqRel)
     }
 
     pub(super) fn overlay(&self, inode: &mut Inode) {
@@ -421,7 +435,6 @@ impl Fs {
         if handle.ino != ino {
             return Err(FsError::BadHandle);
         }
-        self.drop_capabilities(ino)?;
         let state = self.file_state(ino);
         let mut staged = lock(&state.staged);
         let size = match state.size.load(Ordering::Acquire) {

@@ -169,7 +169,7 @@ pub struct Fs {
     /// Whether any directory may be sealed (spares the ancestry check while none is).
     seals: std::sync::atomic::AtomicBool,
     /// Whether any file may carry capabilities (spares a write the lookup while none does).
-    capabilities: std::sync::atomic::AtomicBool,
+    any_file_capabilities: std::sync::atomic::AtomicBool,
     /// Shared by every kernel request that changes the volume; [`Fs::freeze`] takes it
     /// exclusively.
     changes: std::sync::RwLock<()>,
@@ -272,7 +272,7 @@ impl Fs {
             })?;
         }
         let seals = meta.read(meta::has_seals)?;
-        let capabilities = meta.read(|c| meta::has_xattr_anywhere(c, CAPABILITY_XATTR))?;
+        let any_file_capabilities = meta.read(|c| meta::has_xattr_anywhere(c, CAPABILITY_XATTR))?;
         let staging =
             staging::StagingPool::new(staging_dir, config.block_size, config.memory_staging);
         Ok(Fs {
@@ -289,7 +289,7 @@ impl Fs {
             next_version: AtomicU64::new(1),
             sync,
             seals: std::sync::atomic::AtomicBool::new(seals),
-            capabilities: std::sync::atomic::AtomicBool::new(capabilities),
+            any_file_capabilities: std::sync::atomic::AtomicBool::new(any_file_capabilities),
             changes: std::sync::RwLock::new(()),
             quota: AtomicU64::new(NO_QUOTA),
         })
@@ -333,13 +333,19 @@ impl Fs {
     pub fn restore(&self, _frozen: &Frozen<'_>, source: &Path) -> FsResult<()> {
         self.writable()?;
         let meta = self.meta.current();
+        // Until the restored table says otherwise, any file may have them again.
+        self.any_file_capabilities
+            .store(true, std::sync::atomic::Ordering::Release);
+        for state in lock(&self.files).values() {
+            state.may_have_capabilities();
+        }
         meta.restore_from(source)?;
         let seals = meta.read(meta::has_seals)?;
         self.seals
             .store(seals, std::sync::atomic::Ordering::Release);
-        let capabilities = meta.read(|c| meta::has_xattr_anywhere(c, CAPABILITY_XATTR))?;
-        self.capabilities
-            .store(capabilities, std::sync::atomic::Ordering::Release);
+        let any_file_capabilities = meta.read(|c| meta::has_xattr_anywhere(c, CAPABILITY_XATTR))?;
+        self.any_file_capabilities
+            .store(any_file_capabilities, std::sync::atomic::Ordering::Release);
         Ok(())
     }
 
@@ -901,27 +907,47 @@ impl Fs {
             Ok(())
         })?;
         if name == CAPABILITY_XATTR {
-            self.capabilities
+            self.any_file_capabilities
                 .store(true, std::sync::atomic::Ordering::Release);
+            if let Some(state) = lock(&self.files).get(&ino) {
+                state.may_have_capabilities();
+            }
         }
         Ok(())
     }
 
-    /// Takes file `ino`'s capabilities away, as a write does on a local file system. The
-    /// kernel does it itself before a write through the page cache, not before a direct one.
-    pub(super) fn drop_capabilities(&self, ino: u64) -> FsResult<()> {
-        if !self.capabilities.load(std::sync::atomic::Ordering::Acquire)
-            || self
-                .meta
-                .read(|c| meta::get_xattr(c, ino, CAPABILITY_XATTR))?
-                .is_none()
+    /// Takes file `ino`'s capabilities away, as a write does on a local file system (the
+    /// kernel does it itself before a write through the page cache, not before a direct
+    /// one). Looks them up once per open file, not once per write, while no one sets them.
+    pub fn drop_capabilities(&self, ino: u64) -> FsResult<()> {
+        if !self
+            .any_file_capabilities
+            .load(std::sync::atomic::Ordering::Acquire)
         {
             return Ok(());
         }
-        match self.removexattr(ino, CAPABILITY_XATTR) {
-            Err(FsError::NoAttribute) => Ok(()), // a concurrent write took them
-            other => other,
+        let state = lock(&self.files).get(&ino).cloned();
+        // Cleared before the lookup: a `setxattr` after it sets it again.
+        if state.as_ref().is_some_and(|s| !s.take_capabilities_check()) {
+            return Ok(());
         }
+        let has_them = self.meta.read(|c| -> FsResult<bool> {
+            Ok(meta::get_xattr(c, ino, CAPABILITY_XATTR)?.is_some())
+        });
+        let dropped = match has_them {
+            Ok(false) => Ok(()),
+            Ok(true) => match self.removexattr(ino, CAPABILITY_XATTR) {
+                Err(FsError::NoAttribute) => Ok(()), // a concurrent write took them
+                other => other,
+            },
+            Err(e) => Err(e),
+        };
+        if dropped.is_err()
+            && let Some(state) = state
+        {
+            state.may_have_capabilities();
+        }
+        dropped
     }
 
     pub fn listxattr(&self, ino: u64) -> FsResult<Vec<Vec<u8>>> {
