@@ -211,12 +211,16 @@ fn pieces(offset: u64, len: u64, block_size: u64) -> impl Iterator<Item = Piece>
     })
 }
 
+/// File `ino`'s state in the map of `files`, added if missing.
+fn state_of(files: &mut HashMap<u64, Arc<FileState>>, ino: u64) -> &Arc<FileState> {
+    files
+        .entry(ino)
+        .or_insert_with(|| Arc::new(FileState::new()))
+}
+
 impl Fs {
     fn file_state(&self, ino: u64) -> Arc<FileState> {
-        lock(&self.files)
-            .entry(ino)
-            .or_insert_with(|| Arc::new(FileState::new()))
-            .clone()
+        state_of(&mut lock(&self.files), ino).clone()
     }
 
     pub(super) fn is_open(&self, ino: u64) -> bool {
@@ -253,7 +257,11 @@ impl Fs {
     }
 
     fn new_handle(&self, ino: u64, flags: i32) -> u64 {
-        self.file_state(ino).opens.fetch_add(1, Ordering::AcqRel);
+        // Counted under the map's lock, which the last `release` holds to remove a state it
+        // saw unopened: counted after it, the open would land on a state no longer mapped.
+        state_of(&mut lock(&self.files), ino)
+            .opens
+            .fetch_add(1, Ordering::AcqRel);
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
         let handle = OpenHandle::new(ino, flags & libc::O_APPEND != 0);
         lock(&self.handles).insert(fh, Arc::new(handle));
