@@ -55,17 +55,30 @@ impl FuseFs {
         metrics: EngineMetrics,
         fuse_threads: usize,
         rt: tokio::runtime::Handle,
-    ) -> FuseFs {
-        FuseFs {
+    ) -> Result<FuseFs, FsError> {
+        let notifier: Arc<OnceLock<Notifier>> = Arc::new(OnceLock::new());
+        let (weak_fs, after_restore, background) =
+            (Arc::downgrade(&fs), notifier.clone(), rt.clone());
+        fs.on_restore(move || {
+            let (weak_fs, notifier) = (weak_fs.clone(), after_restore.clone());
+            // Not here: the file system is frozen, and dropping a page waits for the read
+            // that holds it.
+            background.spawn_blocking(move || {
+                if let (Some(fs), Some(notifier)) = (weak_fs.upgrade(), notifier.get()) {
+                    drop_cached_files(&fs, notifier);
+                }
+            });
+        })?;
+        Ok(FuseFs {
             fs,
             metrics,
             direct_writes: false,
             direct_handles: Mutex::new(HashSet::new()),
-            notifier: Arc::new(OnceLock::new()),
+            notifier,
             dropping_pages: AtomicUsize::new(0),
             max_dropping_pages: fuse_threads.saturating_sub(1),
             rt,
-        }
+        })
     }
 
     /// Where the session's notifier goes once the session is up (the session owns the
@@ -207,11 +220,26 @@ impl FuseFs {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn open_flags(bypasses_page_cache: bool) -> FopenFlags {
-        if bypasses_page_cache {
+    /// A handle that does not bypass the page cache keeps what the kernel cached of the file
+    /// (`FOPEN_KEEP_CACHE`), so reading a file again, or in another process, costs no
+    /// request. Whatever changes a file's bytes reaches this mount's kernel: writes through
+    /// the page cache update it, the kernel drops a direct write's range (and
+    /// [`FuseFs::drop_stale_pages`] again), truncation cuts it. The exceptions are a rollback,
+    /// after which every file's pages are dropped (see [`drop_cached_files`]), and a newer
+    /// generation a read-only mount follows, whose changed files the kernel notices by their
+    /// modification time and size when it next reads them (`FUSE_AUTO_INVAL_DATA`).
+    /// A read-only handle has nothing to flush when it is closed: the kernel is told not to
+    /// ask (`FOPEN_NOFLUSH`), which spares a round trip per `close`.
+    fn open_flags(bypasses_page_cache: bool, flags: i32) -> FopenFlags {
+        let cache = if bypasses_page_cache {
             FopenFlags::FOPEN_DIRECT_IO
         } else {
-            FopenFlags::empty()
+            FopenFlags::FOPEN_KEEP_CACHE
+        };
+        if flags & libc::O_ACCMODE == libc::O_RDONLY {
+            cache | FopenFlags::FOPEN_NOFLUSH
+        } else {
+            cache
         }
     }
 
@@ -253,6 +281,41 @@ impl FuseFs {
     }
 }
 
+/// Files dropped from the kernel's caches per query of the inode table.
+const DROP_BATCH: usize = 4096;
+
+/// After a rollback: has the kernel drop the pages and attributes it cached of every file
+/// of the restored state (a file it does not hold costs one lookup of the kernel's), so that
+/// handles kept open and later opens read the restored bytes.
+fn drop_cached_files(fs: &Fs, notifier: &Notifier) {
+    let started = Instant::now();
+    let (mut after, mut files) = (0, 0);
+    loop {
+        let batch = match fs.file_inodes_after(after, DROP_BATCH) {
+            Ok(batch) => batch,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not list the files whose cached pages a rollback made stale");
+                return;
+            }
+        };
+        let Some(&last) = batch.last() else {
+            break;
+        };
+        files += batch.len();
+        for ino in batch {
+            match notifier.inval_inode(INodeNo(ino), 0, 0) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {} // not in the kernel
+                Err(e) => {
+                    tracing::warn!(ino, error = %e, "could not drop pages a rollback made stale")
+                }
+            }
+        }
+        after = last;
+    }
+    tracing::info!(files, took = ?started.elapsed(), "dropped the kernel's cached pages of the rolled-back files");
+}
+
 fn empty(reply: ReplyEmpty, result: Result<(), FsError>) {
     match result {
         Ok(()) => reply.ok(),
@@ -285,6 +348,15 @@ impl Filesystem for FuseFs {
             // Lets handles that bypass the page cache be mapped too (a shared mapping's
             // pages are written back and dropped before each direct write).
             | InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP;
+        // A read-only mount follows a writer elsewhere: the kernel then checks, before it
+        // reads cached pages of a file, whether its modification time or size changed (see
+        // `open_flags`). Not on a writable mount, where every change passes through the
+        // kernel, and where it would drop the pages of a file after each of its writes.
+        let wanted = if self.fs.config().read_only {
+            wanted | InitFlags::FUSE_AUTO_INVAL_DATA
+        } else {
+            wanted
+        };
         let granted = wanted & config.capabilities();
         self.direct_writes = granted.contains(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP)
             && config.kernel_abi() >= COHERENT_DIRECT_IO_MMAP;
@@ -485,7 +557,7 @@ impl Filesystem for FuseFs {
                     flags.0 & libc::O_TRUNC != 0
                         || self.fs.getattr(ino.0).is_ok_and(|inode| inode.size == 0)
                 });
-                reply.opened(FileHandle(fh), Self::open_flags(direct))
+                reply.opened(FileHandle(fh), Self::open_flags(direct, flags.0))
             }
             Err(e) => reply.error(errno(&e)),
         }
@@ -760,7 +832,7 @@ impl Filesystem for FuseFs {
                     &self.attr(&inode),
                     Generation(inode.generation),
                     FileHandle(fh),
-                    Self::open_flags(direct),
+                    Self::open_flags(direct, flags),
                 )
             }
             Err(e) => reply.error(errno(&e)),

@@ -432,7 +432,7 @@ pub fn run(
         engine.metrics.clone(),
         config.fuse_threads.max(1),
         rt.handle().clone(),
-    );
+    )?;
     let notifier = fuse_fs.notifier_slot();
     let session = fuser::Session::new(fuse_fs, &mountpoint, &fuse_config)
         .and_then(|session| {

@@ -1135,7 +1135,7 @@ fn writes_that_start_a_file_bypass_the_page_cache_and_updates_in_place_keep_it()
     h.mount(&[]);
     let path = h.at("pages.bin");
     fs::write(&path, pattern(31, LEN)).expect("write");
-    // Opened before the writers: an open without FOPEN_KEEP_CACHE drops the file's pages.
+    // Opened before the writers: its mapping shows what they leave in the page cache.
     let observer = File::open(&path).expect("open for reading");
     let map = Mapping::new(&observer, LEN, false).expect("mmap");
 
@@ -1168,6 +1168,86 @@ fn writes_that_start_a_file_bypass_the_page_cache_and_updates_in_place_keep_it()
     assert_same(map.bytes(), &data, "the mapping");
     drop((updater, map, observer));
     assert_content(&path, &data);
+}
+
+/// What the kernel cached of a file outlives closing it: a later open reads it without a
+/// request. A rollback drops it, under a handle and a mapping kept open too.
+#[test]
+fn cached_pages_outlive_a_close_but_not_a_rollback() {
+    const LEN: usize = 1 << 20;
+    let mut h = Harness::new();
+    let store = h.store_url();
+    h.mount(&["--sync-interval", "3600"]);
+    let path = h.at("kept.bin");
+    let (old, new) = (pattern(41, LEN), pattern(42, LEN));
+    fs::write(&path, &old).expect("write");
+    h.cloudfs_ok(&["snapshot", "create", &store, VOLUME, "old"]);
+    fs::write(&path, &new).expect("overwrite");
+    assert_content(&path, &new); // through the page cache, then closed
+    let kept = File::open(&path).expect("open again");
+    let map = Mapping::new(&kept, LEN, false).expect("mmap");
+    assert_eq!(
+        map.resident_pages(),
+        LEN / page_size(),
+        "pages an earlier reader cached, after another open"
+    );
+    assert_same(map.bytes(), &new, "the mapping before the rollback");
+
+    h.cloudfs_ok(&["rollback", &store, VOLUME, "old"]);
+    // The pages are dropped just after the rollback answers.
+    wait_for("the rolled-back bytes through a handle kept open", || {
+        (read_at(&kept, 0, LEN) == old).then_some(())
+    });
+    assert_same(map.bytes(), &old, "the mapping after the rollback");
+    assert_content(&path, &old);
+    drop((map, kept));
+    // A direct write drops what readers cached of its range, kept across closes or not.
+    fs::write(&path, &new).expect("overwrite again");
+    assert_content(&path, &new);
+}
+
+/// How many `flush` requests the mount serving metrics at `socket` answered so far.
+fn flushes_served(socket: &Path) -> u64 {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let exposition = rt
+        .block_on(cloudfs_metrics::scrape(socket, Duration::from_secs(10)))
+        .expect("scrape the mount's metrics");
+    exposition
+        .lines()
+        .filter(|line| {
+            line.starts_with("cloudfs_fs_operation_duration_seconds_count{")
+                && line.contains("op=\"flush\"")
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// A read-only handle has nothing to flush: closing it costs no request. Closing one that
+/// may have written still flushes (that is where a failed upload is reported).
+#[test]
+fn only_handles_open_for_writing_flush_when_closed() {
+    let mut h = Harness::new();
+    let socket = h.root().join("metrics.sock");
+    h.mount(&["--metrics", &format!("unix:{}", utf8(&socket))]);
+    fs::write(h.at("f"), b"read many times").expect("write");
+    let before = flushes_served(&socket);
+    for _ in 0..20 {
+        assert_content(&h.at("f"), b"read many times");
+    }
+    assert_eq!(
+        flushes_served(&socket),
+        before,
+        "flushes for read-only closes"
+    );
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(h.at("f"))
+        .expect("open read-write");
+    assert_eq!(flushes_served(&socket), before + 1, "a read-write close");
 }
 
 #[test]
@@ -1426,8 +1506,12 @@ fn read_only_mounts_run_beside_the_writer_and_follow_it() {
     let mut h = Harness::new();
     h.mount(&[]);
     write_durably(&h, "before", b"published");
+    write_durably(&h, "rewritten", b"version 1");
     let reader = h.mount_extra(VOLUME, "ro", &["--read-only", "--sync-interval", "1"]);
     assert_content(&reader.mnt.join("before"), b"published");
+    // Cached by the reader's kernel, which keeps it past the close.
+    assert_content(&reader.mnt.join("rewritten"), b"version 1");
+    let kept = File::open(reader.mnt.join("rewritten")).expect("open on the reader");
     assert_errno(
         fs::write(reader.mnt.join("x"), b"no"),
         libc::EROFS,
@@ -1437,13 +1521,20 @@ fn read_only_mounts_run_beside_the_writer_and_follow_it() {
     // The writer publishes more; the reader picks it up without a remount.
     fs::write(h.at("after"), b"followed").expect("write");
     fs::remove_file(h.at("before")).expect("unlink");
+    fs::write(h.at("rewritten"), b"version 2").expect("rewrite, same size");
     sync_root(&h);
     wait_for("the reader to follow the writer", || {
         (fs::read(reader.mnt.join("after")).ok()? == b"followed"
             && !reader.mnt.join("before").exists())
         .then_some(())
     });
-    drop(reader);
+    // The kernel notices the new modification time and drops the pages it kept.
+    wait_for("the reader to read the rewritten file anew", || {
+        (fs::read(reader.mnt.join("rewritten")).ok()? == b"version 2"
+            && read_at(&kept, 0, 9) == b"version 2")
+            .then_some(())
+    });
+    drop((kept, reader));
     h.umount();
 }
 

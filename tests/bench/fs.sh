@@ -2,8 +2,9 @@
 # Benchmark (not a test): one job set on a plain local directory and on cloudfs over the
 # embedded LocalStore — and with --swift also on cloudfs over the local test Swift, next to
 # raw python-swiftclient upload/download of the same bytes (the Swift ceiling) — in one run,
-# printed as a table (sequential write, cold read and file-count rates: the median of three
-# passes; the plain directory's and cloudfs-over-LocalStore's sequential passes take turns).
+# printed as a table (sequential write, cold read and re-read, file-count rates: the median
+# of three passes; the plain directory's and cloudfs-over-LocalStore's sequential passes take
+# turns).
 # Needs root (FUSE, drop_caches).
 #
 #   tests/bench/fs.sh [--size MIB] [--swift]      # sequential file size, default 1024 MiB
@@ -73,7 +74,7 @@ read_pass() {
 # over minutes (twofold, seen on a VM), and taking turns exposes all of them to the same
 # drift, which their ratios are meant to leave out.
 sequential() {
-  local -A writes=() reads=()
+  local -A writes=() reads=() rereads=()
   local i label rate
   for _ in 1 2 3; do
     for ((i = 1; i <= $#; i += 3)); do
@@ -84,6 +85,9 @@ sequential() {
     for ((i = 1; i <= $#; i += 3)); do
       read_pass "${@:i+1:1}" "${@:i+2:1}"
       reads[${!i}]+=" $rate"
+      # Again, from what the kernel kept of the cold read (fio drops it unless told not to).
+      read -r rate _ < <(fio_job "${@:i+1:1}" read 1M --invalidate=0)
+      rereads[${!i}]+=" $rate"
     done
   done
   for label in "${!writes[@]}"; do
@@ -91,6 +95,8 @@ sequential() {
     R[$label.seqw]=$(median ${writes[$label]})
     # shellcheck disable=SC2086
     R[$label.seqr]=$(median ${reads[$label]})
+    # shellcheck disable=SC2086
+    R[$label.reread]=$(median ${rereads[$label]})
   done
 }
 
@@ -192,6 +198,7 @@ row() {
 }
 row "seq write ${size_mib} MiB + fsync (MiB/s)" seqw
 row "cold seq read 1 MiB (MiB/s)" seqr
+row "warm seq re-read 1 MiB (MiB/s)" reread
 row "cold 4 KiB random read (IOPS)" rand
 row "create (files/s)" create
 row "stat (files/s)" stat

@@ -12,7 +12,7 @@ mod staging;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::SystemTime;
 
 use rusqlite::Connection;
@@ -175,7 +175,11 @@ pub struct Fs {
     changes: std::sync::RwLock<()>,
     /// The most bytes the files may hold; `NO_QUOTA` for none.
     quota: AtomicU64,
+    /// Run after each [`Fs::restore`]; see [`Fs::on_restore`].
+    restore_hook: OnceLock<RestoreHook>,
 }
+
+type RestoreHook = Box<dyn Fn() + Send + Sync>;
 
 const NO_QUOTA: u64 = u64::MAX;
 
@@ -292,7 +296,24 @@ impl Fs {
             any_file_capabilities: std::sync::atomic::AtomicBool::new(any_file_capabilities),
             changes: std::sync::RwLock::new(()),
             quota: AtomicU64::new(NO_QUOTA),
+            restore_hook: OnceLock::new(),
         })
+    }
+
+    /// Has `hook` run after every rollback ([`Fs::restore`]), while the file system is still
+    /// frozen: the FUSE adapter drops there what the kernel cached of the replaced state.
+    /// One hook per file system; a second one is refused.
+    pub fn on_restore(&self, hook: impl Fn() + Send + Sync + 'static) -> FsResult<()> {
+        self.restore_hook
+            .set(Box::new(hook))
+            .map_err(|_| FsError::Invalid("a restore hook is already set"))
+    }
+
+    /// Regular files numbered above `after`, in order, at most `limit` of them.
+    pub fn file_inodes_after(&self, after: u64, limit: usize) -> FsResult<Vec<u64>> {
+        Ok(self
+            .meta
+            .read(|c| meta::file_inodes_after(c, after, limit))?)
     }
 
     /// Sets (or with `None` lifts) the most bytes the volume's files may hold. Writes that
@@ -346,6 +367,9 @@ impl Fs {
         let any_file_capabilities = meta.read(|c| meta::has_xattr_anywhere(c, CAPABILITY_XATTR))?;
         self.any_file_capabilities
             .store(any_file_capabilities, std::sync::atomic::Ordering::Release);
+        if let Some(hook) = self.restore_hook.get() {
+            hook();
+        }
         Ok(())
     }
 
