@@ -75,6 +75,46 @@ impl Writer {
     }
 }
 
+/// One write inside the open transaction, as a savepoint: dropped without
+/// [`release`](Operation::release), it rolls back only its own changes. Its statements are
+/// prepared once (rusqlite's `Savepoint` parses them anew on every write).
+struct Operation<'c> {
+    conn: &'c Connection,
+    released: bool,
+}
+
+impl<'c> Operation<'c> {
+    fn begin(conn: &'c Connection) -> MetaResult<Operation<'c>> {
+        conn.prepare_cached("SAVEPOINT operation")?.execute([])?;
+        Ok(Operation {
+            conn,
+            released: false,
+        })
+    }
+
+    fn release(mut self) -> MetaResult<()> {
+        self.conn.prepare_cached("RELEASE operation")?.execute([])?;
+        self.released = true;
+        Ok(())
+    }
+}
+
+impl Drop for Operation<'_> {
+    fn drop(&mut self) {
+        if !self.released {
+            for undo in ["ROLLBACK TO operation", "RELEASE operation"] {
+                if let Err(e) = self
+                    .conn
+                    .prepare_cached(undo)
+                    .and_then(|mut statement| statement.execute([]))
+                {
+                    tracing::warn!(error = %e, "could not undo a failed metadata write");
+                }
+            }
+        }
+    }
+}
+
 /// A volume's metadata database, open for this process.
 #[derive(Debug)]
 pub struct MetaStore {
@@ -181,10 +221,9 @@ impl MetaStore {
             writer.open_since = Some(Instant::now());
             self.uncommitted.store(true, Ordering::Release);
         }
-        // Dropped without `commit`, the savepoint rolls back only this operation's changes.
-        let savepoint = writer.conn.savepoint().map_err(MetaError::from)?;
-        let value = f(&savepoint)?;
-        savepoint.commit().map_err(MetaError::from)?;
+        let operation = Operation::begin(&writer.conn)?;
+        let value = f(&writer.conn)?;
+        operation.release()?;
         self.writes.fetch_add(1, Ordering::Release);
         let committed = writer.commit_if_due();
         self.uncommitted
