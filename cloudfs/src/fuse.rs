@@ -6,7 +6,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{
@@ -16,7 +16,7 @@ use fuser::{
     ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use crate::fs::{Caller, Fs, FsError, RenameMode, SetAttr, SetTime, Written, XattrMode};
+use crate::fs::{Caller, Fs, FsError, RenameMode, SetAttr, SetTime, Switch, Written, XattrMode};
 use crate::meta::Inode;
 use crate::metrics::EngineMetrics;
 
@@ -38,6 +38,7 @@ pub struct FuseFs {
     direct_handles: Mutex<HashSet<u64>>,
     /// Set once the session is up; see [`FuseFs::drop_stale_pages`].
     notifier: Arc<OnceLock<Notifier>>,
+    kept_caches: Arc<KeptCaches>,
     /// FUSE threads waiting for the kernel to drop pages, and how many may: all but one, which
     /// stays free to serve the reads whose page locks the kernel waits for.
     dropping_pages: AtomicUsize,
@@ -57,17 +58,22 @@ impl FuseFs {
         rt: tokio::runtime::Handle,
     ) -> Result<FuseFs, FsError> {
         let notifier: Arc<OnceLock<Notifier>> = Arc::new(OnceLock::new());
-        let (weak_fs, after_restore, background) =
-            (Arc::downgrade(&fs), notifier.clone(), rt.clone());
-        fs.on_restore(move || {
-            let (weak_fs, notifier) = (weak_fs.clone(), after_restore.clone());
-            // Not here: the file system is frozen, and dropping a page waits for the read
-            // that holds it.
-            background.spawn_blocking(move || {
-                if let (Some(fs), Some(notifier)) = (weak_fs.upgrade(), notifier.get()) {
-                    drop_cached_files(&fs, notifier);
-                }
-            });
+        let kept_caches = Arc::new(KeptCaches::default());
+        let (weak_fs, switch_notifier, switch_kept, background) = (
+            Arc::downgrade(&fs),
+            notifier.clone(),
+            kept_caches.clone(),
+            rt.clone(),
+        );
+        fs.on_switch(move |how| {
+            // Later opens drop what the kernel kept.
+            switch_kept.forget_all();
+            if how == Switch::Rollback {
+                // So do handles open across the rollback. Not here: the file system is
+                // frozen, and dropping a page waits for the read that holds it.
+                let (weak_fs, notifier) = (weak_fs.clone(), switch_notifier.clone());
+                background.spawn_blocking(move || drop_cached_files(&weak_fs, &notifier));
+            }
         })?;
         Ok(FuseFs {
             fs,
@@ -75,6 +81,7 @@ impl FuseFs {
             direct_writes: false,
             direct_handles: Mutex::new(HashSet::new()),
             notifier,
+            kept_caches,
             dropping_pages: AtomicUsize::new(0),
             max_dropping_pages: fuse_threads.saturating_sub(1),
             rt,
@@ -221,20 +228,17 @@ impl FuseFs {
     }
 
     /// A handle that does not bypass the page cache keeps what the kernel cached of the file
-    /// (`FOPEN_KEEP_CACHE`), so reading a file again, or in another process, costs no
-    /// request. Whatever changes a file's bytes reaches this mount's kernel: writes through
-    /// the page cache update it, the kernel drops a direct write's range (and
-    /// [`FuseFs::drop_stale_pages`] again), truncation cuts it. The exceptions are a rollback,
-    /// after which every file's pages are dropped (see [`drop_cached_files`]), and a newer
-    /// generation a read-only mount follows, whose changed files the kernel notices by their
-    /// modification time and size when it next reads them (`FUSE_AUTO_INVAL_DATA`).
-    /// A read-only handle has nothing to flush when it is closed: the kernel is told not to
-    /// ask (`FOPEN_NOFLUSH`), which spares a round trip per `close`.
-    fn open_flags(bypasses_page_cache: bool, flags: i32) -> FopenFlags {
+    /// (`FOPEN_KEEP_CACHE`) when [`KeptCaches`] allows, so reading a file again, or in
+    /// another process, costs no request. A read-only handle has nothing to flush when it is
+    /// closed: the kernel is told not to ask (`FOPEN_NOFLUSH`), which spares a round trip
+    /// per `close`.
+    fn open_flags(&self, ino: u64, bypasses_page_cache: bool, flags: i32) -> FopenFlags {
         let cache = if bypasses_page_cache {
             FopenFlags::FOPEN_DIRECT_IO
-        } else {
+        } else if self.kept_caches.keep(ino) {
             FopenFlags::FOPEN_KEEP_CACHE
+        } else {
+            FopenFlags::empty()
         };
         if flags & libc::O_ACCMODE == libc::O_RDONLY {
             cache | FopenFlags::FOPEN_NOFLUSH
@@ -250,12 +254,13 @@ impl FuseFs {
     /// holding no engine lock: the page locks the kernel waits for are released when the
     /// reads holding them, served by other threads, end. With no thread to spare, it is done
     /// just after the answer instead. Writes of a mapping's pages (`FUSE_WRITE_CACHE`) come
-    /// from the page cache itself, which may wait for their answer.
-    fn drop_stale_pages(&self, ino: u64, fh: u64, written: Written, flags: WriteFlags) {
+    /// from the page cache itself, which may wait for their answer. A reader that cached the
+    /// old bytes and closed its handle before this looks leaves them to the next open, which
+    /// does not keep them (see [`KeptCaches`]): the caller forgot the file there first.
+    fn drop_stale_pages(&self, ino: u64, written: Written, flags: WriteFlags) {
         if written.len == 0 // a length of 0 would mean the whole file
-            || !written.open_elsewhere
             || flags.contains(WriteFlags::FUSE_WRITE_CACHE)
-            || !self.direct_handles().contains(&fh)
+            || !self.fs.open_elsewhere(ino)
         {
             return;
         }
@@ -281,16 +286,62 @@ impl FuseFs {
     }
 }
 
+/// The files whose pages the kernel may keep when a handle opens them through the page cache
+/// (`FOPEN_KEEP_CACHE`): those opened since the last event that could leave pages of theirs
+/// stale — a direct write to them (a reader may have cached the old bytes while it was on
+/// its way), a refused write, a rollback, a newer generation followed. An open of any other
+/// file has the kernel drop its pages, and enters it. Every other change of a file's bytes
+/// passes through the kernel's cache: writes through it update it, truncation cuts it.
+/// Bounded: when full it starts over, which costs opens their kept pages once.
+#[derive(Debug, Default)]
+struct KeptCaches(Mutex<HashSet<u64>>);
+
+const KEPT_CACHES_MAX: usize = 1 << 16;
+
+impl KeptCaches {
+    fn files(&self) -> std::sync::MutexGuard<'_, HashSet<u64>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether an open of `ino` may keep the file's cached pages; enters it either way.
+    fn keep(&self, ino: u64) -> bool {
+        let mut files = self.files();
+        if files.contains(&ino) {
+            return true;
+        }
+        if files.len() >= KEPT_CACHES_MAX {
+            files.clear();
+        }
+        files.insert(ino);
+        false
+    }
+
+    fn forget(&self, ino: u64) {
+        self.files().remove(&ino);
+    }
+
+    fn forget_all(&self) {
+        self.files().clear();
+    }
+}
+
 /// Files dropped from the kernel's caches per query of the inode table.
 const DROP_BATCH: usize = 4096;
 
 /// After a rollback: has the kernel drop the pages and attributes it cached of every file
-/// of the restored state (a file it does not hold costs one lookup of the kernel's), so that
-/// handles kept open and later opens read the restored bytes.
-fn drop_cached_files(fs: &Fs, notifier: &Notifier) {
+/// of the restored state (one request each; the kernel answers at once for a file it does
+/// not hold), so that handles and mappings open across the rollback read the restored bytes.
+fn drop_cached_files(fs: &Weak<Fs>, notifier: &OnceLock<Notifier>) {
+    let Some(notifier) = notifier.get() else {
+        return; // no session: nothing cached
+    };
     let started = Instant::now();
     let (mut after, mut files) = (0, 0);
     loop {
+        // Taken batch by batch: an unmount does not wait for the whole pass.
+        let Some(fs) = fs.upgrade() else {
+            return;
+        };
         let batch = match fs.file_inodes_after(after, DROP_BATCH) {
             Ok(batch) => batch,
             Err(e) => {
@@ -298,19 +349,18 @@ fn drop_cached_files(fs: &Fs, notifier: &Notifier) {
                 return;
             }
         };
+        drop(fs);
         let Some(&last) = batch.last() else {
             break;
         };
-        files += batch.len();
-        for ino in batch {
-            match notifier.inval_inode(INodeNo(ino), 0, 0) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {} // not in the kernel
-                Err(e) => {
-                    tracing::warn!(ino, error = %e, "could not drop pages a rollback made stale")
-                }
+        for &ino in &batch {
+            if let Err(e) = notifier.inval_inode(INodeNo(ino), 0, 0) {
+                // The session is gone (a file the kernel does not hold is no error).
+                tracing::warn!(ino, error = %e, "stopped dropping pages a rollback made stale");
+                return;
             }
         }
+        files += batch.len();
         after = last;
     }
     tracing::info!(files, took = ?started.elapsed(), "dropped the kernel's cached pages of the rolled-back files");
@@ -348,10 +398,12 @@ impl Filesystem for FuseFs {
             // Lets handles that bypass the page cache be mapped too (a shared mapping's
             // pages are written back and dropped before each direct write).
             | InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP;
-        // A read-only mount follows a writer elsewhere: the kernel then checks, before it
-        // reads cached pages of a file, whether its modification time or size changed (see
-        // `open_flags`). Not on a writable mount, where every change passes through the
-        // kernel, and where it would drop the pages of a file after each of its writes.
+        // A read-only mount may follow a writer elsewhere. After a newer generation, later
+        // opens drop what the kernel kept (see `KeptCaches`); with this, the kernel also
+        // checks, before it reads cached pages through a handle open across it, whether the
+        // file's modification time or size changed. Not on a writable mount, where every
+        // change passes through the kernel, and where it would drop the pages of a file after
+        // each of its writes.
         let wanted = if self.fs.config().read_only {
             wanted | InitFlags::FUSE_AUTO_INVAL_DATA
         } else {
@@ -557,7 +609,7 @@ impl Filesystem for FuseFs {
                     flags.0 & libc::O_TRUNC != 0
                         || self.fs.getattr(ino.0).is_ok_and(|inode| inode.size == 0)
                 });
-                reply.opened(FileHandle(fh), Self::open_flags(direct, flags.0))
+                reply.opened(FileHandle(fh), self.open_flags(ino.0, direct, flags.0))
             }
             Err(e) => reply.error(errno(&e)),
         }
@@ -608,10 +660,19 @@ impl Filesystem for FuseFs {
                 self.fs.write(ino.0, fh.0, offset, data)
             })
         };
+        let direct = self.direct_handles().contains(&fh.0);
+        if direct || result.is_err() {
+            // A reader may have cached the old bytes while a direct write was on its way (see
+            // `drop_stale_pages`); a mapping may show a refused write's. Not kept past the
+            // next open, from here on (before `open_elsewhere` is asked).
+            self.kept_caches.forget(ino.0);
+        }
         match result {
             Ok(written) => {
                 self.metrics.bytes_written(written.len as usize);
-                self.drop_stale_pages(ino.0, fh.0, written, write_flags);
+                if direct {
+                    self.drop_stale_pages(ino.0, written, write_flags);
+                }
                 reply.written(written.len)
             }
             Err(e) => reply.error(errno(&e)),
@@ -832,7 +893,7 @@ impl Filesystem for FuseFs {
                     &self.attr(&inode),
                     Generation(inode.generation),
                     FileHandle(fh),
-                    Self::open_flags(direct, flags),
+                    self.open_flags(inode.ino, direct, flags),
                 )
             }
             Err(e) => reply.error(errno(&e)),

@@ -1171,19 +1171,24 @@ fn writes_that_start_a_file_bypass_the_page_cache_and_updates_in_place_keep_it()
 }
 
 /// What the kernel cached of a file outlives closing it: a later open reads it without a
-/// request. A rollback drops it, under a handle and a mapping kept open too.
+/// request. A rollback drops it: at once for later opens, just after for a handle and a
+/// mapping open across it.
 #[test]
 fn cached_pages_outlive_a_close_but_not_a_rollback() {
     const LEN: usize = 1 << 20;
     let mut h = Harness::new();
     let store = h.store_url();
     h.mount(&["--sync-interval", "3600"]);
-    let path = h.at("kept.bin");
+    let (path, other) = (h.at("kept.bin"), h.at("other.bin"));
     let (old, new) = (pattern(41, LEN), pattern(42, LEN));
     fs::write(&path, &old).expect("write");
+    fs::write(&other, &old).expect("write");
     h.cloudfs_ok(&["snapshot", "create", &store, VOLUME, "old"]);
     fs::write(&path, &new).expect("overwrite");
-    assert_content(&path, &new); // through the page cache, then closed
+    fs::write(&other, &new).expect("overwrite");
+    // Read through the page cache, then closed.
+    assert_content(&path, &new);
+    assert_content(&other, &new);
     let kept = File::open(&path).expect("open again");
     let map = Mapping::new(&kept, LEN, false).expect("mmap");
     assert_eq!(
@@ -1194,16 +1199,51 @@ fn cached_pages_outlive_a_close_but_not_a_rollback() {
     assert_same(map.bytes(), &new, "the mapping before the rollback");
 
     h.cloudfs_ok(&["rollback", &store, VOLUME, "old"]);
-    // The pages are dropped just after the rollback answers.
+    assert_content(&other, &old);
+    // The pages of open files are dropped just after the rollback answers.
     wait_for("the rolled-back bytes through a handle kept open", || {
         (read_at(&kept, 0, LEN) == old).then_some(())
     });
     assert_same(map.bytes(), &old, "the mapping after the rollback");
     assert_content(&path, &old);
-    drop((map, kept));
-    // A direct write drops what readers cached of its range, kept across closes or not.
-    fs::write(&path, &new).expect("overwrite again");
-    assert_content(&path, &new);
+}
+
+/// The kernel drops a direct write's range before the write, but a reader may cache the old
+/// bytes again while it is on its way and close: the next open then drops the file's pages
+/// instead of keeping them.
+#[test]
+fn an_open_after_a_direct_write_does_not_keep_the_pages() {
+    const LEN: usize = 1 << 20;
+    let mut h = Harness::new();
+    h.mount(&[]);
+    let path = h.at("written.bin");
+    let data = pattern(43, LEN);
+    fs::write(&path, &data).expect("write");
+    let writer = OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("open write-only");
+    assert_content(&path, &data); // cached, after the writer's open
+    writer.write_all_at(b"direct", 0).expect("write directly");
+    let reader = File::open(&path).expect("open to read");
+    let map = Mapping::new(&reader, LEN, false).expect("mmap");
+    let all = LEN / page_size();
+    if kernel_maps_direct_io_files() {
+        assert_eq!(map.resident_pages(), 0, "pages kept past a direct write");
+    } else {
+        assert_eq!(
+            map.resident_pages(),
+            all,
+            "pages (old kernel: no direct writes)"
+        );
+    }
+    let mut want = data;
+    want[..6].copy_from_slice(b"direct");
+    assert_same(map.bytes(), &want, "the mapping");
+    drop((map, reader));
+    let again = File::open(&path).expect("open once more");
+    let map = Mapping::new(&again, LEN, false).expect("mmap");
+    assert_eq!(map.resident_pages(), all, "pages kept again");
 }
 
 /// How many `flush` requests the mount serving metrics at `socket` answered so far.
@@ -1507,10 +1547,17 @@ fn read_only_mounts_run_beside_the_writer_and_follow_it() {
     h.mount(&[]);
     write_durably(&h, "before", b"published");
     write_durably(&h, "rewritten", b"version 1");
+    write_durably(&h, "restamped", b"version 1");
+    let stamp = fs::metadata(h.at("restamped"))
+        .and_then(|m| m.modified())
+        .expect("mtime");
     let reader = h.mount_extra(VOLUME, "ro", &["--read-only", "--sync-interval", "1"]);
     assert_content(&reader.mnt.join("before"), b"published");
-    // Cached by the reader's kernel, which keeps it past the close.
-    assert_content(&reader.mnt.join("rewritten"), b"version 1");
+    // Cached by the reader's kernel, which keeps them past the close.
+    for _ in 0..2 {
+        assert_content(&reader.mnt.join("rewritten"), b"version 1");
+        assert_content(&reader.mnt.join("restamped"), b"version 1");
+    }
     let kept = File::open(reader.mnt.join("rewritten")).expect("open on the reader");
     assert_errno(
         fs::write(reader.mnt.join("x"), b"no"),
@@ -1522,15 +1569,27 @@ fn read_only_mounts_run_beside_the_writer_and_follow_it() {
     fs::write(h.at("after"), b"followed").expect("write");
     fs::remove_file(h.at("before")).expect("unlink");
     fs::write(h.at("rewritten"), b"version 2").expect("rewrite, same size");
+    // Same size, and the modification time set back: only the newer generation tells.
+    let restamped = OpenOptions::new()
+        .write(true)
+        .open(h.at("restamped"))
+        .expect("open");
+    restamped.write_all_at(b"version 2", 0).expect("rewrite");
+    restamped
+        .set_times(FileTimes::new().set_modified(stamp))
+        .expect("set the mtime back");
+    drop(restamped);
     sync_root(&h);
     wait_for("the reader to follow the writer", || {
         (fs::read(reader.mnt.join("after")).ok()? == b"followed"
             && !reader.mnt.join("before").exists())
         .then_some(())
     });
-    // The kernel notices the new modification time and drops the pages it kept.
-    wait_for("the reader to read the rewritten file anew", || {
+    // Later opens drop the pages kept of the older generation; a handle open across it
+    // notices the new modification time.
+    wait_for("the reader to read the rewritten files anew", || {
         (fs::read(reader.mnt.join("rewritten")).ok()? == b"version 2"
+            && fs::read(reader.mnt.join("restamped")).ok()? == b"version 2"
             && read_at(&kept, 0, 9) == b"version 2")
             .then_some(())
     });

@@ -130,13 +130,11 @@ impl FileState {
 }
 
 /// Where a write's bytes landed (an appending handle writes at the end, wherever the caller
-/// said), and whether other handles have the file open: their pages in the kernel's cache may
-/// hold what it overwrote.
+/// said).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Written {
     pub offset: u64,
     pub len: u32,
-    pub open_elsewhere: bool,
 }
 
 /// How far from where the previous read ended a read may start and still continue a
@@ -227,6 +225,14 @@ impl Fs {
         lock(&self.files)
             .get(&ino)
             .is_some_and(|s| s.opens.load(Ordering::Acquire) > 0)
+    }
+
+    /// Whether another handle than the caller's has file `ino` open: the pages the kernel
+    /// cached for it may hold what the caller just overwrote.
+    pub fn open_elsewhere(&self, ino: u64) -> bool {
+        lock(&self.files)
+            .get(&ino)
+            .is_some_and(|s| s.opens.load(Ordering::Acquire) > 1)
     }
 
     /// Forgets a deleted file's unflushed state.
@@ -489,7 +495,6 @@ impl Fs {
         Ok(Written {
             offset,
             len: data.len() as u32,
-            open_elsewhere: state.opens.load(Ordering::Acquire) > 1,
         })
     }
 

@@ -175,11 +175,20 @@ pub struct Fs {
     changes: std::sync::RwLock<()>,
     /// The most bytes the files may hold; `NO_QUOTA` for none.
     quota: AtomicU64,
-    /// Run after each [`Fs::restore`]; see [`Fs::on_restore`].
-    restore_hook: OnceLock<RestoreHook>,
+    /// Run whenever the inode table is replaced; see [`Fs::on_switch`].
+    switch_hook: OnceLock<SwitchHook>,
 }
 
-type RestoreHook = Box<dyn Fn() + Send + Sync>;
+type SwitchHook = Box<dyn Fn(Switch) + Send + Sync>;
+
+/// How the inode table of a mounted file system was replaced (see [`Fs::on_switch`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Switch {
+    /// By a rollback ([`Fs::restore`]).
+    Rollback,
+    /// By a newer generation a read-only mount follows ([`Fs::replace_meta`]).
+    NewerGeneration,
+}
 
 const NO_QUOTA: u64 = u64::MAX;
 
@@ -296,17 +305,23 @@ impl Fs {
             any_file_capabilities: std::sync::atomic::AtomicBool::new(any_file_capabilities),
             changes: std::sync::RwLock::new(()),
             quota: AtomicU64::new(NO_QUOTA),
-            restore_hook: OnceLock::new(),
+            switch_hook: OnceLock::new(),
         })
     }
 
-    /// Has `hook` run after every rollback ([`Fs::restore`]), while the file system is still
-    /// frozen: the FUSE adapter drops there what the kernel cached of the replaced state.
-    /// One hook per file system; a second one is refused.
-    pub fn on_restore(&self, hook: impl Fn() + Send + Sync + 'static) -> FsResult<()> {
-        self.restore_hook
+    /// Has `hook` run each time the inode table is replaced, as soon as the new one is served
+    /// (a rollback's file system is still frozen then): the FUSE adapter drops there what the
+    /// kernel may keep of the replaced state. One hook per file system; a second is refused.
+    pub fn on_switch(&self, hook: impl Fn(Switch) + Send + Sync + 'static) -> FsResult<()> {
+        self.switch_hook
             .set(Box::new(hook))
-            .map_err(|_| FsError::Invalid("a restore hook is already set"))
+            .map_err(|_| FsError::Invalid("a switch hook is already set"))
+    }
+
+    fn switched(&self, how: Switch) {
+        if let Some(hook) = self.switch_hook.get() {
+            hook(how);
+        }
     }
 
     /// Regular files numbered above `after`, in order, at most `limit` of them.
@@ -361,15 +376,13 @@ impl Fs {
             state.may_have_capabilities();
         }
         meta.restore_from(source)?;
+        self.switched(Switch::Rollback);
         let seals = meta.read(meta::has_seals)?;
         self.seals
             .store(seals, std::sync::atomic::Ordering::Release);
         let any_file_capabilities = meta.read(|c| meta::has_xattr_anywhere(c, CAPABILITY_XATTR))?;
         self.any_file_capabilities
             .store(any_file_capabilities, std::sync::atomic::Ordering::Release);
-        if let Some(hook) = self.restore_hook.get() {
-            hook();
-        }
         Ok(())
     }
 
@@ -390,6 +403,7 @@ impl Fs {
             ));
         }
         self.meta.replace(meta);
+        self.switched(Switch::NewerGeneration);
         Ok(())
     }
 
