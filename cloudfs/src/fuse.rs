@@ -38,6 +38,7 @@ pub struct FuseFs {
     direct_handles: Mutex<HashSet<u64>>,
     /// Set once the session is up; see [`FuseFs::drop_stale_pages`].
     notifier: Arc<OnceLock<Notifier>>,
+    /// The files an open may keep the cached pages of; shared with the switch hook.
     kept_caches: Arc<KeptCaches>,
     /// FUSE threads waiting for the kernel to drop pages, and how many may: all but one, which
     /// stays free to serve the reads whose page locks the kernel waits for.
