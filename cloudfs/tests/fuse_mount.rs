@@ -1171,8 +1171,9 @@ fn writes_that_start_a_file_bypass_the_page_cache_and_updates_in_place_keep_it()
 }
 
 /// What the kernel cached of a file outlives closing it: a later open reads it without a
-/// request. A rollback drops it: at once for later opens, just after for a handle and a
-/// mapping open across it.
+/// request. A rollback drops it: later opens, and a handle and a mapping open across it,
+/// read the restored bytes. (The later open alone does not tell the two mechanisms apart:
+/// the background drop for open handles is usually done by then.)
 #[test]
 fn cached_pages_outlive_a_close_but_not_a_rollback() {
     const LEN: usize = 1 << 20;
