@@ -100,13 +100,26 @@ sequential() {
   done
 }
 
-# other_jobs LABEL DIR REMOUNT STORED: all but the sequential jobs. REMOUNT makes the next
-# read cold, STORED prints the bytes stored.
+# create_on_one_cpu DIR [MOUNT_PID]: the create rate with the benchmark, and the mount
+# process if any, held on one CPU. Not a target: it shows what the file system does once
+# the host no longer has to wake another CPU for every FUSE request and every answer.
+create_on_one_cpu() {
+  local dir=$1 mount_pid=${2:-} all_cpus
+  all_cpus=0-$(($(nproc) - 1))
+  [ -n "$mount_pid" ] && taskset -a -p -c 0 "$mount_pid" >/dev/null
+  taskset -c 0 python3 tests/bench/metaops.py "$dir" --only create --tag one-cpu- | awk '{print $2}'
+  [ -n "$mount_pid" ] && taskset -a -p -c "$all_cpus" "$mount_pid" >/dev/null
+  return 0
+}
+
+# other_jobs LABEL DIR REMOUNT STORED [MOUNTED]: all but the sequential jobs. REMOUNT makes
+# the next read cold, STORED prints the bytes stored; MOUNTED says DIR is the cloudfs mount.
 other_jobs() {
-  local label=$1 dir=$2 remount=$3 stored=$4 before
+  local label=$1 dir=$2 remount=$3 stored=$4 mounted=${5:-} before
   $remount; drop_caches
   read -r _ R[$label.rand] < <(fio_job "$dir" randread 4k --runtime=15 --time_based)
   while read -r key value; do R[$label.$key]=$value; done < <(python3 tests/bench/metaops.py "$dir")
+  R[$label.create1cpu]=$(create_on_one_cpu "$dir" ${mounted:+"$pid"})
   head -c $((256 << 20)) /dev/urandom > "$dir/dup1"; sync "$dir/dup1"
   $remount
   before=$($stored)
@@ -141,7 +154,7 @@ echo "plain directory: $work/plain"
 echo "cloudfs: $mnt over $store_url"
 sequential plain "$work/plain" : local "$mnt" remount_cloudfs
 other_jobs plain "$work/plain" drop_caches plain_stored
-other_jobs local "$mnt" remount_cloudfs local_stored
+other_jobs local "$mnt" remount_cloudfs local_stored mounted
 remount_cloudfs
 "$bin" umount "$mnt" >/dev/null
 
@@ -155,7 +168,7 @@ if ((with_swift)); then
   mount_cloudfs "$store_url"
   echo "cloudfs: $mnt over $store_url"
   sequential swift "$mnt" remount_cloudfs
-  other_jobs swift "$mnt" remount_cloudfs swift_stored
+  other_jobs swift "$mnt" remount_cloudfs swift_stored mounted
   remount_cloudfs
   "$bin" umount "$mnt" >/dev/null
   labels+=(swift raw)
@@ -200,7 +213,9 @@ row "seq write ${size_mib} MiB + fsync (MiB/s)" seqw
 row "cold seq read 1 MiB (MiB/s)" seqr
 row "warm seq re-read 1 MiB (MiB/s)" reread
 row "cold 4 KiB random read (IOPS)" rand
+row "FUSE round trip: getxattr (us)" roundtrip_us
 row "create (files/s)" create
+row "  create, on one CPU (files/s)" create1cpu
 row "stat (files/s)" stat
 row "rename (files/s)" rename
 row "delete (files/s)" delete
