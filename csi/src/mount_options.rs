@@ -16,6 +16,9 @@ const SYNC_INTERVAL: &str = "syncInterval";
 const STORE_TIMEOUT: &str = "storeTimeout";
 const LEASE_TTL: &str = "leaseTTL";
 const FUSE_THREADS: &str = "fuseThreads";
+const FUSE_POLL_WINDOW: &str = "fusePollWindow";
+/// Longer polling would spend a core on a mount that merely stays busy.
+const MAX_FUSE_POLL_WINDOW: Duration = Duration::from_millis(10);
 const MAX_FUSE_THREADS: u32 = 256;
 
 /// How a volume's mount process runs; `None` keeps the default of `cloudfs mount`.
@@ -31,6 +34,8 @@ pub struct MountOptions {
     pub lease_ttl: Option<Duration>,
     /// Threads serving FUSE requests.
     pub fuse_threads: Option<u32>,
+    /// How long the thread reading FUSE requests polls for the next one (zero: never).
+    pub fuse_poll_window: Option<Duration>,
 }
 
 /// Whole seconds, at least one, from `30`, `30s`, `2m`, `1h 30m`…
@@ -70,13 +75,20 @@ impl MountOptions {
                         .ok_or_else(|| bad(format!("expected 1 to {MAX_FUSE_THREADS}")))?;
                     options.fuse_threads = Some(threads);
                 }
+                FUSE_POLL_WINDOW => {
+                    let window = humantime::parse_duration(value)
+                        .ok()
+                        .filter(|window| *window <= MAX_FUSE_POLL_WINDOW)
+                        .ok_or_else(|| bad("expected 0 to 10ms (examples: 0, 200us)".into()))?;
+                    options.fuse_poll_window = Some(window);
+                }
                 POOL_PARAMETER => {}
                 _ if KUBERNETES_PREFIXES.iter().any(|p| key.starts_with(p)) => {}
                 _ => {
                     return Err(format!(
                         "unknown parameter {key:?}: cloudfs takes {POOL_PARAMETER}, \
-                         {CACHE_SIZE}, {SYNC_INTERVAL}, {STORE_TIMEOUT}, {LEASE_TTL} and \
-                         {FUSE_THREADS}"
+                         {CACHE_SIZE}, {SYNC_INTERVAL}, {STORE_TIMEOUT}, {LEASE_TTL}, \
+                         {FUSE_THREADS} and {FUSE_POLL_WINDOW}"
                     ));
                 }
             }
@@ -87,12 +99,14 @@ impl MountOptions {
     /// The volume context that carries these options to every publish of the volume.
     pub fn to_context(&self) -> HashMap<String, String> {
         let secs = |d: &Duration| format!("{}s", d.as_secs());
+        let window = |d: &Duration| humantime::format_duration(*d).to_string();
         [
             (CACHE_SIZE, self.cache_size.map(|b| b.to_string())),
             (SYNC_INTERVAL, self.sync_interval.as_ref().map(secs)),
             (STORE_TIMEOUT, self.store_timeout.as_ref().map(secs)),
             (LEASE_TTL, self.lease_ttl.as_ref().map(secs)),
             (FUSE_THREADS, self.fuse_threads.map(|n| n.to_string())),
+            (FUSE_POLL_WINDOW, self.fuse_poll_window.as_ref().map(window)),
         ]
         .into_iter()
         .filter_map(|(key, value)| Some((key.to_owned(), value?)))
@@ -102,12 +116,14 @@ impl MountOptions {
     /// The `cloudfs mount` arguments that apply these options.
     pub fn mount_args(&self) -> Vec<String> {
         let secs = |d: &Duration| d.as_secs().to_string();
+        let window = |d: &Duration| humantime::format_duration(*d).to_string();
         [
             ("--cache-size", self.cache_size.map(|b| b.to_string())),
             ("--sync-interval", self.sync_interval.as_ref().map(secs)),
             ("--store-timeout", self.store_timeout.as_ref().map(secs)),
             ("--lease-ttl", self.lease_ttl.as_ref().map(secs)),
             ("--threads", self.fuse_threads.map(|n| n.to_string())),
+            ("--poll-window", self.fuse_poll_window.as_ref().map(window)),
         ]
         .into_iter()
         .filter_map(|(flag, value)| Some([flag.to_owned(), value?]))
@@ -161,6 +177,7 @@ mod tests {
             ("storeTimeout", "30"),
             ("leaseTTL", "45s"),
             ("fuseThreads", "8"),
+            ("fusePollWindow", "500us"),
             ("csi.storage.k8s.io/pvc/name", "data"),
             (
                 "storage.kubernetes.io/csiProvisionerIdentity",
@@ -187,9 +204,13 @@ mod tests {
         assert_eq!(
             options.mount_args().join(" "),
             "--cache-size 67108864 --sync-interval 120 --store-timeout 30 --lease-ttl 45 \
-             --threads 8"
+             --threads 8 --poll-window 500us"
         );
         assert!(MountOptions::default().mount_args().is_empty());
+        let no_polling = MountOptions::from_parameters(&params(&[("fusePollWindow", "0")]))
+            .expect("0 turns polling off");
+        assert_eq!(no_polling.fuse_poll_window, Some(Duration::ZERO));
+        assert_eq!(no_polling.mount_args().join(" "), "--poll-window 0s");
     }
 
     #[test]
@@ -200,6 +221,8 @@ mod tests {
             ("storeTimeout", "soon"),
             ("fuseThreads", "0"),
             ("fuseThreads", "1000"),
+            ("fusePollWindow", "1s"),
+            ("fusePollWindow", "fast"),
             ("cachesize", "1GiB"),
         ] {
             let error =

@@ -181,6 +181,11 @@ impl Harness {
         self.store_url.clone()
     }
 
+    /// The directory of the test's store, when it is a local one.
+    pub fn local_store_dir(&self) -> Option<PathBuf> {
+        self.store_url.strip_prefix("file://").map(PathBuf::from)
+    }
+
     pub fn mnt(&self) -> PathBuf {
         self.root().join("mnt")
     }
