@@ -7,6 +7,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -87,6 +88,10 @@ fn a_read_waiting_for_the_store_does_not_hold_up_other_requests(extra: &[&str]) 
     let others = answered.recv_timeout(WAIT);
     // Let the waiting read finish whatever happened, so that the mount can be unmounted.
     let mut pipe = pipe;
+    // Blocking again: the block may be larger than what the pipe buffers.
+    // SAFETY: fcntl on an fd the File owns, with no pointers.
+    let rc = unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_SETFL, 0) };
+    assert_eq!(rc, 0, "fcntl: {}", std::io::Error::last_os_error());
     pipe.write_all(&bytes)
         .expect("writing the block into the pipe");
     drop(pipe);

@@ -38,18 +38,29 @@ pub struct Polling {
     pub promote_after: Duration,
 }
 
+/// The longest [`Polling::promote_after`] taken; longer ones are cut to it.
+const MAX_PROMOTE_AFTER: Duration = Duration::from_secs(3600);
+
 #[derive(Debug, Default)]
 struct State {
     /// A thread holds the reader's role.
     taken: bool,
     /// Counts the hand-overs of the role, so its holder can tell it was taken from it.
     term: u64,
-    /// The holder is answering a request rather than reading.
-    busy: bool,
+    /// Since when the holder has been answering a request rather than reading.
+    busy_since: Option<Instant>,
     /// The session is over.
     closed: bool,
     /// The watchdog waits for a request or for the busy reader to finish.
     watching: bool,
+}
+
+impl State {
+    /// The reader has been answering one request for `at_least`.
+    fn busy_for(&self, at_least: Duration) -> bool {
+        self.busy_since
+            .is_some_and(|since| since.elapsed() >= at_least)
+    }
 }
 
 /// The reader's role, held by one event-loop thread at a time.
@@ -68,6 +79,8 @@ pub(crate) struct Readers {
     /// Tells the watchdog the reader is done with its request.
     done: OwnedFd,
     polling: Polling,
+    /// Whether a watchdog runs: not for a single thread, which has nobody to hand over to.
+    watched: bool,
 }
 
 fn timer_spec(after: Duration) -> libc::itimerspec {
@@ -84,7 +97,8 @@ fn timer_spec(after: Duration) -> libc::itimerspec {
 }
 
 impl Readers {
-    pub(crate) fn new(polling: Polling) -> io::Result<Readers> {
+    /// Shares the reading among `threads` threads.
+    pub(crate) fn new(polling: Polling, threads: usize) -> io::Result<Readers> {
         // SAFETY: timerfd_create takes no pointers; a non-negative result is a new fd.
         let fd = unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_CLOEXEC) };
         if fd < 0 {
@@ -103,10 +117,19 @@ impl Readers {
             timer,
             // SAFETY: as above.
             done: unsafe { OwnedFd::from_raw_fd(fd) },
-            polling,
+            polling: Polling {
+                window: polling.window,
+                // Zero would disarm the timer rather than fire it at once.
+                promote_after: polling
+                    .promote_after
+                    .clamp(Duration::from_micros(1), MAX_PROMOTE_AFTER),
+            },
+            watched: threads > 1,
         })
     }
 
+    /// Arms the watchdog's timer, or disarms it with a zero `after`. Cannot fail: the fd is
+    /// a timerfd and the time is within range.
     fn set_timer(&self, after: Duration) {
         let spec = timer_spec(after);
         // SAFETY: the fd is a timerfd we own; spec outlives the call; no old value asked for.
@@ -153,9 +176,12 @@ impl Readers {
 
     /// The reader starts answering a request: the timer starts.
     pub(crate) fn answering(&self, role: Role) {
+        if !self.watched {
+            return;
+        }
         let mut state = self.state.lock();
-        if state.term == role.term {
-            state.busy = true;
+        if state.term == role.term && !state.closed {
+            state.busy_since = Some(Instant::now());
             self.set_timer(self.polling.promote_after);
         }
     }
@@ -166,7 +192,10 @@ impl Readers {
         if state.term != role.term {
             return false;
         }
-        state.busy = false;
+        if !self.watched || state.closed {
+            return true;
+        }
+        state.busy_since = None;
         self.set_timer(Duration::ZERO);
         if state.watching {
             let one = 1u64.to_ne_bytes();
@@ -180,7 +209,9 @@ impl Readers {
     pub(crate) fn resign(&self, role: Role) {
         let mut state = self.state.lock();
         if state.term == role.term {
-            self.set_timer(Duration::ZERO);
+            if !state.closed {
+                self.set_timer(Duration::ZERO);
+            }
             self.hand_over(&mut state);
         }
     }
@@ -188,7 +219,7 @@ impl Readers {
     /// Frees the role for a waiting thread; its holder finds out in [`Readers::answered`].
     fn hand_over(&self, state: &mut State) {
         state.taken = false;
-        state.busy = false;
+        state.busy_since = None;
         state.term += 1;
         self.waiting.notify_one();
     }
@@ -214,13 +245,15 @@ impl Readers {
             if read < 0 && Errno::last() != Errno::EINTR {
                 return;
             }
+            let promote_after = self.polling.promote_after;
             loop {
                 {
                     let mut state = self.state.lock();
                     if state.closed {
                         return;
                     }
-                    if !state.busy {
+                    // Not a request begun since the timer fired: that one has its own timer.
+                    if !state.busy_for(promote_after) {
                         break;
                     }
                     // SAFETY: as above, from the eventfd we own (non-blocking: it may be unset).
@@ -240,7 +273,7 @@ impl Readers {
                 if state.closed {
                     return;
                 }
-                if state.busy && request_waits {
+                if state.busy_for(promote_after) && request_waits {
                     self.hand_over(&mut state);
                     break;
                 }

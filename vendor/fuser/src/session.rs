@@ -296,12 +296,12 @@ impl<FS: Filesystem> Session<FS> {
         let readers = match config.polling {
             Some(polling) if cfg!(target_os = "linux") && !config.clone_fd => {
                 channels[0].set_nonblocking()?;
-                Some(Arc::new(Readers::new(polling)?))
+                Some(Arc::new(Readers::new(polling, n_threads)?))
             }
             _ => None,
         };
         let watchdog = match &readers {
-            Some(readers) => {
+            Some(readers) if n_threads > 1 => {
                 let (readers, ch) = (readers.clone(), channels[0].clone());
                 Some(
                     thread::Builder::new()
@@ -309,7 +309,7 @@ impl<FS: Filesystem> Session<FS> {
                         .spawn(move || readers.watch(&ch))?,
                 )
             }
-            None => None,
+            _ => None,
         };
 
         for (i, ch) in channels.into_iter().enumerate() {
@@ -338,9 +338,13 @@ impl<FS: Filesystem> Session<FS> {
         }
 
         let mut reply: io::Result<()> = Ok(());
+        let threads: Vec<_> = threads.into_iter().map(JoinHandle::join).collect();
+        // Every event-loop thread is gone, also those that panicked: so is the watchdog's work.
+        if let Some(readers) = &readers {
+            readers.close();
+        }
         let watchdog = watchdog.into_iter().map(|w| w.join().map(|()| Ok(())));
-        let threads = threads.into_iter().map(JoinHandle::join);
-        for thread in threads.chain(watchdog) {
+        for thread in threads.into_iter().chain(watchdog) {
             let res = match thread {
                 Ok(res) => res,
                 Err(_) => {
