@@ -697,19 +697,32 @@ async fn refresh_on_rejection(auth_url: String, user: User) {
     .await;
     let client = client_for(v1(&format!("{}/auth/v1.0", front.base), &user));
     let container = unique("tokens-401");
+    let started = Instant::now();
     all_succeed(
         "32 requests waiting for the first token",
         (0..32).map(|_| client.create_container(&container)),
     )
     .await;
-    assert_eq!(front.requests(), 1, "auth requests for the first token");
+    let first = front.requests();
+    // On a loaded host the burst can outlast the token's short life: the requests still
+    // running then are rejected, and one more auth request replaces the token for them.
+    let outlived = started.elapsed() >= Duration::from_secs(SHORT_TOKEN_LIFE);
+    assert!(
+        first == 1 || (outlived && first == 2),
+        "{first} auth requests for the first token, the burst taking {:?}",
+        started.elapsed()
+    );
     tokio::time::sleep(Duration::from_millis(SHORT_TOKEN_LIFE * 1000 + 500)).await;
     all_succeed(
         "32 requests with an expired token",
         (0..32).map(|_| client.head_container(&container)),
     )
     .await;
-    assert_eq!(front.requests(), 2, "auth requests after the token expired");
+    assert_eq!(
+        front.requests(),
+        first + 1,
+        "auth requests after the token expired"
+    );
     client
         .delete_container(&container)
         .await
