@@ -50,6 +50,11 @@ fn seconds(value: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(parsed.as_secs()))
 }
 
+/// A poll window as `cloudfs mount --poll-window` and the volume context take it.
+fn poll_window_text(window: Duration) -> String {
+    humantime::format_duration(window).to_string()
+}
+
 impl MountOptions {
     /// The options among StorageClass `parameters` or a volume context. An unknown key or a
     /// bad value is an error naming it, so a typo in a StorageClass fails the first
@@ -99,14 +104,16 @@ impl MountOptions {
     /// The volume context that carries these options to every publish of the volume.
     pub fn to_context(&self) -> HashMap<String, String> {
         let secs = |d: &Duration| format!("{}s", d.as_secs());
-        let window = |d: &Duration| humantime::format_duration(*d).to_string();
         [
             (CACHE_SIZE, self.cache_size.map(|b| b.to_string())),
             (SYNC_INTERVAL, self.sync_interval.as_ref().map(secs)),
             (STORE_TIMEOUT, self.store_timeout.as_ref().map(secs)),
             (LEASE_TTL, self.lease_ttl.as_ref().map(secs)),
             (FUSE_THREADS, self.fuse_threads.map(|n| n.to_string())),
-            (FUSE_POLL_WINDOW, self.fuse_poll_window.as_ref().map(window)),
+            (
+                FUSE_POLL_WINDOW,
+                self.fuse_poll_window.map(poll_window_text),
+            ),
         ]
         .into_iter()
         .filter_map(|(key, value)| Some((key.to_owned(), value?)))
@@ -116,14 +123,13 @@ impl MountOptions {
     /// The `cloudfs mount` arguments that apply these options.
     pub fn mount_args(&self) -> Vec<String> {
         let secs = |d: &Duration| d.as_secs().to_string();
-        let window = |d: &Duration| humantime::format_duration(*d).to_string();
         [
             ("--cache-size", self.cache_size.map(|b| b.to_string())),
             ("--sync-interval", self.sync_interval.as_ref().map(secs)),
             ("--store-timeout", self.store_timeout.as_ref().map(secs)),
             ("--lease-ttl", self.lease_ttl.as_ref().map(secs)),
             ("--threads", self.fuse_threads.map(|n| n.to_string())),
-            ("--poll-window", self.fuse_poll_window.as_ref().map(window)),
+            ("--poll-window", self.fuse_poll_window.map(poll_window_text)),
         ]
         .into_iter()
         .filter_map(|(flag, value)| Some([flag.to_owned(), value?]))

@@ -26,14 +26,10 @@ impl Channel {
         Self(device)
     }
 
-    /// Receives data up to the capacity of the given buffer (can block).
-    fn receive(&self, buffer: &mut [u8]) -> nix::Result<usize> {
+    /// Receives data up to the capacity of the given buffer (can block; with the device set
+    /// non-blocking for polling, fails with `EAGAIN` when no request is there).
+    pub(crate) fn receive(&self, buffer: &mut [u8]) -> nix::Result<usize> {
         nix::unistd::read(&self.0, buffer)
-    }
-
-    /// Receives a request if one is there (the device is non-blocking when polled).
-    pub(crate) fn receive_now(&self, buffer: &mut [u8]) -> nix::Result<usize> {
-        self.receive(buffer)
     }
 
     /// Sets the device non-blocking, for [`crate::readers::Readers::read`].

@@ -97,6 +97,11 @@ fn timer_spec(after: Duration) -> libc::itimerspec {
 }
 
 impl Readers {
+    /// Whether [`Readers::watch`] is to run.
+    pub(crate) fn watched(&self) -> bool {
+        self.watched
+    }
+
     /// Shares the reading among `threads` threads.
     pub(crate) fn new(polling: Polling, threads: usize) -> io::Result<Readers> {
         // SAFETY: timerfd_create takes no pointers; a non-negative result is a new fd.
@@ -157,7 +162,7 @@ impl Readers {
     pub(crate) fn read(&self, ch: &Channel, buf: &mut [u8]) -> nix::Result<usize> {
         let deadline = Instant::now() + self.polling.window;
         loop {
-            match ch.receive_now(buf) {
+            match ch.receive(buf) {
                 Ok(size) => return Ok(size),
                 Err(Errno::EAGAIN | Errno::EINTR | Errno::ENOENT) => {}
                 Err(err) => return Err(err),

@@ -301,7 +301,7 @@ impl<FS: Filesystem> Session<FS> {
             _ => None,
         };
         let watchdog = match &readers {
-            Some(readers) if n_threads > 1 => {
+            Some(readers) if readers.watched() => {
                 let (readers, ch) = (readers.clone(), channels[0].clone());
                 Some(
                     thread::Builder::new()
