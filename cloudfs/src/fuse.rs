@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -16,11 +16,26 @@ use fuser::{
     ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use crate::fs::{Caller, Fs, FsError, RenameMode, SetAttr, SetTime, Switch, Written, XattrMode};
+use crate::fs::{
+    Caller, Fs, FsError, RenameMode, SNAPSHOT_TREE_XATTR, SetAttr, SetTime, Switch, Written,
+    XattrMode, snapshot_target,
+};
 use crate::meta::Inode;
 use crate::metrics::EngineMetrics;
 
-const TTL: Duration = Duration::from_secs(1);
+/// How long the kernel may trust the names and attributes it is told where changes may not
+/// pass through it: on a read-only mount, which follows a writer elsewhere, and on a kernel
+/// that cannot be told to drop every name at once (see [`TRUSTED_TTL`]).
+const SHORT_TTL: Duration = Duration::from_secs(1);
+/// How long the kernel may trust them on a writable mount. The mount is the volume's only
+/// writer, so every change but two reaches it as the kernel's own request, which updates or
+/// drops what it cached. The two are told to it: a rollback drops every cached name (an
+/// epoch, [`EPOCH_ABI`]) and attribute, a subtree copy the attributes of the copy's parent.
+/// Bounded all the same, so that a change missed by mistake could not stay unseen for long.
+const TRUSTED_TTL: Duration = Duration::from_secs(3600);
+/// The kernel version that drops every cached name on one notification
+/// (`FUSE_NOTIFY_INC_EPOCH`, ABI 7.44, Linux 6.16).
+const EPOCH_ABI: fuser::Version = fuser::Version(7, 44);
 const MAX_WRITE: u32 = 1 << 20;
 const READDIR_BATCH: usize = 256;
 
@@ -40,6 +55,11 @@ pub struct FuseFs {
     notifier: Arc<OnceLock<Notifier>>,
     /// The files an open may keep the cached pages of; shared with the switch hook.
     kept_caches: Arc<KeptCaches>,
+    /// Whether the kernel takes epochs (see [`EPOCH_ABI`]); shared with the switch hook.
+    epochs: Arc<AtomicBool>,
+    /// How long the kernel may trust names and attributes: [`TRUSTED_TTL`] or [`SHORT_TTL`],
+    /// settled at `init`.
+    ttl: Duration,
     /// FUSE threads waiting for the kernel to drop pages, and how many may: all but one, which
     /// stays free to serve the reads whose page locks the kernel waits for.
     dropping_pages: AtomicUsize,
@@ -60,20 +80,32 @@ impl FuseFs {
     ) -> Result<FuseFs, FsError> {
         let notifier: Arc<OnceLock<Notifier>> = Arc::new(OnceLock::new());
         let kept_caches = Arc::new(KeptCaches::default());
-        let (weak_fs, switch_notifier, switch_kept, background) = (
+        let epochs = Arc::new(AtomicBool::new(false));
+        let (weak_fs, switch_notifier, switch_kept, switch_epochs, background) = (
             Arc::downgrade(&fs),
             notifier.clone(),
             kept_caches.clone(),
+            epochs.clone(),
             rt.clone(),
         );
         fs.on_switch(move |how| {
             // Later opens drop what the kernel kept.
             switch_kept.forget_all();
             if how == Switch::Rollback {
-                // So do handles open across the rollback. Not here: the file system is
-                // frozen, and dropping a page waits for the read that holds it.
+                // Every name is looked up again before its next use (which refreshes the
+                // attributes of what it names): a notification that waits for nothing, so
+                // done before the rollback is reported done.
+                if switch_epochs.load(Ordering::Acquire)
+                    && let Some(notifier) = switch_notifier.get()
+                    && let Err(e) = notifier.inc_epoch()
+                {
+                    tracing::warn!(error = %e, "could not drop the names the kernel cached");
+                }
+                // The pages and attributes of files open across the rollback are dropped
+                // too. Not here: the file system is frozen, and dropping a page waits for
+                // the read that holds it.
                 let (weak_fs, notifier) = (weak_fs.clone(), switch_notifier.clone());
-                background.spawn_blocking(move || drop_cached_files(&weak_fs, &notifier));
+                background.spawn_blocking(move || drop_cached_inodes(&weak_fs, &notifier));
             }
         })?;
         Ok(FuseFs {
@@ -83,6 +115,8 @@ impl FuseFs {
             direct_handles: Mutex::new(HashSet::new()),
             notifier,
             kept_caches,
+            epochs,
+            ttl: SHORT_TTL,
             dropping_pages: AtomicUsize::new(0),
             max_dropping_pages: fuse_threads.saturating_sub(1),
             rt,
@@ -162,17 +196,6 @@ fn attr(inode: &Inode, block_size: u64) -> FileAttr {
     }
 }
 
-/// How long the kernel may trust what it is told about `inode`: not at all while it has a
-/// set-ID bit, which cloudfs may drop without the kernel seeing the new mode (on a write or a
-/// chown: see `Fs::drop_setid_bits`). Rare files; the rest keep [`TTL`].
-fn ttl(inode: &Inode) -> &'static Duration {
-    if inode.mode & (libc::S_ISUID | libc::S_ISGID) != 0 && !inode.is_dir() {
-        &Duration::ZERO
-    } else {
-        &TTL
-    }
-}
-
 fn errno(e: &FsError) -> Errno {
     Errno::from_i32(e.errno())
 }
@@ -195,7 +218,7 @@ impl FuseFs {
     fn entry(&self, reply: ReplyEntry, result: Result<Inode, FsError>) {
         match result {
             Ok(inode) => reply.entry(
-                ttl(&inode),
+                self.ttl(&inode),
                 &self.attr(&inode),
                 Generation(inode.generation),
             ),
@@ -285,6 +308,27 @@ impl FuseFs {
     fn attr(&self, inode: &Inode) -> FileAttr {
         attr(inode, self.fs.config().block_size)
     }
+
+    /// How long the kernel may trust what it is told about `inode`: not at all while it has a
+    /// set-ID bit, which cloudfs may drop without the kernel seeing the new mode (on a write
+    /// or a chown: see `Fs::drop_setid_bits`). Rare files; the rest keep the mount's TTL.
+    fn ttl(&self, inode: &Inode) -> &Duration {
+        if inode.mode & (libc::S_ISUID | libc::S_ISGID) != 0 && !inode.is_dir() {
+            &Duration::ZERO
+        } else {
+            &self.ttl
+        }
+    }
+
+    /// Has the kernel drop the attributes it cached of `ino` (not its pages: that could wait
+    /// for reads), after a change that did not pass through the kernel's requests for it.
+    fn drop_cached_attributes(&self, ino: u64) {
+        if let Some(notifier) = self.notifier.get()
+            && let Err(e) = notifier.inval_inode(INodeNo(ino), -1, 0)
+        {
+            tracing::warn!(ino, error = %e, "could not drop attributes the kernel cached");
+        }
+    }
 }
 
 /// The files whose pages the kernel may keep when a handle opens them through the page cache
@@ -326,27 +370,28 @@ impl KeptCaches {
     }
 }
 
-/// Files dropped from the kernel's caches per query of the inode table.
+/// Inodes dropped from the kernel's caches per query of the inode table.
 const DROP_BATCH: usize = 4096;
 
-/// After a rollback: has the kernel drop the pages and attributes it cached of every file
-/// of the restored state (one request each; the kernel answers at once for a file it does
-/// not hold), so that handles and mappings open across the rollback read the restored bytes.
-fn drop_cached_files(fs: &Weak<Fs>, notifier: &OnceLock<Notifier>) {
+/// After a rollback: has the kernel drop the attributes, and the pages, it cached of every
+/// inode of the restored state (one request each; the kernel answers at once for an inode it
+/// does not hold), so that handles and mappings open across the rollback see the restored
+/// state. Names were dropped at the switch (an epoch), where the kernel takes that.
+fn drop_cached_inodes(fs: &Weak<Fs>, notifier: &OnceLock<Notifier>) {
     let Some(notifier) = notifier.get() else {
         return; // no session: nothing cached
     };
     let started = Instant::now();
-    let (mut after, mut files) = (0, 0);
+    let (mut after, mut inodes) = (0, 0);
     loop {
         // Taken batch by batch: an unmount does not wait for the whole pass.
         let Some(fs) = fs.upgrade() else {
             return;
         };
-        let batch = match fs.file_inodes_after(after, DROP_BATCH) {
+        let batch = match fs.inodes_after(after, DROP_BATCH) {
             Ok(batch) => batch,
             Err(e) => {
-                tracing::warn!(error = %e, "could not list the files whose cached pages a rollback made stale");
+                tracing::warn!(error = %e, "could not list the inodes whose cached state a rollback made stale");
                 return;
             }
         };
@@ -356,15 +401,15 @@ fn drop_cached_files(fs: &Weak<Fs>, notifier: &OnceLock<Notifier>) {
         };
         for &ino in &batch {
             if let Err(e) = notifier.inval_inode(INodeNo(ino), 0, 0) {
-                // The session is gone (a file the kernel does not hold is no error).
-                tracing::warn!(ino, error = %e, "stopped dropping pages a rollback made stale");
+                // The session is gone (an inode the kernel does not hold is no error).
+                tracing::warn!(ino, error = %e, "stopped dropping cached state a rollback made stale");
                 return;
             }
         }
-        files += batch.len();
+        inodes += batch.len();
         after = last;
     }
-    tracing::info!(files, took = ?started.elapsed(), "dropped the kernel's cached pages of the rolled-back files");
+    tracing::info!(inodes, took = ?started.elapsed(), "dropped what the kernel cached of the rolled-back inodes");
 }
 
 fn empty(reply: ReplyEmpty, result: Result<(), FsError>) {
@@ -413,6 +458,14 @@ impl Filesystem for FuseFs {
         let granted = wanted & config.capabilities();
         self.direct_writes = granted.contains(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP)
             && config.kernel_abi() >= COHERENT_DIRECT_IO_MMAP;
+        let epochs = config.kernel_abi() >= EPOCH_ABI;
+        self.epochs.store(epochs, Ordering::Release);
+        self.ttl = if epochs && !self.fs.config().read_only {
+            TRUSTED_TTL
+        } else {
+            SHORT_TTL
+        };
+        tracing::debug!(ttl = ?self.ttl, "names and attributes the kernel may cache");
         let _ = config.add_capabilities(granted);
         Ok(())
     }
@@ -424,7 +477,7 @@ impl Filesystem for FuseFs {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.measured("getattr", || self.fs.getattr(ino.0)) {
-            Ok(inode) => reply.attr(ttl(&inode), &self.attr(&inode)),
+            Ok(inode) => reply.attr(self.ttl(&inode), &self.attr(&inode)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -468,7 +521,7 @@ impl Filesystem for FuseFs {
             self.fs.setattr(ino.0, change)
         });
         match result {
-            Ok(inode) => reply.attr(ttl(&inode), &self.attr(&inode)),
+            Ok(inode) => reply.attr(self.ttl(&inode), &self.attr(&inode)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -772,7 +825,7 @@ impl Filesystem for FuseFs {
                         INodeNo(e.inode.ino),
                         e.offset,
                         name,
-                        ttl(&e.inode),
+                        self.ttl(&e.inode),
                         &attr,
                         generation,
                     ) {
@@ -834,6 +887,13 @@ impl Filesystem for FuseFs {
         let result = self.measured("setxattr", || {
             self.fs.setxattr(ino.0, name.as_bytes(), value, mode)
         });
+        if result.is_ok()
+            && name.as_bytes() == SNAPSHOT_TREE_XATTR
+            && let Ok((parent, _)) = snapshot_target(value)
+        {
+            // The copy's parent gained an entry behind the kernel's back.
+            self.drop_cached_attributes(parent);
+        }
         empty(reply, result);
     }
 
@@ -890,7 +950,7 @@ impl Filesystem for FuseFs {
             Ok((inode, fh)) => {
                 let direct = self.decide_direct_io(fh, flags, || inode.size == 0);
                 reply.created(
-                    ttl(&inode),
+                    self.ttl(&inode),
                     &self.attr(&inode),
                     Generation(inode.generation),
                     FileHandle(fh),

@@ -1247,8 +1247,8 @@ fn an_open_after_a_direct_write_does_not_keep_the_pages() {
     assert_eq!(map.resident_pages(), all, "pages kept again");
 }
 
-/// How many `flush` requests the mount serving metrics at `socket` answered so far.
-fn flushes_served(socket: &Path) -> u64 {
+/// How many `op` requests the mount serving metrics at `socket` answered so far.
+fn served(socket: &Path, op: &str) -> u64 {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -1260,7 +1260,7 @@ fn flushes_served(socket: &Path) -> u64 {
         .lines()
         .filter(|line| {
             line.starts_with("cloudfs_fs_operation_duration_seconds_count{")
-                && line.contains("op=\"flush\"")
+                && line.contains(&format!("op=\"{op}\""))
         })
         .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
         .sum()
@@ -1274,12 +1274,12 @@ fn only_handles_open_for_writing_flush_when_closed() {
     let socket = h.root().join("metrics.sock");
     h.mount(&["--metrics", &format!("unix:{}", utf8(&socket))]);
     fs::write(h.at("f"), b"read many times").expect("write");
-    let before = flushes_served(&socket);
+    let before = served(&socket, "flush");
     for _ in 0..20 {
         assert_content(&h.at("f"), b"read many times");
     }
     assert_eq!(
-        flushes_served(&socket),
+        served(&socket, "flush"),
         before,
         "flushes for read-only closes"
     );
@@ -1288,7 +1288,62 @@ fn only_handles_open_for_writing_flush_when_closed() {
         .write(true)
         .open(h.at("f"))
         .expect("open read-write");
-    assert_eq!(flushes_served(&socket), before + 1, "a read-write close");
+    assert_eq!(served(&socket, "flush"), before + 1, "a read-write close");
+}
+
+/// Whether the kernel drops every cached name on one notification (Linux 6.16 on), which
+/// lets a writable mount have it keep names and attributes for long (see `fuse.rs`).
+fn kernel_takes_epochs() -> bool {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").expect("kernel release");
+    let mut numbers = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse::<u32>().unwrap_or(0));
+    let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+    version >= (6, 16)
+}
+
+/// A writable mount is its volume's only writer, so the kernel keeps the names and attributes
+/// it was told (where it can be told of a rollback, see above) and asks for them no more;
+/// a subtree copy, which the kernel does not see, shows in its parent's attributes at once.
+#[test]
+fn the_kernel_keeps_names_and_attributes_of_a_writable_mount() {
+    const FILES: u64 = 50;
+    let mut h = Harness::new();
+    let socket = h.root().join("metrics.sock");
+    h.mount(&["--metrics", &format!("unix:{}", utf8(&socket))]);
+    fs::create_dir(h.at("d")).expect("mkdir");
+    for i in 0..FILES {
+        fs::write(h.at(&format!("d/f{i}")), b"cached").expect("write");
+    }
+    let stat_all = || {
+        for i in 0..FILES {
+            let meta = fs::metadata(h.at(&format!("d/f{i}"))).expect("stat");
+            assert_eq!(meta.len(), 6);
+        }
+    };
+    stat_all();
+    // Past the second that a kernel which cannot be told of a rollback trusts them.
+    std::thread::sleep(Duration::from_millis(1500));
+    let asked = || served(&socket, "lookup") + served(&socket, "getattr");
+    let before = asked();
+    stat_all();
+    if kernel_takes_epochs() {
+        assert_eq!(asked(), before, "names and attributes asked for again");
+    } else {
+        assert!(asked() >= before + FILES, "names kept past a second");
+    }
+
+    let links = fs::metadata(h.mnt()).expect("stat the root").nlink();
+    h.cloudfs_ok(&["snapshot", "tree", utf8(&h.at("d")), utf8(&h.at("copy"))]);
+    assert_eq!(
+        fs::metadata(h.mnt()).expect("stat the root").nlink(),
+        links + 1,
+        "the copy's parent, at once"
+    );
+    assert_eq!(
+        fs::metadata(h.at("copy/f7")).expect("stat the copy").len(),
+        6
+    );
 }
 
 #[test]
@@ -2267,8 +2322,11 @@ fn rollback_of_a_mounted_volume_switches_it_in_place() {
     let (a1, a2, b) = (pattern(1, 150_000), pattern(2, 90_000), pattern(3, 5_000));
     fs::write(h.at("a"), &a1).expect("write");
     fs::write(h.at("b"), &b).expect("write");
+    fs::create_dir(h.at("dir")).expect("mkdir");
+    fs::set_permissions(h.at("dir"), fs::Permissions::from_mode(0o755)).expect("chmod");
     h.cloudfs_ok(&["snapshot", "create", &store, VOLUME, "good"]);
 
+    fs::set_permissions(h.at("dir"), fs::Permissions::from_mode(0o700)).expect("chmod");
     fs::write(h.at("a"), &a2).expect("overwrite");
     fs::remove_file(h.at("b")).expect("rm");
     fs::write(h.at("c"), b"made after the snapshot").expect("write");
@@ -2280,10 +2338,22 @@ fn rollback_of_a_mounted_volume_switches_it_in_place() {
     let previous = report["previous_state"].as_str().expect("name").to_owned();
     assert!(previous.starts_with("pre-rollback-"), "{report}");
 
-    // The kernel may serve names and attributes it cached for up to a second.
-    wait_for("the rolled-back names", || {
-        (!h.at("c").exists() && h.at("b").exists()).then_some(())
-    });
+    let rolled_back = || {
+        !h.at("c").exists()
+            && h.at("b").exists()
+            && fs::metadata(h.at("a")).is_ok_and(|m| m.len() == a1.len() as u64)
+            && fs::metadata(h.at("dir")).is_ok_and(|m| m.mode() & 0o777 == 0o755)
+    };
+    if kernel_takes_epochs() {
+        // The kernel was told to drop every name before the rollback returned.
+        assert!(
+            rolled_back(),
+            "the rolled-back names and attributes, at once"
+        );
+    } else {
+        // It may serve the names and attributes it cached for up to a second.
+        wait_for("the rolled-back names", || rolled_back().then_some(()));
+    }
     assert_content(&h.at("a"), &a1);
     assert_content(&h.at("b"), &b);
     let mut buf = Vec::new();

@@ -687,7 +687,14 @@ impl Fs {
             .collect();
         // A sliding window of uploads: the next block is read and hashed while earlier ones
         // are on the wire. Returning early drops the set, which cancels the uploads left.
+        // A lone upload (a small file's close) runs on this thread instead: handing it to
+        // another and waiting to be woken would cost two thread wakes for nothing.
         let mut uploads = JoinSet::new();
+        let alone = dirty
+            .iter()
+            .filter(|(idx, len)| uploaded.get(idx).is_none_or(|u| u.len != *len))
+            .count()
+            == 1;
         for (idx, len) in dirty {
             if let Some(done) = uploaded.get(&idx).filter(|u| u.len == len) {
                 results.push((idx, done.hash.map(|h| (h, len))));
@@ -704,10 +711,12 @@ impl Fs {
             let referenced = self.meta.read(|c| meta::hash_referenced(c, &hash))?;
             results.push((idx, Some((hash, len))));
             let blocks = self.blocks.clone();
-            uploads.spawn_on(
-                async move { blocks.upload(hash, buf, referenced).await },
-                &self.rt,
-            );
+            let upload = async move { blocks.upload(hash, buf, referenced).await };
+            if alone {
+                self.rt.block_on(upload)?;
+                continue;
+            }
+            uploads.spawn_on(upload, &self.rt);
             if uploads.len() >= UPLOAD_PARALLELISM {
                 self.rt.block_on(next_upload(&mut uploads))?;
             }

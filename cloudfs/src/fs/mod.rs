@@ -206,6 +206,17 @@ const CAPABILITY_XATTR: &[u8] = b"security.capability";
 /// `<parent inode>:<name>` runs [`Fs::snapshot_tree`] into that parent under that name.
 pub const SNAPSHOT_TREE_XATTR: &[u8] = b"trusted.cloudfs.snapshot-to";
 
+/// The parent inode and name a [`SNAPSHOT_TREE_XATTR`] value names.
+pub fn snapshot_target(value: &[u8]) -> FsResult<(u64, &[u8])> {
+    std::str::from_utf8(value)
+        .ok()
+        .and_then(|v| v.split_once(':'))
+        .and_then(|(parent, name)| Some((parent.parse::<u64>().ok()?, name.as_bytes())))
+        .ok_or(FsError::Invalid(
+            "snapshot target must be <parent inode>:<name>",
+        ))
+}
+
 impl std::fmt::Debug for Fs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Fs")
@@ -324,11 +335,9 @@ impl Fs {
         }
     }
 
-    /// Regular files numbered above `after`, in order, at most `limit` of them.
-    pub fn file_inodes_after(&self, after: u64, limit: usize) -> FsResult<Vec<u64>> {
-        Ok(self
-            .meta
-            .read(|c| meta::file_inodes_after(c, after, limit))?)
+    /// Inodes numbered above `after`, in order, at most `limit` of them.
+    pub fn inodes_after(&self, after: u64, limit: usize) -> FsResult<Vec<u64>> {
+        Ok(self.meta.read(|c| meta::inodes_after(c, after, limit))?)
     }
 
     /// Sets (or with `None` lifts) the most bytes the volume's files may hold. Writes that
@@ -912,16 +921,8 @@ impl Fs {
             return self.seal(ino);
         }
         if name == SNAPSHOT_TREE_XATTR {
-            let target = std::str::from_utf8(value)
-                .ok()
-                .and_then(|v| v.split_once(':'))
-                .and_then(|(parent, name)| Some((parent.parse::<u64>().ok()?, name)))
-                .ok_or(FsError::Invalid(
-                    "snapshot target must be <parent inode>:<name>",
-                ))?;
-            return self
-                .snapshot_tree(ino, target.0, target.1.as_bytes())
-                .map(|_| ());
+            let (parent, name) = snapshot_target(value)?;
+            return self.snapshot_tree(ino, parent, name).map(|_| ());
         }
         self.changeable(&[ino])?;
         if name.is_empty() || name.len() > XATTR_NAME_MAX {

@@ -156,18 +156,12 @@ pub fn unlinked_inodes(conn: &Connection) -> MetaResult<Vec<u64>> {
         .collect::<Result<_, _>>()?)
 }
 
-/// Regular files numbered above `after`, in order, at most `limit` of them.
-pub fn file_inodes_after(conn: &Connection, after: u64, limit: usize) -> MetaResult<Vec<u64>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT ino FROM inodes WHERE ino > ?1 AND (mode & ?2) = ?3 ORDER BY ino LIMIT ?4",
-    )?;
+/// Inodes numbered above `after`, in order, at most `limit` of them.
+pub fn inodes_after(conn: &Connection, after: u64, limit: usize) -> MetaResult<Vec<u64>> {
+    let mut stmt =
+        conn.prepare_cached("SELECT ino FROM inodes WHERE ino > ?1 ORDER BY ino LIMIT ?2")?;
     let rows = stmt.query_map(
-        params![
-            after as i64,
-            libc::S_IFMT,
-            libc::S_IFREG,
-            limit.min(i64::MAX as usize) as i64
-        ],
+        params![after as i64, limit.min(i64::MAX as usize) as i64],
         |r| r.get::<_, i64>(0),
     )?;
     Ok(rows

@@ -104,6 +104,15 @@ impl Notifier {
         self.send_inval(notify_code::FUSE_NOTIFY_DELETE, &notif)
     }
 
+    /// Invalidate every directory entry the kernel cached so far: each is looked up again
+    /// before its next use. Needs ABI 7.44 (Linux 6.16); older kernels refuse it (`EINVAL`).
+    /// Cached attributes stay: invalidate those with [`Notifier::inval_inode`].
+    /// # Errors
+    /// Returns an error if the kernel rejects the notification.
+    pub fn inc_epoch(&self) -> io::Result<()> {
+        self.send(notify_code::FUSE_NOTIFY_INC_EPOCH, &Notification::new_bare())
+    }
+
     #[allow(unused)]
     fn send_inval(&self, code: notify_code, notification: &Notification<'_>) -> io::Result<()> {
         match self.send(code, notification) {

@@ -119,6 +119,11 @@ impl<'a> Notification<'a> {
         Self::from_struct(&r)
     }
 
+    /// A notification without a body (`FUSE_NOTIFY_INC_EPOCH`).
+    pub(crate) fn new_bare() -> Self {
+        Self::Bare(NotificationBuf::new())
+    }
+
     fn from_struct<T: IntoBytes + Immutable + ?Sized>(data: &T) -> Self {
         Self::Bare(data.as_bytes().into())
     }
