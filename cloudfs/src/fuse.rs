@@ -20,22 +20,24 @@ use crate::fs::{
     Caller, Fs, FsError, RenameMode, SNAPSHOT_TREE_XATTR, SetAttr, SetTime, Switch, Written,
     XattrMode, snapshot_target,
 };
-use crate::meta::Inode;
+use crate::meta::{Inode, ReplacedNames};
 use crate::metrics::EngineMetrics;
 
 /// How long the kernel may trust the names and attributes it is told where changes may not
 /// pass through it: on a read-only mount, which follows a writer elsewhere, and on a kernel
-/// that cannot be told to drop every name at once (see [`TRUSTED_TTL`]).
+/// that cannot be told to look a name up again without dropping it (see [`TRUSTED_TTL`]).
 const SHORT_TTL: Duration = Duration::from_secs(1);
 /// How long the kernel may trust them on a writable mount. The mount is the volume's only
 /// writer, so every change but two reaches it as the kernel's own request, which updates or
-/// drops what it cached. The two are told to it: a rollback drops every cached name (an
-/// epoch, [`EPOCH_ABI`]) and attribute, a subtree copy the attributes of the copy's parent.
-/// Bounded all the same, so that a change missed by mistake could not stay unseen for long.
+/// drops what it cached. The two are told to it: after a rollback, every name of the replaced
+/// state is to be looked up again ([`EXPIRE_ABI`]) and every inode's attributes refetched; after
+/// a subtree copy, the attributes of the copy's parent. Bounded all the same, so that a change
+/// missed by mistake could not stay unseen for long.
 const TRUSTED_TTL: Duration = Duration::from_secs(3600);
-/// The kernel version that drops every cached name on one notification
-/// (`FUSE_NOTIFY_INC_EPOCH`, ABI 7.44, Linux 6.16).
-const EPOCH_ABI: fuser::Version = fuser::Version(7, 44);
+/// The kernel version that can be told to look a name up again before its next use without
+/// dropping it, which would detach what is mounted on it (`FUSE_EXPIRE_ONLY`, ABI 7.38,
+/// Linux 6.2).
+const EXPIRE_ABI: fuser::Version = fuser::Version(7, 38);
 const MAX_WRITE: u32 = 1 << 20;
 const READDIR_BATCH: usize = 256;
 
@@ -55,8 +57,9 @@ pub struct FuseFs {
     notifier: Arc<OnceLock<Notifier>>,
     /// The files an open may keep the cached pages of; shared with the switch hook.
     kept_caches: Arc<KeptCaches>,
-    /// Whether the kernel takes epochs (see [`EPOCH_ABI`]); shared with the switch hook.
-    epochs: Arc<AtomicBool>,
+    /// Whether the kernel trusts names for [`TRUSTED_TTL`], so that a rollback must tell it
+    /// which to look up again; shared with the switch hook.
+    trusted: Arc<AtomicBool>,
     /// How long the kernel may trust names and attributes: [`TRUSTED_TTL`] or [`SHORT_TTL`],
     /// settled at `init`.
     ttl: Duration,
@@ -80,32 +83,30 @@ impl FuseFs {
     ) -> Result<FuseFs, FsError> {
         let notifier: Arc<OnceLock<Notifier>> = Arc::new(OnceLock::new());
         let kept_caches = Arc::new(KeptCaches::default());
-        let epochs = Arc::new(AtomicBool::new(false));
-        let (weak_fs, switch_notifier, switch_kept, switch_epochs, background) = (
+        let trusted = Arc::new(AtomicBool::new(false));
+        let (weak_fs, switch_notifier, switch_kept, switch_trusted, background) = (
             Arc::downgrade(&fs),
             notifier.clone(),
             kept_caches.clone(),
-            epochs.clone(),
+            trusted.clone(),
             rt.clone(),
         );
         fs.on_switch(move |how| {
             // Later opens drop what the kernel kept.
             switch_kept.forget_all();
-            if how == Switch::Rollback {
-                // Every name is looked up again before its next use (which refreshes the
-                // attributes of what it names): a notification that waits for nothing, so
-                // done before the rollback is reported done.
-                if switch_epochs.load(Ordering::Acquire)
-                    && let Some(notifier) = switch_notifier.get()
-                    && let Err(e) = notifier.inc_epoch()
-                {
-                    tracing::warn!(error = %e, "could not drop the names the kernel cached");
-                }
-                // The pages and attributes of files open across the rollback are dropped
-                // too. Not here: the file system is frozen, and dropping a page waits for
-                // the read that holds it.
+            if let Switch::Rollback(replaced) = how {
+                // The kernel is told which names to look up again, and drops the pages and
+                // attributes of the inodes of the restored state (for handles open across
+                // the rollback). Not here: the file system is frozen, and either may wait
+                // for a request in flight (a lock on a directory, a read holding a page).
+                let replaced = switch_trusted.load(Ordering::Acquire).then_some(replaced);
                 let (weak_fs, notifier) = (weak_fs.clone(), switch_notifier.clone());
-                background.spawn_blocking(move || drop_cached_inodes(&weak_fs, &notifier));
+                background.spawn_blocking(move || {
+                    if let Some(replaced) = replaced {
+                        expire_replaced_names(&replaced, &notifier);
+                    }
+                    drop_cached_inodes(&weak_fs, &notifier);
+                });
             }
         })?;
         Ok(FuseFs {
@@ -115,7 +116,7 @@ impl FuseFs {
             direct_handles: Mutex::new(HashSet::new()),
             notifier,
             kept_caches,
-            epochs,
+            trusted,
             ttl: SHORT_TTL,
             dropping_pages: AtomicUsize::new(0),
             max_dropping_pages: fuse_threads.saturating_sub(1),
@@ -373,10 +374,42 @@ impl KeptCaches {
 /// Inodes dropped from the kernel's caches per query of the inode table.
 const DROP_BATCH: usize = 4096;
 
+/// After a rollback: has the kernel look up again, before its next use, every name of the
+/// state the rollback replaced (one request each; the kernel answers at once for a name it
+/// does not hold). A name it finds naming the same inode stays, with what is mounted on it.
+fn expire_replaced_names(replaced: &ReplacedNames, notifier: &OnceLock<Notifier>) {
+    let Some(notifier) = notifier.get() else {
+        return; // no session: nothing cached
+    };
+    let started = Instant::now();
+    let (mut after, mut names) = (0, 0);
+    loop {
+        let batch = match replaced.page(after, DROP_BATCH) {
+            Ok(batch) => batch,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the names a rollback replaced");
+                return;
+            }
+        };
+        let Some(&(last, _, _)) = batch.last() else {
+            break;
+        };
+        for (_, parent, name) in &batch {
+            if let Err(e) = notifier.expire_entry(INodeNo(*parent), OsStr::from_bytes(name)) {
+                tracing::warn!(parent, error = %e, "stopped expiring names a rollback replaced");
+                return;
+            }
+        }
+        names += batch.len();
+        after = last;
+    }
+    tracing::info!(names, took = ?started.elapsed(), "had the kernel look up again the names a rollback replaced");
+}
+
 /// After a rollback: has the kernel drop the attributes, and the pages, it cached of every
 /// inode of the restored state (one request each; the kernel answers at once for an inode it
 /// does not hold), so that handles and mappings open across the rollback see the restored
-/// state. Names were dropped at the switch (an epoch), where the kernel takes that.
+/// state.
 fn drop_cached_inodes(fs: &Weak<Fs>, notifier: &OnceLock<Notifier>) {
     let Some(notifier) = notifier.get() else {
         return; // no session: nothing cached
@@ -458,13 +491,9 @@ impl Filesystem for FuseFs {
         let granted = wanted & config.capabilities();
         self.direct_writes = granted.contains(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP)
             && config.kernel_abi() >= COHERENT_DIRECT_IO_MMAP;
-        let epochs = config.kernel_abi() >= EPOCH_ABI;
-        self.epochs.store(epochs, Ordering::Release);
-        self.ttl = if epochs && !self.fs.config().read_only {
-            TRUSTED_TTL
-        } else {
-            SHORT_TTL
-        };
+        let trusted = config.kernel_abi() >= EXPIRE_ABI && !self.fs.config().read_only;
+        self.trusted.store(trusted, Ordering::Release);
+        self.ttl = if trusted { TRUSTED_TTL } else { SHORT_TTL };
         tracing::debug!(ttl = ?self.ttl, "names and attributes the kernel may cache");
         let _ = config.add_capabilities(granted);
         Ok(())

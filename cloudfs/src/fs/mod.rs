@@ -182,10 +182,10 @@ pub struct Fs {
 type SwitchHook = Box<dyn Fn(Switch) + Send + Sync>;
 
 /// How the inode table of a mounted file system was replaced (see [`Fs::on_switch`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Switch {
-    /// By a rollback ([`Fs::restore`]).
-    Rollback,
+    /// By a rollback ([`Fs::restore`]), which saved the names of the state it replaced.
+    Rollback(meta::ReplacedNames),
     /// By a newer generation a read-only mount follows ([`Fs::replace_meta`]).
     NewerGeneration,
 }
@@ -384,8 +384,9 @@ impl Fs {
         for state in lock(&self.files).values() {
             state.may_have_capabilities();
         }
+        let replaced = meta.save_names(&source.with_extension("replaced-names"))?;
         meta.restore_from(source)?;
-        self.switched(Switch::Rollback);
+        self.switched(Switch::Rollback(replaced));
         let seals = meta.read(meta::has_seals)?;
         self.seals
             .store(seals, std::sync::atomic::Ordering::Release);

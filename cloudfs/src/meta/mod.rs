@@ -297,6 +297,29 @@ impl MetaStore {
         Ok(())
     }
 
+    /// Saves the parent and name of every directory entry into a new database at `path`,
+    /// without holding them in memory: what the kernel may have cached of this state, for
+    /// it to be told to look each up again once the state is replaced.
+    pub fn save_names(&self, path: &Path) -> MetaResult<ReplacedNames> {
+        let _ = std::fs::remove_file(path);
+        let file = path
+            .to_str()
+            .ok_or_else(|| rusqlite::Error::InvalidPath(path.to_owned()))?;
+        let names = ReplacedNames {
+            path: path.to_owned(),
+        };
+        let writer = self.committed_writer()?;
+        writer.conn.execute("ATTACH DATABASE ?1 AS saved", [file])?;
+        let copied = writer.conn.execute_batch(
+            "PRAGMA saved.journal_mode = OFF; PRAGMA saved.synchronous = OFF;
+             CREATE TABLE saved.names AS SELECT parent, name FROM main.dentries;",
+        );
+        let detached = writer.conn.execute("DETACH DATABASE saved", []);
+        copied?;
+        detached?;
+        Ok(names)
+    }
+
     /// The writer, locked, with nothing left uncommitted.
     fn committed_writer(&self) -> MetaResult<MutexGuard<'_, Writer>> {
         let mut writer = lock(&self.writer);
@@ -327,6 +350,35 @@ impl Drop for MetaStore {
         if let Err(e) = self.commit() {
             tracing::error!(path = %self.path.display(), "metadata changes not committed: {e}");
         }
+    }
+}
+
+/// The directory entries of a replaced state ([`MetaStore::save_names`]): a database file of
+/// their own, deleted when dropped.
+#[derive(Debug)]
+pub struct ReplacedNames {
+    path: PathBuf,
+}
+
+impl ReplacedNames {
+    /// Up to `limit` entries saved after position `after` (0 for the first), each with its
+    /// position, its parent and its name.
+    pub fn page(&self, after: i64, limit: usize) -> MetaResult<Vec<(i64, u64, Vec<u8>)>> {
+        let conn = Connection::open_with_flags(&self.path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        let mut stmt = conn.prepare(
+            "SELECT rowid, parent, name FROM names WHERE rowid > ?1 ORDER BY rowid LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(
+            rusqlite::params![after, limit.min(i64::MAX as usize) as i64],
+            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)? as u64, r.get(2)?)),
+        )?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+impl Drop for ReplacedNames {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -377,6 +429,42 @@ mod tests {
         store.commit().expect("commit");
         assert!(committed_has(&store, "user.a"));
         assert_eq!(store.writes(), 2, "the root and one attribute");
+    }
+
+    #[test]
+    fn the_names_of_a_replaced_state_are_saved_page_by_page_and_dropped_with_it() {
+        let (dir, store) = store();
+        let names: Vec<Vec<u8>> = (0..10).map(|i| format!("n{i}").into_bytes()).collect();
+        store
+            .write(|tx| -> MetaResult<()> {
+                for name in &names {
+                    // Entries naming the root: enough for a list of names.
+                    insert_dentry(tx, ROOT, name, ROOT)?;
+                }
+                Ok(())
+            })
+            .expect("write");
+        let path = dir.path().join("replaced-names");
+        let replaced = store.save_names(&path).expect("save");
+        let (mut after, mut seen) = (0, Vec::new());
+        loop {
+            let page = replaced.page(after, 4).expect("page");
+            let Some(&(last, _, _)) = page.last() else {
+                break;
+            };
+            assert!(page.len() <= 4);
+            seen.extend(page.into_iter().map(|(_, parent, name)| (parent, name)));
+            after = last;
+        }
+        seen.sort();
+        let want: Vec<(u64, Vec<u8>)> = names.iter().map(|n| (ROOT, n.clone())).collect();
+        assert_eq!(seen, want);
+        drop(replaced);
+        assert!(!path.exists(), "deleted with the names");
+        // The writer goes on as before.
+        set(&store, "user.after");
+        store.commit().expect("commit");
+        assert!(committed_has(&store, "user.after"));
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::io;
 
 use crate::INodeNo;
 use crate::channel::ChannelSender;
+use crate::ll::fuse_abi as abi;
 use crate::ll::fuse_abi::fuse_notify_code as notify_code;
 use crate::ll::notify::Notification;
 
@@ -70,7 +71,20 @@ impl Notifier {
     /// Returns an error if the notification data is too large.
     /// Returns an error if the kernel rejects the notification.
     pub fn inval_entry(&self, parent: INodeNo, name: &OsStr) -> io::Result<()> {
-        let notif = Notification::new_inval_entry(parent, name).map_err(Self::too_big_err)?;
+        let notif = Notification::new_inval_entry(parent, name, 0).map_err(Self::too_big_err)?;
+        self.send_inval(notify_code::FUSE_NOTIFY_INVAL_ENTRY, &notif)
+    }
+
+    /// Have the kernel look up a given directory entry again before its next use, without
+    /// dropping it: unlike [`Notifier::inval_entry`], what is mounted on it stays mounted
+    /// when the lookup finds the same inode. Needs ABI 7.38 (Linux 6.2); older kernels
+    /// invalidate the entry instead.
+    /// # Errors
+    /// Returns an error if the notification data is too large.
+    /// Returns an error if the kernel rejects the notification.
+    pub fn expire_entry(&self, parent: INodeNo, name: &OsStr) -> io::Result<()> {
+        let notif = Notification::new_inval_entry(parent, name, abi::FUSE_EXPIRE_ONLY)
+            .map_err(Self::too_big_err)?;
         self.send_inval(notify_code::FUSE_NOTIFY_INVAL_ENTRY, &notif)
     }
 
@@ -102,15 +116,6 @@ impl Notifier {
     pub fn delete(&self, parent: INodeNo, child: INodeNo, name: &OsStr) -> io::Result<()> {
         let notif = Notification::new_delete(parent, child, name).map_err(Self::too_big_err)?;
         self.send_inval(notify_code::FUSE_NOTIFY_DELETE, &notif)
-    }
-
-    /// Invalidate every directory entry the kernel cached so far: each is looked up again
-    /// before its next use. Needs ABI 7.44 (Linux 6.16); older kernels refuse it (`EINVAL`).
-    /// Cached attributes stay: invalidate those with [`Notifier::inval_inode`].
-    /// # Errors
-    /// Returns an error if the kernel rejects the notification.
-    pub fn inc_epoch(&self) -> io::Result<()> {
-        self.send(notify_code::FUSE_NOTIFY_INC_EPOCH, &Notification::new_bare())
     }
 
     #[allow(unused)]

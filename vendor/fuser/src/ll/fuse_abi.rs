@@ -182,8 +182,6 @@ pub(crate) enum fuse_notify_code {
     FUSE_NOTIFY_STORE = 4,
     FUSE_NOTIFY_RETRIEVE = 5,
     FUSE_NOTIFY_DELETE = 6,
-    // cloudfs: ABI 7.44 (Linux 6.16); 7 (FUSE_NOTIFY_RESEND) is not used.
-    FUSE_NOTIFY_INC_EPOCH = 8,
 }
 
 #[repr(C)]
@@ -690,8 +688,12 @@ pub(crate) struct fuse_notify_inval_inode_out {
 pub(crate) struct fuse_notify_inval_entry_out {
     pub(crate) parent: u64,
     pub(crate) namelen: u32,
-    pub(crate) padding: u32,
+    // cloudfs: `flags` since ABI 7.38 (Linux 6.2), padding before.
+    pub(crate) flags: u32,
 }
+
+/// cloudfs: expire the entry, do not invalidate it (ABI 7.38).
+pub(crate) const FUSE_EXPIRE_ONLY: u32 = 1 << 0;
 
 #[repr(C)]
 #[derive(Debug, IntoBytes, KnownLayout, Immutable)]
