@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -57,9 +57,6 @@ pub struct FuseFs {
     notifier: Arc<OnceLock<Notifier>>,
     /// The files an open may keep the cached pages of; shared with the switch hook.
     kept_caches: Arc<KeptCaches>,
-    /// Whether the kernel trusts names for [`TRUSTED_TTL`], so that a rollback must tell it
-    /// which to look up again; shared with the switch hook.
-    trusted: Arc<AtomicBool>,
     /// How long the kernel may trust names and attributes: [`TRUSTED_TTL`] or [`SHORT_TTL`],
     /// settled at `init`.
     ttl: Duration,
@@ -83,23 +80,21 @@ impl FuseFs {
     ) -> Result<FuseFs, FsError> {
         let notifier: Arc<OnceLock<Notifier>> = Arc::new(OnceLock::new());
         let kept_caches = Arc::new(KeptCaches::default());
-        let trusted = Arc::new(AtomicBool::new(false));
-        let (weak_fs, switch_notifier, switch_kept, switch_trusted, background) = (
+        let (weak_fs, switch_notifier, switch_kept, background) = (
             Arc::downgrade(&fs),
             notifier.clone(),
             kept_caches.clone(),
-            trusted.clone(),
             rt.clone(),
         );
         fs.on_switch(move |how| {
             // Later opens drop what the kernel kept.
             switch_kept.forget_all();
             if let Switch::Rollback(replaced) = how {
-                // The kernel is told which names to look up again, and drops the pages and
-                // attributes of the inodes of the restored state (for handles open across
-                // the rollback). Not here: the file system is frozen, and either may wait
-                // for a request in flight (a lock on a directory, a read holding a page).
-                let replaced = switch_trusted.load(Ordering::Acquire).then_some(replaced);
+                // The kernel is told which names to look up again (where it keeps them for
+                // long: see `init`), and drops the pages and attributes of the inodes of the
+                // restored state (for handles open across the rollback). Not here: the file
+                // system is frozen, and either may wait for a request in flight (a lock on a
+                // directory, a read holding a page).
                 let (weak_fs, notifier) = (weak_fs.clone(), switch_notifier.clone());
                 background.spawn_blocking(move || {
                     if let Some(replaced) = replaced {
@@ -116,7 +111,6 @@ impl FuseFs {
             direct_handles: Mutex::new(HashSet::new()),
             notifier,
             kept_caches,
-            trusted,
             ttl: SHORT_TTL,
             dropping_pages: AtomicUsize::new(0),
             max_dropping_pages: fuse_threads.saturating_sub(1),
@@ -491,9 +485,13 @@ impl Filesystem for FuseFs {
         let granted = wanted & config.capabilities();
         self.direct_writes = granted.contains(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP)
             && config.kernel_abi() >= COHERENT_DIRECT_IO_MMAP;
-        let trusted = config.kernel_abi() >= EXPIRE_ABI && !self.fs.config().read_only;
-        self.trusted.store(trusted, Ordering::Release);
-        self.ttl = if trusted { TRUSTED_TTL } else { SHORT_TTL };
+        self.ttl = if config.kernel_abi() >= EXPIRE_ABI && !self.fs.config().read_only {
+            // A rollback then tells the kernel which names to look up again.
+            self.fs.save_replaced_names();
+            TRUSTED_TTL
+        } else {
+            SHORT_TTL
+        };
         tracing::debug!(ttl = ?self.ttl, "names and attributes the kernel may cache");
         let _ = config.add_capabilities(granted);
         Ok(())

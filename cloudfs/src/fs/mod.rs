@@ -177,6 +177,9 @@ pub struct Fs {
     quota: AtomicU64,
     /// Run whenever the inode table is replaced; see [`Fs::on_switch`].
     switch_hook: OnceLock<SwitchHook>,
+    /// Whether a rollback saves the names of the state it replaces; see
+    /// [`Fs::save_replaced_names`].
+    save_replaced_names: std::sync::atomic::AtomicBool,
 }
 
 type SwitchHook = Box<dyn Fn(Switch) + Send + Sync>;
@@ -184,8 +187,9 @@ type SwitchHook = Box<dyn Fn(Switch) + Send + Sync>;
 /// How the inode table of a mounted file system was replaced (see [`Fs::on_switch`]).
 #[derive(Debug)]
 pub enum Switch {
-    /// By a rollback ([`Fs::restore`]), which saved the names of the state it replaced.
-    Rollback(meta::ReplacedNames),
+    /// By a rollback ([`Fs::restore`]), with the names of the state it replaced when asked
+    /// for ([`Fs::save_replaced_names`]).
+    Rollback(Option<meta::ReplacedNames>),
     /// By a newer generation a read-only mount follows ([`Fs::replace_meta`]).
     NewerGeneration,
 }
@@ -317,6 +321,7 @@ impl Fs {
             changes: std::sync::RwLock::new(()),
             quota: AtomicU64::new(NO_QUOTA),
             switch_hook: OnceLock::new(),
+            save_replaced_names: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -327,6 +332,14 @@ impl Fs {
         self.switch_hook
             .set(Box::new(hook))
             .map_err(|_| FsError::Invalid("a switch hook is already set"))
+    }
+
+    /// Has each later rollback save the names of the state it replaces, for the switch hook
+    /// (the FUSE adapter, where the kernel keeps names for long and must be told which to look
+    /// up again). Not by default: it is work done while the file system is frozen.
+    pub fn save_replaced_names(&self) {
+        self.save_replaced_names
+            .store(true, std::sync::atomic::Ordering::Release);
     }
 
     fn switched(&self, how: Switch) {
@@ -384,7 +397,14 @@ impl Fs {
         for state in lock(&self.files).values() {
             state.may_have_capabilities();
         }
-        let replaced = meta.save_names(&source.with_extension("replaced-names"))?;
+        let replaced = if self
+            .save_replaced_names
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            Some(meta.save_names(&source.with_extension("replaced-names"))?)
+        } else {
+            None
+        };
         meta.restore_from(source)?;
         self.switched(Switch::Rollback(replaced));
         let seals = meta.read(meta::has_seals)?;
