@@ -248,10 +248,14 @@ impl FuseFs {
 
     /// A handle that does not bypass the page cache keeps what the kernel cached of the file
     /// (`FOPEN_KEEP_CACHE`) when [`KeptCaches`] allows, so reading a file again, or in
-    /// another process, costs no request. A read-only handle has nothing to flush when it is
-    /// closed: the kernel is told not to ask (`FOPEN_NOFLUSH`), which spares a round trip
-    /// per `close`.
-    fn open_flags(&self, ino: u64, bypasses_page_cache: bool, flags: i32) -> FopenFlags {
+    /// another process, costs no request. No `close` waits for a flush (`FOPEN_NOFLUSH`): the
+    /// release that follows the last one, which the kernel sends without making the caller
+    /// wait, flushes instead. That spares a round trip per `close` (a quarter of a file
+    /// create's) and lets a writer of many small files go on while the last one is uploaded;
+    /// the price is that a failed upload is reported by `fsync`, not by `close` (the writes
+    /// stay staged and are retried, see [`Fs::flush_closed`]). Shared mappings are written
+    /// back by the kernel when unmapped, which needs no flush either.
+    fn open_flags(&self, ino: u64, bypasses_page_cache: bool) -> FopenFlags {
         let cache = if bypasses_page_cache {
             FopenFlags::FOPEN_DIRECT_IO
         } else if self.kept_caches.keep(ino) {
@@ -259,11 +263,7 @@ impl FuseFs {
         } else {
             FopenFlags::empty()
         };
-        if flags & libc::O_ACCMODE == libc::O_RDONLY {
-            cache | FopenFlags::FOPEN_NOFLUSH
-        } else {
-            cache
-        }
+        cache | FopenFlags::FOPEN_NOFLUSH
     }
 
     /// After a direct write to a file other handles have open: drops the kernel's pages of
@@ -690,7 +690,7 @@ impl Filesystem for FuseFs {
                     flags.0 & libc::O_TRUNC != 0
                         || self.fs.getattr(ino.0).is_ok_and(|inode| inode.size == 0)
                 });
-                reply.opened(FileHandle(fh), self.open_flags(ino.0, direct, flags.0))
+                reply.opened(FileHandle(fh), self.open_flags(ino.0, direct))
             }
             Err(e) => reply.error(errno(&e)),
         }
@@ -981,7 +981,7 @@ impl Filesystem for FuseFs {
                     &self.attr(&inode),
                     Generation(inode.generation),
                     FileHandle(fh),
-                    self.open_flags(inode.ino, direct, flags),
+                    self.open_flags(inode.ino, direct),
                 )
             }
             Err(e) => reply.error(errno(&e)),

@@ -146,6 +146,42 @@ fn failing_block_puts_fail_flush_and_fsync_with_eio_and_the_data_can_be_written_
     assert_eq!(t.read_all(lookup(&t, "f")), data);
 }
 
+/// A file closed while the store fails (its release's flush fails, and no `close` waits for a
+/// flush through FUSE) keeps its writes staged and readable; the periodic sync's retry stores
+/// them once the store is back, and forgets the file's state after.
+#[test]
+fn writes_whose_release_failed_stay_staged_until_the_retry_stores_them() {
+    let mut t = TestFs::new(BS);
+    let ino = t.create(ROOT, "f");
+    let data = pattern(3 * BS as usize + 100, 5);
+    t.store.set_faults(vec![fail_puts("blocks/")]);
+    let fh = t.fs.open(ino, libc::O_WRONLY).expect("open");
+    t.fs.write(ino, fh, 0, &data).expect("write");
+    assert_eio(t.fs.release(ino, fh), "release");
+    let reader = t.fs.open(ino, libc::O_RDONLY).expect("open to read");
+    let read = t.fs.read(ino, reader, 0, 1 << 20).expect("read");
+    assert_eq!(read, data, "staged writes read back");
+    assert_eio(
+        t.fs.release(ino, reader),
+        "release of a reader (it flushes too)",
+    );
+    assert_eio(t.fs.flush_closed(), "retry while the store fails");
+    assert!(
+        t.fs.meta()
+            .read(meta::distinct_blocks)
+            .expect("blocks")
+            .is_empty(),
+        "metadata names blocks that were not stored"
+    );
+
+    t.store.set_faults(Vec::new());
+    t.fs.flush_closed().expect("retry once the store is back");
+    assert_metadata_names_only_stored_blocks(&t);
+    t.fs.sync_metadata().expect("sync");
+    t.remount_without_sync();
+    assert_eq!(t.read_all(lookup(&t, "f")), data);
+}
+
 // ---------------------------------------------------------------------------------------------
 // (b) slow puts past the store timeout
 // ---------------------------------------------------------------------------------------------

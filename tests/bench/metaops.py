@@ -3,7 +3,7 @@
 each the median of PASSES passes (a pass is short enough for a background hiccup to skew it),
 and `roundtrip_us`: the microseconds of a `getxattr` of a name the file does not have, which
 FUSE never caches, so on a FUSE mount it is one request to the server and back with next to
-no work there. Every create, stat, rename and delete costs one to four such trips, and their
+no work there. Every create, stat, rename and delete costs one to three such trips, and their
 price is set by the host (how fast it wakes an idle CPU), not by the file system.
 
 Usage: metaops.py DIR [FILES] [SMALL_FILES] [PASSES] [--only create] [--tag PREFIX]

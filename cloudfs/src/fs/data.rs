@@ -793,13 +793,45 @@ impl Fs {
         self.flush_locked(ino, &state, &mut staged)
     }
 
-    /// `close(2)` of one descriptor: its writes become visible to every later `open`.
+    /// `close(2)` of one descriptor: its writes go into the inode table. The FUSE adapter
+    /// has the kernel skip it (the last release flushes instead); other callers use it.
     pub fn flush(&self, ino: u64, fh: u64) -> FsResult<()> {
         self.handle(fh)?;
         self.flush_file(ino)
     }
 
+    /// Retries the flush of every file no handle has open that still has staged writes: one
+    /// whose flush at its last release failed (the store was unreachable) has nobody else to
+    /// retry it before an `fsync`, a snapshot or the unmount. Run by the periodic sync.
+    pub fn flush_closed(&self) -> FsResult<()> {
+        let _change = self.change();
+        let closed: Vec<(u64, Arc<FileState>)> = lock(&self.files)
+            .iter()
+            .filter(|(_, s)| {
+                s.opens.load(Ordering::Acquire) == 0 && s.size.load(Ordering::Acquire) != CLEAN
+            })
+            .map(|(ino, s)| (*ino, s.clone()))
+            .collect();
+        for (ino, state) in closed {
+            self.flush_file(ino)?;
+            self.drop_state_if_idle(ino, &state);
+        }
+        Ok(())
+    }
+
+    /// Removes file `ino`'s state from the map once no handle has it open and nothing of it
+    /// is staged.
+    fn drop_state_if_idle(&self, ino: u64, state: &FileState) {
+        if state.size.load(Ordering::Acquire) == CLEAN {
+            let mut files = lock(&self.files);
+            if state.opens.load(Ordering::Acquire) == 0 {
+                files.remove(&ino);
+            }
+        }
+    }
+
     /// The last close of a handle: flushes, and frees the inode if it was unlinked meanwhile.
+    /// A failed flush leaves the writes staged for [`Fs::flush_closed`] to retry.
     pub fn release(&self, ino: u64, fh: u64) -> FsResult<()> {
         let handle = lock(&self.handles).remove(&fh);
         if handle.is_none() {
@@ -821,12 +853,12 @@ impl Fs {
             if unlinked && !self.config.read_only {
                 self.meta.write(|tx| meta::delete_inode(tx, ino))?;
                 self.forget_file(ino);
-            } else if state.size.load(Ordering::Acquire) == CLEAN {
-                let mut files = lock(&self.files);
-                if state.opens.load(Ordering::Acquire) == 0 {
-                    files.remove(&ino);
-                }
+            } else {
+                self.drop_state_if_idle(ino, &state);
             }
+        }
+        if let Err(e) = &flushed {
+            tracing::warn!(ino, error = %e, "could not flush a closed file; will retry");
         }
         flushed
     }

@@ -366,8 +366,8 @@ impl Fs {
         Some(self.quota.load(std::sync::atomic::Ordering::Acquire)).filter(|q| *q != NO_QUOTA)
     }
 
-    /// Taken by the kernel adapter around every request that changes the volume (never
-    /// nested), so that [`Fs::freeze`] can wait for the ones in flight and hold off new ones.
+    /// Taken around every change from outside (never nested): by the kernel adapter around
+    /// each request that changes the volume, by [`Fs::flush_closed`] itself, so that [`Fs::freeze`] can wait for the ones in flight and hold off new ones.
     pub fn change(&self) -> std::sync::RwLockReadGuard<'_, ()> {
         self.changes
             .read()
