@@ -9,6 +9,7 @@
 
 pub mod buffers;
 pub mod cas;
+pub mod closer;
 pub mod control;
 pub mod direct_io;
 pub mod fs;

@@ -518,13 +518,8 @@ pub fn run(
                 if let Err(e) = engine.refresh(rt.handle()) {
                     tracing::warn!(error = %e, "could not follow a newer generation; will retry");
                 }
-            } else {
-                if let Err(e) = fs.flush_closed() {
-                    tracing::error!(error = %e, "could not flush closed files; will retry");
-                }
-                if let Err(e) = fs.sync_metadata() {
-                    tracing::error!(error = %e, "periodic metadata sync failed; will retry");
-                }
+            } else if let Err(e) = fs.sync_metadata() {
+                tracing::error!(error = %e, "periodic metadata sync failed; will retry");
             }
             last_sync = Instant::now();
         }

@@ -7,10 +7,12 @@ mod common;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Debug;
+use std::sync::Arc;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::Duration;
 
 use cloudfs::cas::{block_key, hash_block};
+use cloudfs::closer::{Closer, MAX_BACKLOG};
 use cloudfs::fs::{Fs, FsResult, SetAttr};
 use cloudfs::meta;
 use cloudfs::store::Fault;
@@ -147,10 +149,10 @@ fn failing_block_puts_fail_flush_and_fsync_with_eio_and_the_data_can_be_written_
 }
 
 /// A file closed while the store fails (its release's flush fails, and no `close` waits for a
-/// flush through FUSE) keeps its writes staged and readable; the periodic sync's retry stores
-/// them once the store is back, and forgets the file's state after.
+/// flush through FUSE) keeps its writes staged and readable, and is left to record: a
+/// directory sync fails while the store does, and records them once it is back.
 #[test]
-fn writes_whose_release_failed_stay_staged_until_the_retry_stores_them() {
+fn writes_whose_release_failed_stay_staged_until_a_sync_records_them() {
     let mut t = TestFs::new(BS);
     let ino = t.create(ROOT, "f");
     let data = pattern(3 * BS as usize + 100, 5);
@@ -165,7 +167,8 @@ fn writes_whose_release_failed_stay_staged_until_the_retry_stores_them() {
         t.fs.release(ino, reader),
         "release of a reader (it flushes too)",
     );
-    assert_eio(t.fs.flush_closed(), "retry while the store fails");
+    assert_eq!(t.fs.failed_flushes(), [ino], "left to record");
+    assert_eio(t.fs.fsyncdir(), "a directory sync while the store fails");
     assert!(
         t.fs.meta()
             .read(meta::distinct_blocks)
@@ -175,11 +178,94 @@ fn writes_whose_release_failed_stay_staged_until_the_retry_stores_them() {
     );
 
     t.store.set_faults(Vec::new());
-    t.fs.flush_closed().expect("retry once the store is back");
+    t.fs.fsyncdir()
+        .expect("a directory sync once the store is back");
+    assert!(t.fs.failed_flushes().is_empty(), "recorded");
     assert_metadata_names_only_stored_blocks(&t);
-    t.fs.sync_metadata().expect("sync");
     t.remount_without_sync();
     assert_eq!(t.read_all(lookup(&t, "f")), data);
+}
+
+/// As the FUSE adapter releases handles: the release only says what is left to record, and the
+/// closer's workers record it; one whose flush failed is tried again until the store takes it.
+#[test]
+fn the_closer_records_released_writes_once_the_store_takes_them() {
+    let t = TestFs::with_timeout(BS, Duration::from_millis(300));
+    let closer = Closer::start(&t.fs, t.rt.handle());
+    let ino = t.create(ROOT, "f");
+    let data = pattern(2 * BS as usize + 7, 11);
+    t.store.set_faults(vec![fail_puts("blocks/")]);
+    let fh = t.fs.open(ino, libc::O_WRONLY).expect("open");
+    t.fs.write(ino, fh, 0, &data).expect("write");
+    assert!(
+        t.fs.release_handle(ino, fh).expect("release"),
+        "the release left writes to record"
+    );
+    closer.flush_later(ino);
+    // Well past the store timeout: the worker's flush has failed by then.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        t.fs.meta()
+            .read(meta::distinct_blocks)
+            .expect("blocks")
+            .is_empty(),
+        "metadata names blocks that were not stored"
+    );
+
+    t.store.set_faults(Vec::new());
+    let started = std::time::Instant::now();
+    while t
+        .fs
+        .meta()
+        .read(meta::distinct_blocks)
+        .expect("blocks")
+        .is_empty()
+    {
+        assert!(
+            started.elapsed() < HANG_LIMIT,
+            "the writes were never recorded"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_metadata_names_only_stored_blocks(&t);
+    assert_eq!(t.read_all(ino), data);
+}
+
+/// A writer faster than the store is held at its next open for writing while `MAX_BACKLOG`
+/// released files wait for the closer's workers, and goes ahead once they drain. (The
+/// workers wait for a frozen file system: a snapshot holds them as a slow store would.)
+#[test]
+fn opens_for_writing_wait_while_the_closer_is_behind() {
+    let t = TestFs::new(BS);
+    let closer = Arc::new(Closer::start(&t.fs, t.rt.handle()));
+    let frozen = t.fs.freeze().expect("freeze");
+    for i in 0..MAX_BACKLOG {
+        let ino = t.create(ROOT, &format!("f{i}"));
+        let fh = t.fs.open(ino, libc::O_WRONLY).expect("open");
+        t.fs.write(ino, fh, 0, &pattern(100, i as u8))
+            .expect("write");
+        assert!(
+            t.fs.release_handle(ino, fh).expect("release"),
+            "left to record"
+        );
+        closer.flush_later(ino);
+    }
+    let (opened, waited) = mpsc::channel();
+    let opener = closer.clone();
+    std::thread::spawn(move || {
+        opener.wait_for_room();
+        let _ = opened.send(());
+    });
+    assert!(
+        waited.recv_timeout(Duration::from_millis(300)).is_err(),
+        "an open went ahead of {MAX_BACKLOG} files waiting to be recorded"
+    );
+    drop(frozen);
+    waited
+        .recv_timeout(HANG_LIMIT)
+        .expect("the open goes ahead once files are recorded");
+    t.fs.sync_all().expect("sync");
+    assert_metadata_names_only_stored_blocks(&t);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -590,3 +590,27 @@ fn background_uploads_are_recorded_only_as_a_prefix_of_the_file() {
     assert_eq!(stored_extent(&t, ino), (data.len() as u64, 5));
     assert_eq!(t.read_all(ino), data);
 }
+
+/// A rename records the writes of the file it moves first (a closed file's are otherwise
+/// recorded in the background): a generation never has the new name on a file whose data
+/// is not recorded, replacing the old file.
+#[test]
+fn a_rename_records_the_writes_of_the_file_it_moves() {
+    let t = TestFs::new(4096);
+    t.write_file(ROOT, "target", b"old contents");
+    let tmp = t.create(ROOT, "tmp");
+    let fh = t.fs.open(tmp, libc::O_WRONLY).expect("open");
+    t.fs.write(tmp, fh, 0, b"new contents").expect("write");
+    assert!(
+        t.fs.release_handle(tmp, fh).expect("release"),
+        "the release leaves the writes to record"
+    );
+    t.fs.rename(ROOT, b"tmp", ROOT, b"target", RenameMode::Replace)
+        .expect("rename");
+    let recorded =
+        t.fs.meta()
+            .read(|c| cloudfs::meta::get_inode(c, tmp))
+            .expect("read the table")
+            .expect("the file");
+    assert_eq!(recorded.size, 12, "the size the table records");
+}

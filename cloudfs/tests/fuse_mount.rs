@@ -21,6 +21,8 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use cloudfs::cas::{block_key, hash_block};
+
 mod mount_harness;
 
 use mount_harness::*;
@@ -1266,9 +1268,11 @@ fn served(socket: &Path, op: &str) -> u64 {
         .sum()
 }
 
-/// No `close` waits for a flush request, whatever the handle was opened for: the last
-/// release flushes instead, and what was written and closed reads back at once, from this
-/// mount and from a fresh one after an unmount.
+/// No `close` waits for a flush request, whatever the handle was opened for: the release
+/// that follows has the writes recorded in the background instead (their block, which only
+/// that flush uploads, reaches the store with neither `fsync` nor unmount), and what was
+/// written and closed reads back at once, from this mount and from a fresh one after an
+/// unmount.
 #[test]
 fn no_close_waits_for_a_flush() {
     let mut h = Harness::new();
@@ -1290,6 +1294,10 @@ fn no_close_waits_for_a_flush() {
     assert_eq!(served(&socket, "flush"), flushes, "flush requests");
     wait_for("every handle released", || {
         (served(&socket, "release") >= releases + 23).then_some(())
+    });
+    let block = block_key(&hash_block(b"READ many times"));
+    wait_for("the written block stored", || {
+        h.object_keys("blocks/").contains(&block).then_some(())
     });
     h.umount();
     h.mount(&[]);

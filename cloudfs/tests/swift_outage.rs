@@ -9,8 +9,8 @@
 //!
 //! What a user gets (documented in the README): while the store does not answer, store
 //! requests wait (and are retried with backoff when they fail); if it comes back within
-//! `--store-timeout` the write completes, otherwise `close`/`fsync` fail with `EIO` once that
-//! time has passed. Either way the volume stays
+//! `--store-timeout` the write completes, otherwise `fsync` fails with `EIO` once that time
+//! has passed (`close` does not wait for the upload). Either way the volume stays
 //! consistent: a remount on a fresh cache sees every file that was fsynced, intact, and
 //! `fsck` is clean.
 

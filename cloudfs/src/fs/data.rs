@@ -95,6 +95,9 @@ pub struct FileState {
     /// Whether the file may have capabilities a write must drop (see
     /// `Fs::drop_capabilities`): until a write looked and until they are set again.
     capabilities_unchecked: AtomicBool,
+    /// Whether a flush of the file's writes failed since they were last recorded: the
+    /// closer's retries flush it again (see [`Fs::failed_flushes`]).
+    flush_failed: AtomicBool,
 }
 
 impl FileState {
@@ -106,6 +109,7 @@ impl FileState {
             staged: Mutex::new(BTreeMap::new()),
             uploaded: Mutex::new(Vec::new()),
             capabilities_unchecked: AtomicBool::new(true),
+            flush_failed: AtomicBool::new(false),
         }
     }
 
@@ -237,7 +241,10 @@ impl Fs {
 
     /// Forgets a deleted file's unflushed state.
     pub(super) fn forget_file(&self, ino: u64) {
-        if let Some(state) = lock(&self.files).remove(&ino) {
+        // Not holding the map's lock while waiting for the staged writes (a flush may be
+        // uploading them).
+        let state = lock(&self.files).remove(&ino);
+        if let Some(state) = state {
             let mut staged = std::mem::take(&mut *lock(&state.staged));
             self.unstage_all(&mut staged);
         }
@@ -660,7 +667,22 @@ impl Fs {
         self.flush_locked(ino, &state, &mut staged)
     }
 
+    /// Records the staged writes of file `ino`; a failure leaves them staged, and the file
+    /// marked for the closer's retries (see [`Fs::failed_flushes`]).
     fn flush_locked(
+        &self,
+        ino: u64,
+        state: &FileState,
+        staged: &mut BTreeMap<u64, Staged>,
+    ) -> FsResult<()> {
+        let flushed = self.record_staged(ino, state, staged);
+        if flushed.is_err() {
+            state.flush_failed.store(true, Ordering::Release);
+        }
+        flushed
+    }
+
+    fn record_staged(
         &self,
         ino: u64,
         state: &FileState,
@@ -668,6 +690,7 @@ impl Fs {
     ) -> FsResult<()> {
         let size = state.size.load(Ordering::Acquire);
         if size == CLEAN {
+            state.flush_failed.store(false, Ordering::Release);
             return Ok(());
         }
         // The flush records every block in one transaction: no prefix rule, and a block
@@ -741,6 +764,7 @@ impl Fs {
         })?;
         self.unstage_all(staged);
         state.size.store(CLEAN, Ordering::Release);
+        state.flush_failed.store(false, Ordering::Release);
         Ok(())
     }
 
@@ -794,73 +818,104 @@ impl Fs {
     }
 
     /// `close(2)` of one descriptor: its writes go into the inode table. The FUSE adapter
-    /// has the kernel skip it (the last release flushes instead); other callers use it.
+    /// has the kernel skip it (see [`Fs::release_handle`]); other callers use it.
     pub fn flush(&self, ino: u64, fh: u64) -> FsResult<()> {
         self.handle(fh)?;
         self.flush_file(ino)
     }
 
-    /// Retries the flush of every file no handle has open that still has staged writes: one
-    /// whose flush at its last release failed (the store was unreachable) has nobody else to
-    /// retry it before an `fsync`, a snapshot or the unmount. Run by the periodic sync.
-    pub fn flush_closed(&self) -> FsResult<()> {
-        let _change = self.change();
-        let closed: Vec<(u64, Arc<FileState>)> = lock(&self.files)
-            .iter()
-            .filter(|(_, s)| {
-                s.opens.load(Ordering::Acquire) == 0 && s.size.load(Ordering::Acquire) != CLEAN
-            })
-            .map(|(ino, s)| (*ino, s.clone()))
-            .collect();
-        for (ino, state) in closed {
-            self.flush_file(ino)?;
-            self.drop_state_if_idle(ino, &state);
+    /// The release of a handle, flushing the file's writes as `close` would have.
+    pub fn release(&self, ino: u64, fh: u64) -> FsResult<()> {
+        if self.release_handle(ino, fh)? {
+            self.flush_released(ino)
+        } else {
+            Ok(())
         }
+    }
+
+    /// The release of a handle, without the flush: frees the inode when this was the last
+    /// handle on a file unlinked meanwhile, and says whether the file has writes left for
+    /// [`Fs::flush_released`] to record. The kernel sends a release without making anyone
+    /// wait for it, so that flush can run later, elsewhere than on a FUSE thread.
+    pub fn release_handle(&self, ino: u64, fh: u64) -> FsResult<bool> {
+        if lock(&self.handles).remove(&fh).is_none() {
+            return Err(FsError::BadHandle);
+        }
+        let Some(state) = lock(&self.files).get(&ino).cloned() else {
+            return Ok(false);
+        };
+        let last = state.opens.fetch_sub(1, Ordering::AcqRel) == 1;
+        if self.config.read_only {
+            if last {
+                self.drop_state_if_idle(ino, &state);
+            }
+            return Ok(false);
+        }
+        if last
+            && self
+                .meta
+                .read(|c| meta::get_inode(c, ino))?
+                .is_some_and(|i| i.nlink == 0)
+        {
+            self.meta.write(|tx| meta::delete_inode(tx, ino))?;
+            self.forget_file(ino);
+            return Ok(false);
+        }
+        if state.size.load(Ordering::Acquire) == CLEAN {
+            if last {
+                self.drop_state_if_idle(ino, &state);
+            }
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// Records the writes a released handle left on file `ino` (see [`Fs::release_handle`]),
+    /// and forgets the file's state if no handle has it open any more. A failure leaves the
+    /// writes staged, and readable, for a later try (see [`Fs::failed_flushes`]). A caller
+    /// other than a kernel request takes [`Fs::change`] around it.
+    pub fn flush_released(&self, ino: u64) -> FsResult<()> {
+        let Some(state) = lock(&self.files).get(&ino).cloned() else {
+            return Ok(()); // flushed and forgotten meanwhile
+        };
+        let mut staged = lock(&state.staged);
+        self.flush_locked(ino, &state, &mut staged)?;
+        drop(staged);
+        self.drop_state_if_idle(ino, &state);
         Ok(())
     }
 
-    /// Removes file `ino`'s state from the map once no handle has it open and nothing of it
-    /// is staged.
-    fn drop_state_if_idle(&self, ino: u64, state: &FileState) {
-        if state.size.load(Ordering::Acquire) == CLEAN {
-            let mut files = lock(&self.files);
-            if state.opens.load(Ordering::Acquire) == 0 {
-                files.remove(&ino);
-            }
-        }
+    /// The files whose writes a flush failed to record (the store was unreachable), and no
+    /// later one recorded: nobody else may flush them before an `fsync`, a snapshot or the
+    /// unmount.
+    pub fn failed_flushes(&self) -> Vec<u64> {
+        lock(&self.files)
+            .iter()
+            .filter(|(_, s)| s.flush_failed.load(Ordering::Acquire))
+            .map(|(ino, _)| *ino)
+            .collect()
     }
 
-    /// The last close of a handle: flushes, and frees the inode if it was unlinked meanwhile.
-    /// A failed flush leaves the writes staged for [`Fs::flush_closed`] to retry.
-    pub fn release(&self, ino: u64, fh: u64) -> FsResult<()> {
-        let handle = lock(&self.handles).remove(&fh);
-        if handle.is_none() {
-            return Err(FsError::BadHandle);
-        }
-        let flushed = if self.config.read_only {
-            Ok(())
-        } else {
-            self.flush_file(ino)
-        };
-        let state = lock(&self.files).get(&ino).cloned();
-        if let Some(state) = state
-            && state.opens.fetch_sub(1, Ordering::AcqRel) == 1
+    /// The size of every file with writes the inode table does not record yet, which
+    /// `statfs` counts as used: a file just closed, say, whose writes are being recorded.
+    pub(super) fn unrecorded_sizes(&self) -> Vec<(u64, u64)> {
+        lock(&self.files)
+            .iter()
+            .map(|(ino, s)| (*ino, s.size.load(Ordering::Acquire)))
+            .filter(|(_, size)| *size != CLEAN)
+            .collect()
+    }
+
+    /// Removes `state`, file `ino`'s, from the map once no handle has it open and nothing of
+    /// it is staged; not a state that replaced it meanwhile.
+    fn drop_state_if_idle(&self, ino: u64, state: &Arc<FileState>) {
+        let mut files = lock(&self.files);
+        if state.size.load(Ordering::Acquire) == CLEAN
+            && state.opens.load(Ordering::Acquire) == 0
+            && files.get(&ino).is_some_and(|s| Arc::ptr_eq(s, state))
         {
-            let unlinked = self
-                .meta
-                .read(|c| meta::get_inode(c, ino))?
-                .is_some_and(|i| i.nlink == 0);
-            if unlinked && !self.config.read_only {
-                self.meta.write(|tx| meta::delete_inode(tx, ino))?;
-                self.forget_file(ino);
-            } else {
-                self.drop_state_if_idle(ino, &state);
-            }
+            files.remove(&ino);
         }
-        if let Err(e) = &flushed {
-            tracing::warn!(ino, error = %e, "could not flush a closed file; will retry");
-        }
-        flushed
     }
 
     /// `fsync(2)`: the file's data and the metadata naming it are durable in the store.
@@ -872,8 +927,11 @@ impl Fs {
         self.sync_metadata()
     }
 
-    /// `fsync(2)` of a directory: the namespace is durable in the store.
+    /// `fsync(2)` of a directory: the namespace, and what the files hold, are durable in the
+    /// store. Every file's writes are recorded first, not only those of files whose release
+    /// arrived: the kernel does not wait for a release, so it may still be on its way.
     pub fn fsyncdir(&self) -> FsResult<()> {
+        self.flush_all()?;
         self.sync_metadata()
     }
 }

@@ -367,7 +367,8 @@ impl Fs {
     }
 
     /// Taken around every change from outside (never nested): by the kernel adapter around
-    /// each request that changes the volume, by [`Fs::flush_closed`] itself, so that [`Fs::freeze`] can wait for the ones in flight and hold off new ones.
+    /// each request that changes the volume, by the workers around [`Fs::flush_released`], so
+    /// that [`Fs::freeze`] can wait for the ones in flight and hold off new ones.
     pub fn change(&self) -> std::sync::RwLockReadGuard<'_, ()> {
         self.changes
             .read()
@@ -789,6 +790,13 @@ impl Fs {
         self.writable()?;
         check_name(name)?;
         check_name(new_name)?;
+        // A file's writes are recorded before a new name for it is: "write a temporary file,
+        // close it, rename it over the old one" must never leave, in a generation a crash
+        // falls back to, the new name on a file whose data was not recorded yet, while the
+        // old file is gone (its writes are recorded in the background after the close).
+        if let Some(src) = self.meta.read(|c| meta::lookup(c, parent, name))? {
+            self.flush_file(src)?;
+        }
         let now = now_ns();
         let freed = self.meta.write(|tx| -> FsResult<Option<u64>> {
             let mut src_dir = get_dir(tx, parent)?;
@@ -910,8 +918,17 @@ impl Fs {
         const FRAGMENT: u64 = 4096;
         const UNLIMITED: u64 = 1 << 50;
         const TOTAL_FILES: u64 = 1 << 40;
+        // Taken before the table is read: a file whose writes are recorded meanwhile then
+        // counts once, from the table.
+        let unrecorded = self.unrecorded_sizes();
         let (file_bytes, inodes) = self.meta.read(|c| -> FsResult<(u64, u64)> {
-            Ok((meta::file_bytes(c)?, meta::inode_count(c)?))
+            let mut bytes = meta::file_bytes(c)?;
+            for (ino, size) in &unrecorded {
+                if let Some(inode) = meta::get_inode(c, *ino)? {
+                    bytes += size.saturating_sub(inode.size);
+                }
+            }
+            Ok((bytes, meta::inode_count(c)?))
         })?;
         let total_blocks = self.quota().unwrap_or(UNLIMITED) / FRAGMENT;
         Ok(StatFs {
