@@ -124,6 +124,14 @@ fn read_everything(t: &TestFs) -> BTreeMap<String, Vec<u8>> {
     files
 }
 
+/// Whether the volume's live metadata names no block at all.
+fn names_no_block(t: &TestFs) -> bool {
+    t.fs.meta()
+        .read(meta::distinct_blocks)
+        .expect("list the blocks the metadata names")
+        .is_empty()
+}
+
 fn lookup(t: &TestFs, name: &str) -> u64 {
     t.fs.lookup(ROOT, name.as_bytes()).expect("lookup").ino
 }
@@ -170,10 +178,7 @@ fn writes_whose_release_failed_stay_staged_until_a_sync_records_them() {
     assert_eq!(t.fs.failed_flushes(), [ino], "left to record");
     assert_eio(t.fs.fsyncdir(), "a directory sync while the store fails");
     assert!(
-        t.fs.meta()
-            .read(meta::distinct_blocks)
-            .expect("blocks")
-            .is_empty(),
+        names_no_block(&t),
         "metadata names blocks that were not stored"
     );
 
@@ -202,25 +207,22 @@ fn the_closer_records_released_writes_once_the_store_takes_them() {
         "the release left writes to record"
     );
     closer.flush_later(ino);
-    // Well past the store timeout: the worker's flush has failed by then.
-    std::thread::sleep(Duration::from_secs(2));
+    let started = std::time::Instant::now();
+    while t.fs.failed_flushes().is_empty() {
+        assert!(
+            started.elapsed() < HANG_LIMIT,
+            "the worker's flush never failed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(
-        t.fs.meta()
-            .read(meta::distinct_blocks)
-            .expect("blocks")
-            .is_empty(),
+        names_no_block(&t),
         "metadata names blocks that were not stored"
     );
 
     t.store.set_faults(Vec::new());
     let started = std::time::Instant::now();
-    while t
-        .fs
-        .meta()
-        .read(meta::distinct_blocks)
-        .expect("blocks")
-        .is_empty()
-    {
+    while names_no_block(&t) {
         assert!(
             started.elapsed() < HANG_LIMIT,
             "the writes were never recorded"
