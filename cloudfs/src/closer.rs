@@ -22,7 +22,7 @@ use crate::fs::{Fs, FsResult};
 const WORKERS: usize = 4;
 /// How often the flushes that failed are tried again.
 const RETRY_EVERY: Duration = Duration::from_secs(5);
-/// How many released files may wait for a worker before opens for writing wait too.
+/// How many released files may be queued or being flushed before opens for writing wait.
 pub const MAX_BACKLOG: usize = 256;
 
 /// Takes the files whose released handles left writes to record (see
@@ -89,8 +89,8 @@ impl Closer {
         }
     }
 
-    /// Waits while [`MAX_BACKLOG`] released files or more wait for a worker. Called before an
-    /// open for writing, holding no engine lock (the workers take [`Fs::change`]).
+    /// Waits while [`MAX_BACKLOG`] released files or more are queued or being flushed. Called
+    /// before an open for writing, holding no engine lock (the workers take [`Fs::change`]).
     pub fn wait_for_room(&self) {
         let count = self.backlog.count();
         drop(
@@ -120,7 +120,7 @@ async fn flush_released_files(
                 let Ok(worker) = workers.clone().acquire_owned().await else { break };
                 let fs = fs.clone();
                 tokio::task::spawn_blocking(move || {
-                    if let Err(e) = flush_released(&fs, ino) {
+                    if let Err(e) = record_released(&fs, ino) {
                         tracing::warn!(ino, error = %e, "could not record what a closed file's \
                             handle wrote; will retry");
                     }
@@ -143,7 +143,8 @@ async fn flush_released_files(
     }
 }
 
-fn flush_released(fs: &Fs, ino: u64) -> FsResult<()> {
+/// [`Fs::flush_released`], as a change from outside a kernel request.
+fn record_released(fs: &Fs, ino: u64) -> FsResult<()> {
     let _change = fs.change();
     fs.flush_released(ino)
 }
@@ -155,7 +156,7 @@ fn retry_failed_flushes(fs: &Fs) {
     let mut failed = 0;
     let mut first_failure = None;
     for &ino in &pending {
-        if let Err(e) = flush_released(fs, ino) {
+        if let Err(e) = record_released(fs, ino) {
             failed += 1;
             first_failure.get_or_insert(e);
         }

@@ -591,7 +591,7 @@ fn background_uploads_are_recorded_only_as_a_prefix_of_the_file() {
     assert_eq!(t.read_all(ino), data);
 }
 
-/// A rename records the writes of the file it moves first (a closed file's are otherwise
+/// A rename records the writes of the files it moves first (a closed file's are otherwise
 /// recorded in the background): a generation never has the new name on a file whose data
 /// is not recorded, replacing the old file.
 #[test]
@@ -613,4 +613,21 @@ fn a_rename_records_the_writes_of_the_file_it_moves() {
             .expect("read the table")
             .expect("the file");
     assert_eq!(recorded.size, 12, "the size the table records");
+
+    // An exchange moves the file at the new name too.
+    let other = t.create(ROOT, "other");
+    let fh = t.fs.open(other, libc::O_WRONLY).expect("open");
+    t.fs.write(other, fh, 0, b"other").expect("write");
+    assert!(t.fs.release_handle(other, fh).expect("release"));
+    t.fs.rename(ROOT, b"target", ROOT, b"other", RenameMode::Exchange)
+        .expect("exchange");
+    let recorded =
+        t.fs.meta()
+            .read(|c| cloudfs::meta::get_inode(c, other))
+            .expect("read the table")
+            .expect("the file");
+    assert_eq!(
+        recorded.size, 5,
+        "the size the table records of the other file"
+    );
 }

@@ -676,9 +676,9 @@ impl Fs {
         staged: &mut BTreeMap<u64, Staged>,
     ) -> FsResult<()> {
         let flushed = self.record_staged(ino, state, staged);
-        if flushed.is_err() {
-            state.flush_failed.store(true, Ordering::Release);
-        }
+        state
+            .flush_failed
+            .store(flushed.is_err(), Ordering::Release);
         flushed
     }
 
@@ -690,7 +690,6 @@ impl Fs {
     ) -> FsResult<()> {
         let size = state.size.load(Ordering::Acquire);
         if size == CLEAN {
-            state.flush_failed.store(false, Ordering::Release);
             return Ok(());
         }
         // The flush records every block in one transaction: no prefix rule, and a block
@@ -764,7 +763,6 @@ impl Fs {
         })?;
         self.unstage_all(staged);
         state.size.store(CLEAN, Ordering::Release);
-        state.flush_failed.store(false, Ordering::Release);
         Ok(())
     }
 
@@ -818,7 +816,7 @@ impl Fs {
     }
 
     /// `close(2)` of one descriptor: its writes go into the inode table. The FUSE adapter
-    /// has the kernel skip it (see [`Fs::release_handle`]); other callers use it.
+    /// has the kernel skip it (see `FuseFs::open_flags`); other callers use it.
     pub fn flush(&self, ino: u64, fh: u64) -> FsResult<()> {
         self.handle(fh)?;
         self.flush_file(ino)
@@ -845,26 +843,23 @@ impl Fs {
             return Ok(false);
         };
         let last = state.opens.fetch_sub(1, Ordering::AcqRel) == 1;
-        if self.config.read_only {
-            if last {
-                self.drop_state_if_idle(ino, &state);
+        if last && !self.config.read_only {
+            match self.meta.read(|c| meta::get_inode(c, ino)) {
+                Ok(inode) if inode.as_ref().is_some_and(|i| i.nlink == 0) => {
+                    self.meta.write(|tx| meta::delete_inode(tx, ino))?;
+                    self.forget_file(ino);
+                    return Ok(false);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    // Its writes, if any, are left to the closer's retries.
+                    state.flush_failed.store(true, Ordering::Release);
+                    return Err(e.into());
+                }
             }
-            return Ok(false);
         }
-        if last
-            && self
-                .meta
-                .read(|c| meta::get_inode(c, ino))?
-                .is_some_and(|i| i.nlink == 0)
-        {
-            self.meta.write(|tx| meta::delete_inode(tx, ino))?;
-            self.forget_file(ino);
-            return Ok(false);
-        }
-        if state.size.load(Ordering::Acquire) == CLEAN {
-            if last {
-                self.drop_state_if_idle(ino, &state);
-            }
+        if self.config.read_only || state.size.load(Ordering::Acquire) == CLEAN {
+            self.drop_state_if_idle(ino, &state);
             return Ok(false);
         }
         Ok(true)
@@ -886,8 +881,8 @@ impl Fs {
     }
 
     /// The files whose writes a flush failed to record (the store was unreachable), and no
-    /// later one recorded: nobody else may flush them before an `fsync`, a snapshot or the
-    /// unmount.
+    /// later one recorded: no other flush of them may come soon (a closed file's next one is
+    /// an `fsync` of its directory, a rename, a snapshot or the unmount).
     pub fn failed_flushes(&self) -> Vec<u64> {
         lock(&self.files)
             .iter()
