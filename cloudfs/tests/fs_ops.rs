@@ -596,38 +596,35 @@ fn background_uploads_are_recorded_only_as_a_prefix_of_the_file() {
 /// is not recorded, replacing the old file.
 #[test]
 fn a_rename_records_the_writes_of_the_file_it_moves() {
+    /// Creates `name` holding `data`, written and released but not yet recorded.
+    fn written_unrecorded(t: &TestFs, name: &str, data: &[u8]) -> u64 {
+        let ino = t.create(ROOT, name);
+        let fh = t.fs.open(ino, libc::O_WRONLY).expect("open");
+        t.fs.write(ino, fh, 0, data).expect("write");
+        assert!(
+            t.fs.release_handle(ino, fh).expect("release"),
+            "the release leaves the writes to record"
+        );
+        ino
+    }
+    fn recorded_size(t: &TestFs, ino: u64) -> u64 {
+        t.fs.meta()
+            .read(|c| cloudfs::meta::get_inode(c, ino))
+            .expect("read the table")
+            .expect("the file")
+            .size
+    }
+
     let t = TestFs::new(4096);
     t.write_file(ROOT, "target", b"old contents");
-    let tmp = t.create(ROOT, "tmp");
-    let fh = t.fs.open(tmp, libc::O_WRONLY).expect("open");
-    t.fs.write(tmp, fh, 0, b"new contents").expect("write");
-    assert!(
-        t.fs.release_handle(tmp, fh).expect("release"),
-        "the release leaves the writes to record"
-    );
+    let tmp = written_unrecorded(&t, "tmp", b"new contents");
     t.fs.rename(ROOT, b"tmp", ROOT, b"target", RenameMode::Replace)
         .expect("rename");
-    let recorded =
-        t.fs.meta()
-            .read(|c| cloudfs::meta::get_inode(c, tmp))
-            .expect("read the table")
-            .expect("the file");
-    assert_eq!(recorded.size, 12, "the size the table records");
+    assert_eq!(recorded_size(&t, tmp), 12, "the moved file");
 
     // An exchange moves the file at the new name too.
-    let other = t.create(ROOT, "other");
-    let fh = t.fs.open(other, libc::O_WRONLY).expect("open");
-    t.fs.write(other, fh, 0, b"other").expect("write");
-    assert!(t.fs.release_handle(other, fh).expect("release"));
+    let other = written_unrecorded(&t, "other", b"other");
     t.fs.rename(ROOT, b"target", ROOT, b"other", RenameMode::Exchange)
         .expect("exchange");
-    let recorded =
-        t.fs.meta()
-            .read(|c| cloudfs::meta::get_inode(c, other))
-            .expect("read the table")
-            .expect("the file");
-    assert_eq!(
-        recorded.size, 5,
-        "the size the table records of the other file"
-    );
+    assert_eq!(recorded_size(&t, other), 5, "the file exchanged with it");
 }
