@@ -180,7 +180,13 @@ enum VolumeCommand {
     },
     /// Delete a volume's metadata and snapshots (fails while it is mounted read-write). Its
     /// blocks are freed by garbage collection once nothing else references them.
-    Delete { store: String, volume: String },
+    Delete {
+        store: String,
+        volume: String,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -212,7 +218,13 @@ enum ExportCommand {
         json: bool,
     },
     /// Delete an export: its object, then the record that kept its blocks alive.
-    Delete { store: String, object: String },
+    Delete {
+        store: String,
+        object: String,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -254,6 +266,9 @@ enum SnapshotCommand {
         store: String,
         volume: String,
         name: String,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
     },
     /// Copy directory SRC_DIR of a mounted cloudfs to DST_DIR (a new path in the same
     /// volume): metadata only and instant however many files it holds; the copies share
@@ -515,11 +530,19 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Commands::Volume {
-            action: VolumeCommand::Delete { store, volume },
+            action:
+                VolumeCommand::Delete {
+                    store,
+                    volume,
+                    json,
+                },
         } => {
             let (_, store) = open_store(&store, credentials)?;
-            let deleted = runtime()?.block_on(volume::delete_volume(store.as_ref(), &volume))?;
-            println!("deleted volume {volume} ({deleted} metadata objects)");
+            let objects = runtime()?.block_on(volume::delete_volume(store.as_ref(), &volume))?;
+            let report = serde_json::json!({ "volume": volume, "metadata_objects": objects });
+            print_report(json, &report, |_| {
+                println!("deleted volume {volume} ({objects} metadata objects)");
+            })?;
             Ok(ExitCode::SUCCESS)
         }
         Commands::Rollback {
@@ -926,10 +949,17 @@ fn export_command(action: ExportCommand, credentials: Option<&Path>) -> Result<E
             })?;
             Ok(ExitCode::SUCCESS)
         }
-        ExportCommand::Delete { store, object } => {
+        ExportCommand::Delete {
+            store,
+            object,
+            json,
+        } => {
             let (_, store) = open_store(&store, credentials)?;
             runtime()?.block_on(tar::delete(store.as_ref(), &object))?;
-            println!("deleted export {object}; cloudfs gc frees the blocks only it used");
+            let report = serde_json::json!({ "deleted_export": object });
+            print_report(json, &report, |_| {
+                println!("deleted export {object}; cloudfs gc frees the blocks only it used");
+            })?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -1027,10 +1057,14 @@ fn snapshot_command(
             store,
             volume,
             name,
+            json,
         } => {
             let (_, store) = open_store(&store, credentials)?;
             runtime()?.block_on(snapshot::delete(store.as_ref(), &volume, &name))?;
-            println!("deleted snapshot {name} of volume {volume}");
+            let report = serde_json::json!({ "volume": volume, "deleted_snapshot": name });
+            print_report(json, &report, |_| {
+                println!("deleted snapshot {name} of volume {volume}");
+            })?;
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -452,11 +452,13 @@ async fn mark(
     }
     // After the volumes: an export whose record this listing misses was laid out from a
     // generation marked above, or from a newer one whose new blocks the grace keeps.
-    for (name, hashes) in tar::referenced_blocks(store).await? {
+    tar::for_each_referenced_blocks(store, |name, hashes| -> GcResult<()> {
         state.add(hashes)?;
         report.exports += 1;
         tracing::info!(export = name, "marked");
-    }
+        Ok(())
+    })
+    .await?;
     remove_database(&scratch)
 }
 

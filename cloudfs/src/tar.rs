@@ -194,51 +194,65 @@ pub async fn export_tar(
 
 /// Every export of the pool, by name.
 pub async fn list(store: &dyn ObjectStore) -> ExportResult<Vec<ExportInfo>> {
-    Ok(records(store)
-        .await?
-        .into_iter()
-        .map(|record| record.info)
-        .collect())
+    let mut exports = Vec::new();
+    for key in record_keys(store).await? {
+        if let Some(record) = read_record(store, &key).await? {
+            exports.push(record.info);
+        }
+    }
+    Ok(exports)
 }
 
-/// The blocks every export references (garbage-collection roots).
-pub(crate) async fn referenced_blocks(
+/// Calls `mark` with each export's name and the blocks it references (garbage-collection
+/// roots), one export at a time: memory holds one record's hashes, however many exports the
+/// pool has.
+pub(crate) async fn for_each_referenced_blocks<E: From<ExportError>>(
     store: &dyn ObjectStore,
-) -> ExportResult<Vec<(String, Vec<Hash>)>> {
-    let mut roots = Vec::new();
-    for record in records(store).await? {
+    mut mark: impl FnMut(&str, Vec<Hash>) -> Result<(), E>,
+) -> Result<(), E> {
+    for key in record_keys(store).await? {
+        let Some(record) = read_record(store, &key).await? else {
+            continue;
+        };
         let mut hashes = Vec::with_capacity(record.block_hashes.len());
         for hex_hash in &record.block_hashes {
             let mut hash = [0u8; 32];
             hex::decode_to_slice(hex_hash, &mut hash).map_err(|e| ExportError::Corrupt {
-                key: record_key(&record.info.name),
+                key: key.clone(),
                 reason: format!("block {hex_hash}: {e}"),
             })?;
             hashes.push(hash);
         }
-        roots.push((record.info.name, hashes));
+        drop(record.block_hashes);
+        mark(&record.info.name, hashes)?;
     }
-    Ok(roots)
+    Ok(())
 }
 
-async fn records(store: &dyn ObjectStore) -> ExportResult<Vec<ExportRecord>> {
-    let mut records = Vec::new();
-    for object in list_all(store, META_PREFIX).await? {
-        if !object.key.ends_with(&format!("/{RECORD_NAME}")) {
-            continue;
-        }
-        let raw = match store.get(&object.key, None).await {
-            Ok(raw) => raw,
-            Err(StoreError::NotFound(_)) => continue, // deleted meanwhile
-            Err(e) => return Err(e.into()),
-        };
-        let record = serde_json::from_slice(&raw).map_err(|e| ExportError::Corrupt {
-            key: object.key.clone(),
+/// The keys of every export's record.
+async fn record_keys(store: &dyn ObjectStore) -> ExportResult<Vec<String>> {
+    let suffix = format!("/{RECORD_NAME}");
+    Ok(list_all(store, META_PREFIX)
+        .await?
+        .into_iter()
+        .map(|object| object.key)
+        .filter(|key| key.ends_with(&suffix))
+        .collect())
+}
+
+/// The record at `key`, or `None` when it was deleted since it was listed.
+async fn read_record(store: &dyn ObjectStore, key: &str) -> ExportResult<Option<ExportRecord>> {
+    let raw = match store.get(key, None).await {
+        Ok(raw) => raw,
+        Err(StoreError::NotFound(_)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    serde_json::from_slice(&raw)
+        .map(Some)
+        .map_err(|e| ExportError::Corrupt {
+            key: key.to_owned(),
             reason: e.to_string(),
-        })?;
-        records.push(record);
-    }
-    Ok(records)
+        })
 }
 
 /// Deletes export `name`: the object first, then its nested manifests, then the record that

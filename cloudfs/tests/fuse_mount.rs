@@ -1760,30 +1760,73 @@ fn snapshots_mount_beside_the_writer_clone_and_roll_back_through_the_cli() {
 fn sealed_directories_refuse_changes_through_the_mount() {
     let mut h = Harness::new();
     h.mount(&[]);
-    fs::create_dir_all(h.at("archive/2026")).expect("mkdir");
+    fs::create_dir_all(h.at("archive/2026/empty")).expect("mkdir");
     fs::write(h.at("archive/2026/report"), b"final").expect("write");
+    set_xattr(&h.at("archive/2026/report"), "user.tag", b"v1", 0).expect("setxattr");
+    fs::write(h.at("outside"), b"not sealed").expect("write");
     h.cloudfs_ok(&["seal", utf8(&h.at("archive"))]);
-    assert_errno(
-        fs::write(h.at("archive/2026/report"), b"changed"),
-        libc::EPERM,
-        "overwrite in a sealed dir",
+    let before = snapshot(&h.at("archive"));
+
+    let report = h.at("archive/2026/report");
+    let dir = h.at("archive/2026");
+    let refusals: Vec<(&str, io::Result<()>)> = vec![
+        ("overwrite", fs::write(&report, b"changed")),
+        (
+            "open for writing",
+            fs::OpenOptions::new().write(true).open(&report).map(drop),
+        ),
+        (
+            "append",
+            fs::OpenOptions::new().append(true).open(&report).map(drop),
+        ),
+        ("create", fs::write(dir.join("new"), b"x")),
+        ("mkdir", fs::create_dir(dir.join("sub"))),
+        ("rmdir", fs::remove_dir(dir.join("empty"))),
+        ("unlink", fs::remove_file(&report)),
+        (
+            "symlink",
+            std::os::unix::fs::symlink("report", dir.join("link")),
+        ),
+        ("mkfifo", mkfifo(&dir.join("fifo"), 0o644)),
+        ("link in", fs::hard_link(h.at("outside"), dir.join("in"))),
+        ("link out", fs::hard_link(&report, h.at("out"))),
+        ("rename out", fs::rename(&report, h.at("stolen"))),
+        ("rename in", fs::rename(h.at("outside"), dir.join("in"))),
+        ("rename within", fs::rename(&report, dir.join("moved"))),
+        (
+            "rename of the sealed directory",
+            fs::rename(h.at("archive"), h.at("elsewhere")),
+        ),
+        ("truncate", truncate(&report, 1)),
+        (
+            "chmod",
+            fs::set_permissions(&report, fs::Permissions::from_mode(0o777)),
+        ),
+        (
+            "chown",
+            std::os::unix::fs::chown(&report, Some(1000), Some(1000)),
+        ),
+        ("utimes", utimensat(&report, (1, 0), (1, 0))),
+        ("setxattr", set_xattr(&report, "user.tag", b"v2", 0)),
+        ("removexattr", remove_xattr(&report, "user.tag")),
+        (
+            "chmod of the sealed directory",
+            fs::set_permissions(h.at("archive"), fs::Permissions::from_mode(0o700)),
+        ),
+    ];
+    for (what, result) in refusals {
+        assert_errno(result, libc::EPERM, &format!("{what} in a sealed dir"));
+    }
+    // Reads are served as ever, and nothing changed.
+    assert_content(&report, b"final");
+    assert_eq!(get_xattr(&report, "user.tag").expect("getxattr"), b"v1");
+    assert_eq!(names(&dir), ["empty", "report"]);
+    assert_eq!(
+        snapshot(&h.at("archive")),
+        before,
+        "the sealed tree changed"
     );
-    assert_errno(
-        fs::write(h.at("archive/2026/new"), b"x"),
-        libc::EPERM,
-        "create in a sealed dir",
-    );
-    assert_errno(
-        fs::rename(h.at("archive/2026/report"), h.at("stolen")),
-        libc::EPERM,
-        "rename out of a sealed dir",
-    );
-    assert_errno(
-        fs::remove_file(h.at("archive/2026/report")),
-        libc::EPERM,
-        "unlink in a sealed dir",
-    );
-    assert_content(&h.at("archive/2026/report"), b"final");
+    assert_content(&h.at("outside"), b"not sealed");
     let outside = h.root().join("not-cloudfs");
     fs::create_dir_all(&outside).expect("mkdir");
     let refused = h.cloudfs(&["seal", utf8(&outside)]);
@@ -1847,6 +1890,14 @@ fn sync_root(h: &Harness) {
         .expect("fsync the root");
 }
 
+/// Writes enough new generations that the ones the mount retains no longer name files
+/// removed before.
+fn roll_generations(h: &Harness) {
+    for i in 0..6 {
+        write_durably(h, &format!("roll-{i}"), format!("roll {i}").as_bytes());
+    }
+}
+
 fn gc_report(h: &Harness, extra: &[&str]) -> serde_json::Value {
     let store = h.store_url();
     let state = h.root().join("gc-state");
@@ -1874,10 +1925,7 @@ fn gc_through_the_cli_reclaims_only_blocks_nothing_references() {
     h.cloudfs_ok(&["snapshot", "create", &store, VOLUME, "keep"]);
     fs::remove_file(h.at("pinned")).expect("rm");
     fs::remove_file(h.at("cloned")).expect("rm");
-    // Enough new generations that the retained ones no longer name the removed files.
-    for i in 0..6 {
-        write_durably(&h, &format!("roll-{i}"), format!("roll {i}").as_bytes());
-    }
+    roll_generations(&h);
     // Store clocks count whole seconds: let the blocks age past a zero grace.
     std::thread::sleep(Duration::from_secs(2));
 
@@ -2176,6 +2224,32 @@ fn export_tar_streams_through_curl_into_tar_as_the_same_tree() {
         "{export}"
     );
 
+    if let (Some(before), Some(after)) = (before, usage()) {
+        // Only the manifests, the nested ones and the export record are new; no block is
+        // copied (a copy would add the 72 MiB file at least).
+        let grown = after.bytes_used - before.bytes_used;
+        eprintln!(
+            "export: {} objects, {grown} bytes added for a {} byte tar",
+            after.object_count - before.object_count,
+            export["tar_bytes"]
+        );
+        assert!(
+            after.object_count - before.object_count >= 3,
+            "nested manifests"
+        );
+        assert!(grown < 2 * MIB, "the container grew by {grown} bytes");
+    }
+
+    // The export is a garbage-collection root: with its files gone from the volume, the
+    // blocks it streams stay (on the local store it is a tar file of its own).
+    h.mount(&[]);
+    fs::remove_dir_all(h.at("src")).expect("rm -r src");
+    roll_generations(&h);
+    h.umount();
+    std::thread::sleep(Duration::from_secs(2));
+    let collected = gc_report(&h, &["--grace", "0s"]);
+    assert_eq!(collected["exports"], 1, "{collected}");
+
     let extracted = h.root().join("extracted");
     fs::create_dir(&extracted).expect("mkdir");
     let untar = run(Command::new("bash").args([
@@ -2199,22 +2273,6 @@ fn export_tar_streams_through_curl_into_tar_as_the_same_tree() {
         "{} bytes allocated",
         sparse.blocks() * 512
     );
-
-    if let (Some(before), Some(after)) = (before, usage()) {
-        // Only the manifests, the nested ones and the export record are new; no block is
-        // copied (a copy would add the 72 MiB file at least).
-        let grown = after.bytes_used - before.bytes_used;
-        eprintln!(
-            "export: {} objects, {grown} bytes added for a {} byte tar",
-            after.object_count - before.object_count,
-            export["tar_bytes"]
-        );
-        assert!(
-            after.object_count - before.object_count >= 3,
-            "nested manifests"
-        );
-        assert!(grown < 2 * MIB, "the container grew by {grown} bytes");
-    }
 
     let listed: serde_json::Value =
         serde_json::from_str(&h.cloudfs_ok(&["export", "list", &store, "--json"])).expect("JSON");
@@ -2458,19 +2516,13 @@ fn a_subtree_snapshot_of_100000_files_is_quick_and_stores_no_block() {
     h.umount();
 }
 
-#[test]
-fn gc_killed_midway_finishes_the_job_when_run_again() {
-    let mut h = Harness::new();
-    let store = h.store_url();
-    h.mount(&[]);
-    let kept = pattern(5, 200_000);
-    write_durably(&h, "kept", &kept);
-    h.umount();
-    // Garbage: block-named objects nothing references.
+/// Puts block-named objects nothing references (`on_swift` of them on Swift, `local`
+/// otherwise) and lets them age past a zero grace (store clocks count whole seconds).
+fn put_garbage(h: &Harness, on_swift: u32, local: u32) -> Vec<String> {
     let garbage = if h.swift_container().is_some() {
-        3000
+        on_swift
     } else {
-        30_000
+        local
     };
     let keys: Vec<String> = (0..garbage)
         .map(|i: u32| {
@@ -2479,14 +2531,22 @@ fn gc_killed_midway_finishes_the_job_when_run_again() {
         })
         .collect();
     h.put_objects(&keys, b"garbage");
-    // Store clocks count whole seconds: let the garbage age past a zero grace.
     std::thread::sleep(Duration::from_secs(2));
+    keys
+}
 
-    let state = h.root().join("gc-state");
+/// A `cloudfs gc` process, started with `args`, once it has logged that its mark is saved
+/// (the sweep comes next), and the rest of its log. Its standard output is piped.
+fn gc_until_mark_saved(
+    h: &Harness,
+    args: &[&str],
+) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    let store = h.store_url();
     let mut gc = Command::new(CLOUDFS)
-        .args(["gc", &store, "--grace", "0s", "--state-dir", utf8(&state)])
+        .args(["gc", &store])
+        .args(args)
         .env("CLOUDFS_RUN_DIR", h.run_dir())
-        .stdout(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("start gc");
@@ -2500,11 +2560,28 @@ fn gc_killed_midway_finishes_the_job_when_run_again() {
         }
     });
     loop {
-        let line = lines.recv_timeout(WAIT).expect("gc reports its mark");
-        if line.contains("mark saved") {
-            break;
+        match lines.recv_timeout(WAIT) {
+            Ok(line) if line.contains("mark saved") => return (gc, lines),
+            Ok(_) => {}
+            Err(e) => {
+                sigkill(gc.id() as i32);
+                let _ = gc.wait();
+                panic!("gc did not report its mark: {e}");
+            }
         }
     }
+}
+
+#[test]
+fn gc_killed_midway_finishes_the_job_when_run_again() {
+    let mut h = Harness::new();
+    h.mount(&[]);
+    let kept = pattern(5, 200_000);
+    write_durably(&h, "kept", &kept);
+    h.umount();
+    let keys = put_garbage(&h, 3000, 30_000);
+    let state = h.root().join("gc-state");
+    let (mut gc, _) = gc_until_mark_saved(&h, &["--grace", "0s", "--state-dir", utf8(&state)]);
     sigkill(gc.id() as i32);
     let status = gc.wait().expect("wait for gc");
     assert!(!status.success(), "gc was killed midway");
@@ -2524,6 +2601,128 @@ fn gc_killed_midway_finishes_the_job_when_run_again() {
     h.mount(&[]);
     assert_content(&h.at("kept"), &kept);
     h.umount();
+    h.fsck_is_clean();
+}
+
+#[test]
+fn blocks_a_mounted_writer_uploads_after_the_mark_survive_the_sweep() {
+    let mut h = Harness::new();
+    h.mount(&[]);
+    let early = pattern(21, 300_000);
+    write_durably(&h, "early", &early);
+    let keys = put_garbage(&h, 2000, 20_000);
+    std::thread::sleep(Duration::from_secs(2));
+
+    // The mark is done and names none of the blocks written below: GC is held between its
+    // mark and its sweep while the mounted writer goes on.
+    let state = h.root().join("gc-state");
+    let (mut gc, log) = gc_until_mark_saved(
+        &h,
+        &["--grace", "2s", "--json", "--state-dir", utf8(&state)],
+    );
+    let gc_pid = gc.id() as i32;
+    send_signal(gc_pid, libc::SIGSTOP);
+    let late: Vec<Vec<u8>> = (0..4u64).map(|i| pattern(40 + i, 200_000)).collect();
+    let wrote = std::panic::catch_unwind(|| {
+        for (i, data) in late.iter().enumerate() {
+            write_durably(&h, &format!("late-{i}"), data);
+        }
+    });
+    send_signal(gc_pid, libc::SIGCONT);
+    if let Err(panic) = wrote {
+        sigkill(gc_pid);
+        let _ = gc.wait();
+        std::panic::resume_unwind(panic);
+    }
+    let out = gc.wait_with_output().expect("wait for gc");
+    assert!(
+        out.status.success(),
+        "gc failed: {}",
+        log.try_iter().collect::<Vec<_>>().join("\n")
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("gc prints JSON");
+    assert!(
+        report["deleted"].as_u64() >= Some(keys.len() as u64),
+        "{report}"
+    );
+    let left: BTreeSet<String> = h.object_keys("blocks/").into_iter().collect();
+    assert!(keys.iter().all(|key| !left.contains(key)), "garbage left");
+
+    // Everything the writer wrote comes back from the store, with a fresh cache.
+    h.umount();
+    h.mount(&[]);
+    assert_content(&h.at("early"), &early);
+    for (i, data) in late.iter().enumerate() {
+        assert_content(&h.at(&format!("late-{i}")), data);
+    }
+    h.umount();
+    h.fsck_is_clean();
+}
+
+/// `snapshot` of a tree without inode numbers: a rollback gives the snapshot's files numbers
+/// the volume never used.
+fn contents(root: &Path) -> BTreeMap<PathBuf, Node> {
+    let mut tree = snapshot(root);
+    for node in tree.values_mut() {
+        node.ino = 0;
+    }
+    tree
+}
+
+#[test]
+fn clones_and_rollbacks_are_the_snapshot_byte_for_byte_and_clones_diverge_alone() {
+    let mut h = Harness::new();
+    let store = h.store_url();
+    h.mount(&[]);
+    populate(&h.mnt());
+    sync_root(&h);
+    h.cloudfs_ok(&["snapshot", "create", &store, VOLUME, "s1"]);
+    let want = contents(&h.mnt());
+    // The source moves on.
+    fs::write(h.at("docs/readme.txt"), b"rewritten after s1").expect("rewrite");
+    fs::remove_file(h.at("sparse")).expect("rm");
+    fs::write(h.at("after-s1"), b"source only").expect("write");
+    sync_root(&h);
+    let source = contents(&h.mnt());
+
+    h.cloudfs_ok(&["clone", &store, &format!("{VOLUME}@s1"), "copy"]);
+    {
+        let clone = h.mount_extra("copy", "copy", &[]);
+        assert_eq!(contents(&clone.mnt), want, "the clone is not the snapshot");
+        fs::write(clone.mnt.join("docs/nested/big.bin"), b"the clone's own").expect("write");
+        fs::write(clone.mnt.join("clone-only"), b"clone").expect("create");
+        fs::remove_file(clone.mnt.join("latest")).expect("rm");
+        File::open(&clone.mnt)
+            .and_then(|d| d.sync_all())
+            .expect("fsync the clone");
+    }
+    assert_eq!(
+        contents(&h.mnt()),
+        source,
+        "the clone's writes reached the source"
+    );
+
+    // The mounted source rolls back in place, and stays rolled back in the store.
+    h.cloudfs_ok(&["rollback", &store, VOLUME, "s1"]);
+    wait_for("the mount switched to s1", || {
+        (contents(&h.mnt()) == want).then_some(())
+    });
+    h.umount();
+    h.mount(&[]);
+    assert_eq!(
+        contents(&h.mnt()),
+        want,
+        "the rolled-back volume from the store"
+    );
+    h.umount();
+    {
+        let clone = h.mount_extra("copy", "copy-again", &[]);
+        assert_content(&clone.mnt.join("docs/nested/big.bin"), b"the clone's own");
+        assert_content(&clone.mnt.join("clone-only"), b"clone");
+        assert!(!clone.mnt.join("latest").exists());
+        assert_content(&clone.mnt.join("docs/readme.txt"), b"cloudfs keeps this\n");
+        assert!(!clone.mnt.join("after-s1").exists());
+    }
     h.fsck_is_clean();
 }
 

@@ -77,8 +77,12 @@ pub fn alive(pid: i32) -> bool {
 }
 
 pub fn sigkill(pid: i32) {
+    send_signal(pid, libc::SIGKILL);
+}
+
+pub fn send_signal(pid: i32, signal: libc::c_int) {
     // SAFETY: sending a signal has no memory-safety preconditions.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
+    unsafe { libc::kill(pid, signal) };
 }
 
 /// One formatted volume in a private temp dir (`store/`, `mnt/`, `cache/`, `run/`) and at
