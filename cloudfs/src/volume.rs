@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::runtime::Handle;
 
@@ -31,6 +32,8 @@ use crate::store::{ObjectStore, StoreError, list_all, unix_now_secs};
 
 pub const FORMAT_VERSION: u32 = 1;
 pub const DEFAULT_BLOCK_SIZE: u64 = 8 << 20;
+/// Metadata chunks fetched at once while a database is rebuilt.
+const CHUNK_FETCHES: usize = 16;
 const MIN_BLOCK_SIZE: u64 = 4 << 10;
 const MAX_BLOCK_SIZE: u64 = 64 << 20;
 /// The database is replicated in chunks of this size: a change re-uploads the chunks holding
@@ -505,14 +508,23 @@ pub(crate) async fn rebuild_database(
             format!("generation {label} does not cut its database into chunks consistently"),
         ));
     }
-    let mut file = File::create(db_path)?;
     let mut chunks = Vec::with_capacity(generation.chunks.len());
-    let mut written = 0u64;
-    for (hex_hash, len) in generation.chunks.iter().zip(generation.chunk_lens()) {
+    for hex_hash in &generation.chunks {
         let mut hash = [0u8; 32];
         hex::decode_to_slice(hex_hash, &mut hash)
             .map_err(|_| corrupt(volume, format!("generation {label} names a bad chunk")))?;
-        let data = blocks.fetch(&hash, len).await.map_err(|e| match e {
+        chunks.push(hash);
+    }
+    let mut file = File::create(db_path)?;
+    let mut written = 0u64;
+    // Chunks are small and many (a 100,000-file volume has hundreds): fetched one by one,
+    // the store's round trip, not its bandwidth, would set the time a mount or a snapshot
+    // takes to open the database.
+    let mut fetched = futures::stream::iter(chunks.iter().zip(generation.chunk_lens()))
+        .map(|(hash, len)| blocks.fetch(hash, len))
+        .buffered(CHUNK_FETCHES);
+    while let Some(data) = fetched.next().await {
+        let data = data.map_err(|e| match e {
             CasError::Store(StoreError::NotFound(k)) => {
                 corrupt(volume, format!("metadata chunk {k} is missing"))
             }
@@ -523,8 +535,8 @@ pub(crate) async fn rebuild_database(
         })?;
         file.write_all(&data)?;
         written += data.len() as u64;
-        chunks.push(hash);
     }
+    drop(fetched);
     if written != generation.db_size {
         return Err(corrupt(volume, format!("generation {label} is short")));
     }

@@ -1935,6 +1935,11 @@ fn gc_through_the_cli_reclaims_only_blocks_nothing_references() {
     let scanned = report["scanned"].as_u64().expect("scanned");
     let referenced = report["referenced"].as_u64().expect("referenced");
     assert!(scanned >= referenced && referenced >= 5, "{report}");
+    {
+        // The snapshot outlived the generations that named its files, and their blocks.
+        let pinned_view = h.mount_extra(VOLUME, "keep", &["--read-only", "--snapshot", "keep"]);
+        assert_content(&pinned_view.mnt.join("pinned"), &pinned);
+    }
 
     h.cloudfs_ok(&["snapshot", "delete", &store, VOLUME, "keep"]);
     let dry = gc_report(&h, &["--grace", "0s", "--dry-run"]);
@@ -1970,6 +1975,19 @@ fn gc_through_the_cli_reclaims_only_blocks_nothing_references() {
         "{}",
         String::from_utf8_lossy(&fsck.stdout)
     );
+
+    // A deleted volume's blocks go with the next collection: `cloned` was only the clone's.
+    h.cloudfs_ok(&["volume", "delete", &store, "copy", "--json"]);
+    let after_delete = gc_report(&h, &["--grace", "0s"]);
+    assert_eq!(after_delete["volumes"], 1, "{after_delete}");
+    assert!(
+        after_delete["bytes_reclaimed"].as_u64() >= Some(1 << 20),
+        "{after_delete}"
+    );
+    h.mount(&[]);
+    assert_content(&h.at("kept"), &kept);
+    h.umount();
+    h.fsck_is_clean();
 }
 
 #[test]
