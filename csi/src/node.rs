@@ -7,8 +7,10 @@
 //! because it reads the kernel's mount table rather than remembering what it published, a
 //! restarted service unpublishes what an earlier one published.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
@@ -75,6 +77,23 @@ pub trait Mounter: Send + Sync + 'static {
     async fn unmount(&self, mountpoint: &Path) -> Result<(), MountFailure>;
 }
 
+/// How long a mount may take to answer `statfs` before it counts as not answering. FUSE
+/// makes the caller wait for the mount process, which may hang (stopped, deadlocked, stuck
+/// on the store); kubelet's calls must not hang with it.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How a mount answered `statfs`.
+enum Answer {
+    Answered,
+    /// Its FUSE server is gone ("transport endpoint is not connected"): the mount is dead
+    /// and only detaching it helps.
+    Gone(std::io::Error),
+    /// Another error: the mount process is there but failing (e.g. its store is down).
+    Failed,
+    /// No answer within [`ANSWER_TIMEOUT`].
+    Silent,
+}
+
 /// The Node service of one node.
 pub struct NodeService<M> {
     node_id: String,
@@ -82,6 +101,15 @@ pub struct NodeService<M> {
     mounter: M,
     /// Volumes with a call in flight: a second call on one of them is refused (`Aborted`).
     in_flight: InFlight,
+    /// Paths whose `statfs` has not returned yet: asking again would only tie up another
+    /// blocking thread behind the same hung mount.
+    unanswered: Arc<Mutex<HashSet<PathBuf>>>,
+}
+
+/// A panic elsewhere cannot leave the set of unanswered paths inconsistent: it is only
+/// inserted into and removed from.
+fn lock(set: &Mutex<HashSet<PathBuf>>) -> std::sync::MutexGuard<'_, HashSet<PathBuf>> {
+    set.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn internal(what: &str, error: impl std::fmt::Display) -> Status {
@@ -118,6 +146,74 @@ impl<M: Mounter> NodeService<M> {
             state_dir,
             mounter,
             in_flight: InFlight::default(),
+            unanswered: Arc::default(),
+        }
+    }
+
+    /// `statfs` of the mount at `path`, bounded by [`ANSWER_TIMEOUT`]. It runs on the
+    /// blocking pool; a call that times out keeps its thread until the mount answers or dies,
+    /// and until then the path counts as silent without a new call.
+    async fn ask_statfs(&self, path: &Path) -> Answer {
+        if !lock(&self.unanswered).insert(path.to_owned()) {
+            return Answer::Silent;
+        }
+        let (unanswered, owned) = (self.unanswered.clone(), path.to_owned());
+        let call = tokio::task::spawn_blocking(move || {
+            let result = statvfs(&owned);
+            lock(&unanswered).remove(&owned);
+            result
+        });
+        match tokio::time::timeout(ANSWER_TIMEOUT, call).await {
+            Err(_elapsed) => Answer::Silent,
+            Ok(Err(_join)) => Answer::Failed,
+            Ok(Ok(Ok(_))) => Answer::Answered,
+            Ok(Ok(Err(e)))
+                if matches!(e.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED)) =>
+            {
+                Answer::Gone(e)
+            }
+            Ok(Ok(Err(_))) => Answer::Failed,
+        }
+    }
+
+    /// Makes sure the volume's shared mount, if there is one, can be bound into a pod: a
+    /// dead one (its mount process crashed) is detached, with `target` if this publish had
+    /// bound it there, so that the caller starts a fresh one; a silent one is an error.
+    async fn drop_dead_shared_mount(
+        &self,
+        volume_id: &str,
+        shared: &Path,
+        target: &Path,
+    ) -> Result<(), Status> {
+        let table = Self::table()?;
+        let Some(mount) = mounts::mount_at(&table, shared) else {
+            return Ok(());
+        };
+        match self.ask_statfs(shared).await {
+            Answer::Answered | Answer::Failed => Ok(()),
+            Answer::Silent => Err(Status::unavailable(format!(
+                "the mount of volume {volume_id} on this node is not answering within {}s",
+                ANSWER_TIMEOUT.as_secs()
+            ))),
+            Answer::Gone(e) => {
+                tracing::warn!(
+                    volume = volume_id,
+                    error = %e,
+                    "the volume's mount process is gone; starting a fresh one"
+                );
+                // Other pods' bind mounts of the dead mount stay dead until they are
+                // published again; this one is replaced now.
+                if mounts::mount_at(&table, target).is_some_and(|t| t.device == mount.device) {
+                    mounts::unmount(target).map_err(|e| {
+                        internal(
+                            &format!("detaching the dead mount at {}", target.display()),
+                            e,
+                        )
+                    })?;
+                }
+                self.mounter.unmount(shared).await?;
+                Ok(())
+            }
         }
     }
 
@@ -157,20 +253,31 @@ impl<M: Mounter> Node for NodeService<M> {
         }
         let read_only = flags & libc::MS_RDONLY != 0;
 
-        let table = Self::table()?;
+        self.drop_dead_shared_mount(volume_id, &shared, &target)
+            .await?;
+        let mut table = Self::table()?;
         let shared_mount = mounts::mount_at(&table, &shared).cloned();
         if let Some(existing) = mounts::mount_at(&table, &target) {
-            return match &shared_mount {
-                Some(mount)
-                    if mount.device == existing.device && existing.read_only == read_only =>
-                {
-                    Ok(Response::new(NodePublishVolumeResponse {}))
-                }
-                _ => Err(Status::already_exists(format!(
+            let same_mount = shared_mount
+                .as_ref()
+                .is_some_and(|mount| mount.device == existing.device);
+            if same_mount && existing.read_only == read_only {
+                return Ok(Response::new(NodePublishVolumeResponse {}));
+            }
+            if same_mount || !matches!(self.ask_statfs(&target).await, Answer::Gone(_)) {
+                return Err(Status::already_exists(format!(
                     "{} is already published, differently",
                     target.display()
-                ))),
-            };
+                )));
+            }
+            // A bind mount of a mount that died since: replaced like a missing one.
+            mounts::unmount(&target).map_err(|e| {
+                internal(
+                    &format!("detaching the dead mount at {}", target.display()),
+                    e,
+                )
+            })?;
+            table = Self::table()?;
         }
         if let Some(mount) = &shared_mount
             && single_writer(r.volume_capability.as_ref())

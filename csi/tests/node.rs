@@ -2,12 +2,13 @@
 //! pool: one volume published at two target paths (one read-only) shares one mount; the
 //! service is replaced by a fresh one (a plugin restart) while the mounts keep serving, and
 //! the new one unpublishes both; a mount whose process died is reported abnormal and still
-//! unpublished; mount flags and the volume context shape the mounts; bad requests get the
-//! right codes. Needs root and the `cloudfs` binary
+//! unpublished, and the next publish replaces it with a fresh one; mount flags and the volume
+//! context shape the mounts; bad requests get the right codes. Needs root and the `cloudfs` binary
 //! (`cargo build -p cloudfs`, which `cargo test --workspace` does).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use cloudfs_csi::node::NodeService;
 use cloudfs_csi::process_mounter::ProcessMounter;
@@ -129,21 +130,104 @@ async fn a_volume_published_twice_shares_one_mount_that_outlives_the_service() {
     assert!(!is_mounted(&shared), "the dead mount is detached");
 }
 
-/// The command line of the process serving the mount at `mountpoint`.
-fn mount_process_args(mountpoint: &Path) -> Vec<String> {
+/// The pid and command line of the process serving the mount at `mountpoint`.
+fn mount_process(mountpoint: &Path) -> (i32, Vec<String>) {
     let wanted = mountpoint.display().to_string();
     std::fs::read_dir("/proc")
         .expect("/proc")
         .filter_map(Result::ok)
-        .filter_map(|entry| std::fs::read(entry.path().join("cmdline")).ok())
-        .map(|cmdline| {
-            cmdline
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse::<i32>().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let args = cmdline
                 .split(|b| *b == 0)
                 .map(|arg| String::from_utf8_lossy(arg).into_owned())
-                .collect::<Vec<_>>()
+                .collect::<Vec<_>>();
+            Some((pid, args))
         })
-        .find(|args| args.iter().any(|a| a == "mount") && args.contains(&wanted))
+        .find(|(_, args)| args.iter().any(|a| a == "mount") && args.contains(&wanted))
         .expect("the mount process")
+}
+
+/// The command line of the process serving the mount at `mountpoint`.
+fn mount_process_args(mountpoint: &Path) -> Vec<String> {
+    mount_process(mountpoint).1
+}
+
+/// Kills the process serving the mount at `mountpoint`, as a crash would, and waits (a
+/// bounded while) for its mount to be dead.
+fn crash_mount_process(mountpoint: &Path) {
+    let (pid, _) = mount_process(mountpoint);
+    // SAFETY: a pid just read from /proc, of a process this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0, "kill {pid}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match std::fs::metadata(mountpoint) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => return,
+            _ if std::time::Instant::now() > deadline => {
+                panic!("the mount at {} did not die", mountpoint.display())
+            }
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishing_replaces_a_shared_mount_whose_process_died() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _cleanup = Cleanup(dir.path().to_path_buf());
+    let volume_id = support::formatted_volume(&cloudfs_binary(), dir.path());
+    let node = NodeService::new(
+        "node-1".into(),
+        dir.path().join("state"),
+        ProcessMounter::new(cloudfs_binary(), dir.path().join("run")),
+    );
+    // A short lease, so the crashed writer's lease is soon over (kubelet would retry the
+    // publish until then).
+    let lease_ttl = Duration::from_secs(2);
+    let request_for = |target: &Path| {
+        let mut request = publish(&volume_id, target, false);
+        request.volume_context = [("leaseTTL".to_owned(), lease_ttl.as_secs().to_string())].into();
+        Request::new(request)
+    };
+    let (first, second) = (dir.path().join("pod-a/vol"), dir.path().join("pod-b/vol"));
+    node.node_publish_volume(request_for(&first))
+        .await
+        .expect("publish");
+    std::fs::write(first.join("before"), b"x").expect("the first mount works");
+    let shared =
+        node.shared_mountpoint(&cloudfs_csi::volume_id::VolumeId::parse(&volume_id).expect("id"));
+    crash_mount_process(&shared);
+    tokio::time::sleep(lease_ttl + Duration::from_secs(1)).await;
+
+    // A new pod: it gets a fresh mount, not the dead one.
+    node.node_publish_volume(request_for(&second))
+        .await
+        .expect("publish after the crash");
+    std::fs::write(second.join("after"), b"fresh mount").expect("write through the new pod");
+    assert_eq!(
+        std::fs::read(second.join("after")).expect("read it back"),
+        b"fresh mount"
+    );
+    std::fs::metadata(&shared).expect("the shared mount answers");
+    // Publishing the old pod again replaces its bind mount of the dead mount.
+    node.node_publish_volume(request_for(&first))
+        .await
+        .expect("publish the old pod again");
+    assert_eq!(
+        std::fs::read(first.join("after")).expect("read through the old pod"),
+        b"fresh mount"
+    );
+
+    for target in [&first, &second] {
+        node.node_unpublish_volume(Request::new(unpublish(&volume_id, target)))
+            .await
+            .expect("unpublish");
+    }
+    assert!(
+        !is_mounted(&shared),
+        "the last user gone, the mount stopped"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
