@@ -84,12 +84,12 @@ pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How a mount answered `statfs`.
 enum Answer {
-    Answered,
+    Stats(libc::statvfs),
     /// Its FUSE server is gone ("transport endpoint is not connected"): the mount is dead
     /// and only detaching it helps.
     Gone(std::io::Error),
     /// Another error: the mount process is there but failing (e.g. its store is down).
-    Failed,
+    Failed(std::io::Error),
     /// No answer within [`ANSWER_TIMEOUT`].
     Silent,
 }
@@ -165,14 +165,14 @@ impl<M: Mounter> NodeService<M> {
         });
         match tokio::time::timeout(ANSWER_TIMEOUT, call).await {
             Err(_elapsed) => Answer::Silent,
-            Ok(Err(_join)) => Answer::Failed,
-            Ok(Ok(Ok(_))) => Answer::Answered,
+            Ok(Err(join)) => Answer::Failed(std::io::Error::other(join)),
+            Ok(Ok(Ok(st))) => Answer::Stats(st),
             Ok(Ok(Err(e)))
                 if matches!(e.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED)) =>
             {
                 Answer::Gone(e)
             }
-            Ok(Ok(Err(_))) => Answer::Failed,
+            Ok(Ok(Err(e))) => Answer::Failed(e),
         }
     }
 
@@ -190,7 +190,7 @@ impl<M: Mounter> NodeService<M> {
             return Ok(());
         };
         match self.ask_statfs(shared).await {
-            Answer::Answered | Answer::Failed => Ok(()),
+            Answer::Stats(_) | Answer::Failed(_) => Ok(()),
             Answer::Silent => Err(Status::unavailable(format!(
                 "the mount of volume {volume_id} on this node is not answering within {}s",
                 ANSWER_TIMEOUT.as_secs()
@@ -372,21 +372,27 @@ impl<M: Mounter> Node for NodeService<M> {
                 path.display()
             )));
         }
-        let response = match statvfs(&path) {
-            Ok(st) => NodeGetVolumeStatsResponse {
+        let broken = |message: String| NodeGetVolumeStatsResponse {
+            usage: Vec::new(),
+            volume_condition: Some(VolumeCondition {
+                abnormal: true,
+                message,
+            }),
+        };
+        let response = match self.ask_statfs(&path).await {
+            Answer::Stats(st) => NodeGetVolumeStatsResponse {
                 usage: usage(&st),
                 volume_condition: Some(VolumeCondition {
                     abnormal: false,
                     message: "mounted and answering".into(),
                 }),
             },
-            Err(e) => NodeGetVolumeStatsResponse {
-                usage: Vec::new(),
-                volume_condition: Some(VolumeCondition {
-                    abnormal: true,
-                    message: format!("the mount does not answer: {e}"),
-                }),
-            },
+            Answer::Gone(e) => broken(format!("the mount's process is gone: {e}")),
+            Answer::Failed(e) => broken(format!("the mount fails statfs: {e}")),
+            Answer::Silent => broken(format!(
+                "the mount is not answering within {}s",
+                ANSWER_TIMEOUT.as_secs()
+            )),
         };
         Ok(Response::new(response))
     }

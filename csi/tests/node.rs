@@ -2,12 +2,14 @@
 //! pool: one volume published at two target paths (one read-only) shares one mount; the
 //! service is replaced by a fresh one (a plugin restart) while the mounts keep serving, and
 //! the new one unpublishes both; a mount whose process died is reported abnormal and still
-//! unpublished, and the next publish replaces it with a fresh one; mount flags and the volume
+//! unpublished, and the next publish replaces it with a fresh one; a hung (stopped) mount is
+//! reported abnormal within a bound and not bound into another pod; mount flags and the volume
 //! context shape the mounts; bad requests get the right codes. Needs root and the `cloudfs` binary
 //! (`cargo build -p cloudfs`, which `cargo test --workspace` does).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 
 use cloudfs_csi::node::NodeService;
@@ -228,6 +230,126 @@ async fn publishing_replaces_a_shared_mount_whose_process_died() {
         !is_mounted(&shared),
         "the last user gone, the mount stopped"
     );
+}
+
+/// A process stopped with SIGSTOP, resumed when dropped (so a failing test leaves no frozen
+/// mount) or at the latest after `limit`, by a thread of its own: a call that blocks the
+/// async runtime's threads (as a statfs on them would) also stalls the runtime's timers.
+struct Frozen {
+    done: Option<std::sync::mpsc::Sender<()>>,
+    watchdog: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Frozen {
+    fn stop(pid: i32, limit: Duration) -> Frozen {
+        // SAFETY: a pid just read from /proc, of a process this test started.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0, "stop {pid}");
+        let (done, wait) = std::sync::mpsc::channel::<()>();
+        let watchdog = std::thread::spawn(move || {
+            let _ = wait.recv_timeout(limit);
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+        });
+        Frozen {
+            done: Some(done),
+            watchdog: Some(watchdog),
+        }
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        drop(self.done.take());
+        if let Some(watchdog) = self.watchdog.take() {
+            let _ = watchdog.join();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_mount_is_reported_abnormal_without_hanging_the_calls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _cleanup = Cleanup(dir.path().to_path_buf());
+    let volume_id = support::formatted_volume(&cloudfs_binary(), dir.path());
+    let node = Arc::new(NodeService::new(
+        "node-1".into(),
+        dir.path().join("state"),
+        ProcessMounter::new(cloudfs_binary(), dir.path().join("run")),
+    ));
+    let target = dir.path().join("pod-a/vol");
+    // The calls run as tasks of their own, not on the test's thread, so that one blocking
+    // its worker thread leaves the test to fail.
+    let stats_task = |node: &Arc<NodeService<ProcessMounter>>| {
+        let (node, request) = (node.clone(), stats_of(&volume_id, &target));
+        tokio::spawn(async move { node.node_get_volume_stats(request).await })
+    };
+    node.node_publish_volume(Request::new(publish(&volume_id, &target, false)))
+        .await
+        .expect("publish");
+    let shared =
+        node.shared_mountpoint(&cloudfs_csi::volume_id::VolumeId::parse(&volume_id).expect("id"));
+    let (pid, _) = mount_process(&shared);
+
+    // Freeze the mount process: FUSE calls on its mount wait for it.
+    let frozen = Frozen::stop(pid, Duration::from_secs(40));
+    let bound = cloudfs_csi::node::ANSWER_TIMEOUT + Duration::from_secs(10);
+    let stats = tokio::time::timeout(
+        bound,
+        node.node_get_volume_stats(stats_of(&volume_id, &target)),
+    )
+    .await
+    .expect("NodeGetVolumeStats answers although the mount hangs")
+    .expect("stats")
+    .into_inner();
+    let condition = stats.volume_condition.expect("a condition");
+    assert!(condition.abnormal, "{condition:?}");
+    assert!(
+        condition.message.contains("not answering within"),
+        "{condition:?}"
+    );
+    // Asked again while the first statfs still waits: answered at once.
+    let again = tokio::time::timeout(Duration::from_secs(1), stats_task(&node))
+        .await
+        .expect("answered without waiting again")
+        .expect("task")
+        .expect("stats")
+        .into_inner();
+    assert_eq!(again.volume_condition.map(|c| c.abnormal), Some(true));
+    // Nor is the hung mount bound into another pod.
+    let other = dir.path().join("pod-b/vol");
+    let publish_task = {
+        let (node, request) = (node.clone(), publish(&volume_id, &other, false));
+        tokio::spawn(async move { node.node_publish_volume(Request::new(request)).await })
+    };
+    let status = tokio::time::timeout(bound, publish_task)
+        .await
+        .expect("NodePublishVolume answers although the mount hangs")
+        .expect("task")
+        .expect_err("a hung mount is not published");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+
+    // Resumed, the mount is healthy again.
+    drop(frozen);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let stats = node
+            .node_get_volume_stats(stats_of(&volume_id, &target))
+            .await
+            .expect("stats")
+            .into_inner();
+        if stats.volume_condition.as_ref().map(|c| c.abnormal) == Some(false) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still abnormal after the mount resumed: {stats:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    node.node_unpublish_volume(Request::new(unpublish(&volume_id, &target)))
+        .await
+        .expect("unpublish");
+    assert!(!is_mounted(&shared), "the mount stopped");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
