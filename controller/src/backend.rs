@@ -5,14 +5,17 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cloudfs::cas::{BlockCache, BlockStore};
+use cloudfs::cas::{BlockCache, BlockStore, CasError};
 use cloudfs::control::ControlError;
+use cloudfs::fs::FsError;
 use cloudfs::mailbox;
+use cloudfs::meta::MetaError;
 use cloudfs::snapshot::{self, SnapshotInfo};
 use cloudfs::store::{ObjectStore, StoreError, StoreUrl};
 use cloudfs::volume::{self, VolumeError};
 use cloudfs_csi::controller::{BackendError, Origin, Secrets, SnapshotRecord, VolumeBackend};
 use cloudfs_csi::volume_id::VolumeId;
+use cloudfs_swift::SwiftError;
 
 /// How long a call waits for a volume's mount (on some node) to take a snapshot.
 const MOUNT_ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
@@ -28,46 +31,129 @@ pub struct EngineBackend {
     pools: Vec<String>,
 }
 
+/// How an engine error becomes a [`BackendError`]: the constructor of the gRPC code its
+/// cause calls for. A store error wrapped in a volume, block or file-system error maps like
+/// the store error itself (a refused key stays `Unauthenticated` however deep it arrives);
+/// every match names each variant, so a new engine error must be given its code here.
+type Code = fn(String) -> BackendError;
+
 fn backend_error(e: VolumeError) -> BackendError {
-    let message = e.to_string();
-    match e {
-        VolumeError::NotFound(_) | VolumeError::SnapshotNotFound { .. } => {
-            BackendError::NotFound(message)
-        }
-        VolumeError::InvalidName(_) | VolumeError::InvalidBlockSize(_) => {
-            BackendError::InvalidArgument(message)
-        }
-        VolumeError::Exists(_) | VolumeError::SnapshotExists { .. } => {
-            BackendError::AlreadyExists(message)
-        }
-        VolumeError::LeaseHeld { .. } => BackendError::FailedPrecondition(message),
-        VolumeError::Store(store) => store_error(store),
-        _ => BackendError::Internal(message),
-    }
+    volume_code(&e)(e.to_string())
 }
 
 fn control_error(e: ControlError) -> BackendError {
-    let message = e.to_string();
-    match e {
-        ControlError::Volume(e) => backend_error(e),
-        ControlError::NoAnswer { .. } => BackendError::Unavailable(message),
-        ControlError::Refused(_)
-        | ControlError::Fs(_)
-        | ControlError::Meta(_)
-        | ControlError::Socket { .. }
-        | ControlError::BadReply(_) => BackendError::Internal(message),
-    }
+    control_code(&e)(e.to_string())
 }
 
 fn store_error(e: StoreError) -> BackendError {
-    let message = e.to_string();
+    store_code(&e)(e.to_string())
+}
+
+fn volume_code(e: &VolumeError) -> Code {
     match e {
-        StoreError::Unauthorized(_) => BackendError::Unauthenticated(message),
-        StoreError::InvalidUrl { .. } | StoreError::InvalidKey(_) | StoreError::Config(_) => {
-            BackendError::InvalidArgument(message)
+        VolumeError::NotFound(_) | VolumeError::SnapshotNotFound { .. } => BackendError::NotFound,
+        VolumeError::InvalidName(_) | VolumeError::InvalidBlockSize(_) => {
+            BackendError::InvalidArgument
         }
-        StoreError::NotFound(_) => BackendError::NotFound(message),
-        _ => BackendError::Unavailable(message),
+        VolumeError::Exists(_) | VolumeError::SnapshotExists { .. } => BackendError::AlreadyExists,
+        // Another writer holds the volume, or took it over: retrying as is cannot help
+        // until that writer lets go.
+        VolumeError::LeaseHeld { .. } | VolumeError::LeaseLost { .. } => {
+            BackendError::FailedPrecondition
+        }
+        // Formatted by a newer cloudfs: usable once this one is upgraded.
+        VolumeError::TooNew { .. } => BackendError::FailedPrecondition,
+        VolumeError::Corrupt { .. } | VolumeError::Io(_) => BackendError::Internal,
+        VolumeError::Store(e) => store_code(e),
+        VolumeError::Blocks(e) => cas_code(e),
+        VolumeError::Meta(e) => meta_code(e),
+    }
+}
+
+fn cas_code(e: &CasError) -> Code {
+    match e {
+        CasError::Store(e) => store_code(e),
+        // The store may answer in time later.
+        CasError::TimedOut { .. } => BackendError::Unavailable,
+        CasError::Corrupt { .. } | CasError::Cache(_) => BackendError::Internal,
+    }
+}
+
+fn meta_code(e: &MetaError) -> Code {
+    match e {
+        MetaError::Sqlite(_) | MetaError::Corrupt(_) => BackendError::Internal,
+        MetaError::TooNew { .. } => BackendError::FailedPrecondition,
+    }
+}
+
+fn fs_code(e: &FsError) -> Code {
+    match e {
+        FsError::Meta(e) => meta_code(e),
+        FsError::Blocks(e) => cas_code(e),
+        FsError::Replication(e) => volume_code(e),
+        FsError::NotFound => BackendError::NotFound,
+        FsError::Exists => BackendError::AlreadyExists,
+        FsError::ReadOnly | FsError::NoSpace => BackendError::FailedPrecondition,
+        FsError::NotDir
+        | FsError::IsDir
+        | FsError::NotEmpty
+        | FsError::Invalid(_)
+        | FsError::NameTooLong
+        | FsError::NotPermitted
+        | FsError::NoAttribute
+        | FsError::Range
+        | FsError::TooBig
+        | FsError::BadHandle
+        | FsError::FileTooLarge
+        | FsError::Staging(_) => BackendError::Internal,
+    }
+}
+
+fn control_code(e: &ControlError) -> Code {
+    match e {
+        ControlError::Volume(e) => volume_code(e),
+        ControlError::Fs(e) => fs_code(e),
+        ControlError::Meta(e) => meta_code(e),
+        ControlError::NoAnswer { .. } => BackendError::Unavailable,
+        ControlError::Refused(_) | ControlError::Socket { .. } | ControlError::BadReply(_) => {
+            BackendError::Internal
+        }
+    }
+}
+
+fn store_code(e: &StoreError) -> Code {
+    match e {
+        StoreError::Unauthorized(_) => BackendError::Unauthenticated,
+        StoreError::InvalidUrl { .. } | StoreError::InvalidKey(_) | StoreError::Config(_) => {
+            BackendError::InvalidArgument
+        }
+        StoreError::NotFound(_) => BackendError::NotFound,
+        StoreError::Io { .. } | StoreError::Unavailable(_) => BackendError::Unavailable,
+        // The pool's store cannot do what was asked (e.g. sign URLs).
+        StoreError::Unsupported(_) => BackendError::FailedPrecondition,
+        StoreError::Swift(e) => swift_code(e),
+    }
+}
+
+fn swift_code(e: &SwiftError) -> Code {
+    match e {
+        SwiftError::NotFound(_) => BackendError::NotFound,
+        SwiftError::Unauthorized(_) => BackendError::Unauthenticated,
+        // The credentials name an endpoint that does not hand out tokens (a wrong auth URL
+        // or region).
+        SwiftError::Auth(_) | SwiftError::Config(_) => BackendError::InvalidArgument,
+        // A conditional write lost a race: another call changed the object first.
+        SwiftError::PreconditionFailed(_) => BackendError::FailedPrecondition,
+        SwiftError::Throttled { .. }
+        | SwiftError::Transport { .. }
+        | SwiftError::TimedOut { .. }
+        | SwiftError::BadResponse { .. } => BackendError::Unavailable,
+        SwiftError::Http { status, .. } => match status {
+            401 | 403 => BackendError::Unauthenticated,
+            404 => BackendError::NotFound,
+            408 | 429 | 498 | 500..=599 => BackendError::Unavailable,
+            _ => BackendError::Internal,
+        },
     }
 }
 
@@ -303,6 +389,118 @@ impl VolumeBackend for EngineBackend {
             Ok(infos) => Ok(infos.into_iter().map(|i| record(i, volume)).collect()),
             Err(VolumeError::NotFound(_)) => Ok(Vec::new()),
             Err(e) => Err(backend_error(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tonic::Code;
+
+    use super::*;
+
+    fn code(e: BackendError) -> Code {
+        tonic::Status::from(e).code()
+    }
+
+    #[test]
+    fn wrapped_engine_errors_map_by_their_cause() {
+        let unauthorized = || StoreError::Unauthorized("401 on blocks/ab".into());
+        for (error, expected) in [
+            (VolumeError::Store(unauthorized()), Code::Unauthenticated),
+            (
+                VolumeError::Blocks(CasError::Store(unauthorized())),
+                Code::Unauthenticated,
+            ),
+            (
+                VolumeError::Blocks(CasError::TimedOut {
+                    key: "blocks/ab".into(),
+                    secs: 120,
+                }),
+                Code::Unavailable,
+            ),
+            (
+                VolumeError::LeaseLost {
+                    volume: "v".into(),
+                    epoch: 3,
+                },
+                Code::FailedPrecondition,
+            ),
+            (
+                VolumeError::Store(StoreError::Swift(SwiftError::Throttled {
+                    what: "PUT".into(),
+                })),
+                Code::Unavailable,
+            ),
+            (
+                VolumeError::Store(StoreError::Swift(SwiftError::Http {
+                    status: 503,
+                    what: "GET".into(),
+                    body: String::new(),
+                })),
+                Code::Unavailable,
+            ),
+            (
+                VolumeError::Store(StoreError::Swift(SwiftError::TimedOut {
+                    what: "GET".into(),
+                    limit: Duration::from_secs(120),
+                })),
+                Code::Unavailable,
+            ),
+            (
+                VolumeError::Meta(MetaError::Corrupt("page 3".into())),
+                Code::Internal,
+            ),
+            (VolumeError::NotFound("v".into()), Code::NotFound),
+        ] {
+            let message = error.to_string();
+            let mapped = backend_error(error);
+            assert_eq!(
+                mapped.to_string(),
+                message,
+                "the message is the error's own"
+            );
+            assert_eq!(code(mapped), expected, "{message}");
+        }
+    }
+
+    #[test]
+    fn errors_of_a_mount_map_by_their_cause() {
+        let unauthorized = || StoreError::Unauthorized("401".into());
+        for (error, expected) in [
+            (
+                ControlError::Fs(FsError::Blocks(CasError::Store(unauthorized()))),
+                Code::Unauthenticated,
+            ),
+            (
+                ControlError::Fs(FsError::Replication(Box::new(VolumeError::Blocks(
+                    CasError::TimedOut {
+                        key: "k".into(),
+                        secs: 1,
+                    },
+                )))),
+                Code::Unavailable,
+            ),
+            (
+                ControlError::Volume(VolumeError::SnapshotExists {
+                    volume: "v".into(),
+                    name: "s".into(),
+                }),
+                Code::AlreadyExists,
+            ),
+            (
+                ControlError::NoAnswer {
+                    volume: "v".into(),
+                    secs: 60,
+                },
+                Code::Unavailable,
+            ),
+            (ControlError::Refused("busy".into()), Code::Internal),
+        ] {
+            let message = error.to_string();
+            assert_eq!(code(control_error(error)), expected, "{message}");
         }
     }
 }
