@@ -4,7 +4,8 @@
 //! the new one unpublishes both; a mount whose process died is reported abnormal and still
 //! unpublished, and the next publish replaces it with a fresh one; a hung (stopped) mount is
 //! reported abnormal within a bound and not bound into another pod; mount flags and the volume
-//! context shape the mounts; bad requests get the right codes. Needs root and the `cloudfs` binary
+//! context shape the mounts; a second call on a volume while one is in flight is `Aborted`;
+//! bad requests get the right codes. Needs root and the `cloudfs` binary
 //! (`cargo build -p cloudfs`, which `cargo test --workspace` does).
 
 use std::path::{Path, PathBuf};
@@ -12,7 +13,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cloudfs_csi::node::NodeService;
+use cloudfs_csi::node::{MountFailure, MountRequest, Mounter, NodeService};
 use cloudfs_csi::process_mounter::ProcessMounter;
 use cloudfs_csi::proto::node_server::Node;
 use cloudfs_csi::proto::volume_capability::access_mode::Mode;
@@ -20,6 +21,7 @@ use cloudfs_csi::proto::volume_capability::{AccessMode, AccessType, BlockVolume,
 use cloudfs_csi::proto::volume_usage::Unit;
 use cloudfs_csi::proto::{NodeGetVolumeStatsRequest, VolumeCapability};
 use support::{Cleanup, capability, is_mounted, publish, unpublish};
+use tokio::sync::Notify;
 use tonic::{Code, Request};
 
 mod support;
@@ -350,6 +352,113 @@ async fn a_hung_mount_is_reported_abnormal_without_hanging_the_calls() {
         .await
         .expect("unpublish");
     assert!(!is_mounted(&shared), "the mount stopped");
+}
+
+/// A mounter whose mounts wait for the test's go-ahead, then mount a tmpfs: a slow mount
+/// the test controls.
+struct GatedMounter {
+    entered: Arc<Notify>,
+    go: Arc<Notify>,
+}
+
+#[tonic::async_trait]
+impl Mounter for GatedMounter {
+    async fn mount(&self, request: MountRequest<'_>) -> Result<(), MountFailure> {
+        self.entered.notify_one();
+        self.go.notified().await;
+        let fail = |e: std::io::Error| MountFailure::Failed(e.to_string());
+        let target = std::ffi::CString::new(request.mountpoint.as_os_str().as_encoded_bytes())
+            .map_err(|e| fail(std::io::Error::other(e)))?;
+        // SAFETY: valid NUL-terminated strings; tmpfs takes no data.
+        let mounted = unsafe {
+            libc::mount(
+                c"tmpfs".as_ptr(),
+                target.as_ptr(),
+                c"tmpfs".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if mounted != 0 {
+            return Err(fail(std::io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    async fn unmount(&self, mountpoint: &Path) -> Result<(), MountFailure> {
+        cloudfs_csi::mounts::unmount(mountpoint).map_err(|e| MountFailure::Failed(e.to_string()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_call_on_a_volume_in_flight_is_aborted_and_succeeds_after() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _cleanup = Cleanup(dir.path().to_path_buf());
+    let (entered, go) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let node = Arc::new(NodeService::new(
+        "node-1".into(),
+        dir.path().join("state"),
+        GatedMounter {
+            entered: entered.clone(),
+            go: go.clone(),
+        },
+    ));
+    let volume_id = format!("vol@file://{}", dir.path().join("pool").display());
+    let (first, second) = (dir.path().join("pod-a/vol"), dir.path().join("pod-b/vol"));
+    let slow = {
+        let (node, request) = (node.clone(), publish(&volume_id, &first, false));
+        tokio::spawn(async move { node.node_publish_volume(Request::new(request)).await })
+    };
+    tokio::time::timeout(Duration::from_secs(10), entered.notified())
+        .await
+        .expect("the first publish reaches its mount");
+
+    // While it mounts, other calls on the volume are refused, not queued.
+    let at_once = Duration::from_secs(5);
+    let status = tokio::time::timeout(
+        at_once,
+        node.node_publish_volume(Request::new(publish(&volume_id, &second, false))),
+    )
+    .await
+    .expect("answered at once")
+    .expect_err("a publish while one is in flight");
+    assert_eq!(status.code(), Code::Aborted, "{status:?}");
+    let status = tokio::time::timeout(
+        at_once,
+        node.node_unpublish_volume(Request::new(unpublish(&volume_id, &first))),
+    )
+    .await
+    .expect("answered at once")
+    .expect_err("an unpublish while a publish is in flight");
+    assert_eq!(status.code(), Code::Aborted, "{status:?}");
+    assert!(!second.exists(), "the refused publish made nothing");
+
+    go.notify_one();
+    tokio::time::timeout(Duration::from_secs(10), slow)
+        .await
+        .expect("the first publish finishes")
+        .expect("task")
+        .expect("the first publish succeeds");
+    // The volume free again, the same call succeeds (and shares the mount).
+    node.node_publish_volume(Request::new(publish(&volume_id, &second, false)))
+        .await
+        .expect("the retried publish");
+    std::fs::write(first.join("file"), b"shared").expect("write through one pod");
+    assert_eq!(
+        std::fs::read(second.join("file")).expect("read through the other"),
+        b"shared"
+    );
+    for target in [&first, &second] {
+        node.node_unpublish_volume(Request::new(unpublish(&volume_id, target)))
+            .await
+            .expect("unpublish");
+    }
+    let shared =
+        node.shared_mountpoint(&cloudfs_csi::volume_id::VolumeId::parse(&volume_id).expect("id"));
+    assert!(
+        !is_mounted(&shared),
+        "the last user gone, the mount stopped"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
