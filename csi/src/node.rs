@@ -31,8 +31,7 @@ use crate::proto::{
 use crate::request::{self, InFlight, required};
 use crate::volume_id::VolumeId;
 
-/// What a mount of a volume needs.
-#[derive(Debug)]
+/// What a mount of a volume needs. Its `Debug` names the secrets' keys, never their values.
 pub struct MountRequest<'a> {
     pub id: &'a VolumeId,
     pub mountpoint: &'a Path,
@@ -41,6 +40,20 @@ pub struct MountRequest<'a> {
     pub secrets: &'a HashMap<String, String>,
     /// How the mount process runs (from the volume context).
     pub options: &'a MountOptions,
+}
+
+impl std::fmt::Debug for MountRequest<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut keys: Vec<&str> = self.secrets.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        f.debug_struct("MountRequest")
+            .field("id", self.id)
+            .field("mountpoint", &self.mountpoint)
+            .field("read_only", &self.read_only)
+            .field("secrets", &format_args!("{keys:?} (values redacted)"))
+            .field("options", self.options)
+            .finish()
+    }
 }
 
 /// Why a mount could not be started or stopped.
@@ -462,4 +475,35 @@ fn usage(st: &libc::statvfs) -> Vec<VolumeUsage> {
             unit: Unit::Inodes.into(),
         },
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mount_request_never_shows_its_secrets() {
+        let id = VolumeId::parse("vol@swift://pool").expect("id");
+        let secrets = HashMap::from([
+            ("ST_USER".to_owned(), "test:tester".to_owned()),
+            ("ST_KEY".to_owned(), "s3cr3t-value".to_owned()),
+        ]);
+        let request = MountRequest {
+            id: &id,
+            mountpoint: Path::new("/var/lib/cloudfs/volumes/x/mnt"),
+            read_only: false,
+            secrets: &secrets,
+            options: &MountOptions::default(),
+        };
+        let shown = format!("{request:?}");
+        assert!(
+            shown.contains("ST_KEY") && shown.contains("ST_USER"),
+            "{shown}"
+        );
+        assert!(
+            !shown.contains("s3cr3t-value") && !shown.contains("test:tester"),
+            "{shown}"
+        );
+        assert!(shown.contains("/var/lib/cloudfs/volumes/x/mnt"), "{shown}");
+    }
 }
