@@ -1,11 +1,13 @@
 //! The Controller service on the engine, against a local pool: volumes created idempotently
 //! with their capacity as quota, capabilities validated, listings paged, snapshots taken
 //! and listed, a volume created from a snapshot and published through the Node service
-//! holding exactly the snapshot's files, expansion, deletes, and the codes of bad requests.
+//! holding exactly the snapshot's files, expansion (also of a mounted volume, whose `df`
+//! grows), deletes, and the codes of bad requests.
 //! Needs root and the `cloudfs` binary (built by `cargo test --workspace`).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use cloudfs_controller::EngineBackend;
 use cloudfs_csi::controller::ControllerService;
@@ -45,6 +47,20 @@ fn create(name: &str, bytes: i64, source: Option<Source>) -> Request<CreateVolum
         volume_content_source: source.map(|t| VolumeContentSource { r#type: Some(t) }),
         ..CreateVolumeRequest::default()
     })
+}
+
+/// The size `df` shows for the file system at `path`.
+fn df_size(path: &Path) -> i64 {
+    let out = std::process::Command::new("stat")
+        .args(["-f", "-c", "%b %S"])
+        .arg(path)
+        .output()
+        .expect("stat -f");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut fields = text
+        .split_whitespace()
+        .map(|f| f.parse::<i64>().unwrap_or(0));
+    fields.next().unwrap_or(0) * fields.next().unwrap_or(0)
 }
 
 fn code<T: std::fmt::Debug>(result: Result<tonic::Response<T>, tonic::Status>) -> Code {
@@ -99,19 +115,7 @@ async fn volumes_and_snapshots_through_the_controller() {
         .await
         .expect("publish");
     std::fs::write(target.join("file"), b"before the snapshot").expect("write");
-    let statfs_size = {
-        let out = std::process::Command::new("stat")
-            .args(["-f", "-c", "%b %S"])
-            .arg(&target)
-            .output()
-            .expect("stat -f");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let mut fields = text
-            .split_whitespace()
-            .map(|f| f.parse::<i64>().unwrap_or(0));
-        fields.next().unwrap_or(0) * fields.next().unwrap_or(0)
-    };
-    assert_eq!(statfs_size, GIB, "df shows the capacity");
+    assert_eq!(df_size(&target), GIB, "df shows the capacity");
     node.node_unpublish_volume(Request::new(unpublish(&volume.volume_id, &target)))
         .await
         .expect("unpublish");
@@ -386,4 +390,84 @@ async fn volumes_and_snapshots_through_the_controller() {
         .expect("list")
         .into_inner();
     assert!(left.entries.is_empty(), "{:?}", left.entries);
+}
+
+/// An expand request for `volume_id` to `bytes`.
+fn expand(volume_id: &str, bytes: i64) -> Request<ControllerExpandVolumeRequest> {
+    Request::new(ControllerExpandVolumeRequest {
+        volume_id: volume_id.to_owned(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: bytes,
+            limit_bytes: 0,
+        }),
+        ..ControllerExpandVolumeRequest::default()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expansion_grows_a_mounted_volume() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _cleanup = Cleanup(dir.path().to_path_buf());
+    let pool = dir.path().join("pool");
+    std::fs::create_dir(&pool).expect("mkdir");
+    let controller = ControllerService::new(EngineBackend::new(vec![format!(
+        "file://{}",
+        pool.display()
+    )]));
+    let node = NodeService::new(
+        "node-1".into(),
+        dir.path().join("state"),
+        ProcessMounter::new(cloudfs_binary(), dir.path().join("run")),
+    );
+    let volume_id = controller
+        .create_volume(create("pvc-grow", GIB, None))
+        .await
+        .expect("create")
+        .into_inner()
+        .volume
+        .expect("a volume")
+        .volume_id;
+    let target = dir.path().join("pods/a/vol");
+    node.node_publish_volume(Request::new(publish(&volume_id, &target, false)))
+        .await
+        .expect("publish");
+    assert_eq!(df_size(&target), GIB);
+
+    let expanded = controller
+        .controller_expand_volume(expand(&volume_id, 2 * GIB))
+        .await
+        .expect("expand")
+        .into_inner();
+    assert_eq!(expanded.capacity_bytes, 2 * GIB);
+    assert!(!expanded.node_expansion_required);
+    // The controller runs elsewhere than the mount, as in a cluster: the mount finds the new
+    // quota in the pool (it looks every 30 s).
+    let deadline = Instant::now() + Duration::from_secs(45);
+    while df_size(&target) != 2 * GIB {
+        assert!(
+            Instant::now() < deadline,
+            "df still shows {} bytes",
+            df_size(&target)
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    // A smaller request leaves the capacity as it is, and says so.
+    let unchanged = controller
+        .controller_expand_volume(expand(&volume_id, GIB))
+        .await
+        .expect("expand to less")
+        .into_inner();
+    assert_eq!(unchanged.capacity_bytes, 2 * GIB);
+
+    node.node_unpublish_volume(Request::new(unpublish(&volume_id, &target)))
+        .await
+        .expect("unpublish");
+    controller
+        .delete_volume(Request::new(DeleteVolumeRequest {
+            volume_id,
+            secrets: HashMap::new(),
+        }))
+        .await
+        .expect("delete");
 }

@@ -582,14 +582,19 @@ impl<B: VolumeBackend> Controller for ControllerService<B> {
             .volume_quota(&id, &r.secrets)
             .await?
             .ok_or_else(|| Status::not_found(format!("no volume {volume_id}")))?;
-        // A quota only grows here (a volume without one has room for anything already).
-        if let Some(current) = current
-            && current < quota
-        {
-            self.backend.set_quota(&id, Some(quota), &r.secrets).await?;
-        }
+        // A quota only grows here (a volume without one has room for anything already), and
+        // the answer is the capacity the volume has: a smaller request leaves it as it is.
+        let capacity = match current {
+            Some(current) if current < quota => {
+                self.backend.set_quota(&id, Some(quota), &r.secrets).await?;
+                tracing::info!(volume = volume_id, quota, "expanded");
+                quota
+            }
+            Some(current) => current,
+            None => quota,
+        };
         Ok(Response::new(ControllerExpandVolumeResponse {
-            capacity_bytes: i64::try_from(quota).unwrap_or(i64::MAX),
+            capacity_bytes: i64::try_from(capacity).unwrap_or(i64::MAX),
             node_expansion_required: false,
         }))
     }

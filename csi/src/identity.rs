@@ -6,7 +6,7 @@ use tonic::{Request, Response, Status};
 
 use crate::DRIVER_NAME;
 use crate::proto::identity_server::Identity;
-use crate::proto::plugin_capability::{self, service};
+use crate::proto::plugin_capability::{self, service, volume_expansion};
 use crate::proto::{
     GetPluginCapabilitiesRequest, GetPluginCapabilitiesResponse, GetPluginInfoRequest,
     GetPluginInfoResponse, PluginCapability, ProbeRequest, ProbeResponse,
@@ -19,8 +19,9 @@ pub trait Readiness: Send + Sync + 'static {
     async fn check(&self) -> Result<(), String>;
 }
 
-/// The Identity service of a plugin process. Both plugins report the Controller service:
-/// it is a capability of the driver as a whole (served by `cloudfs-controller`).
+/// The Identity service of a plugin process. Both plugins report the Controller service and
+/// online expansion: they are capabilities of the driver as a whole (served by
+/// `cloudfs-controller`).
 pub struct IdentityService<R> {
     readiness: R,
 }
@@ -48,13 +49,24 @@ impl<R: Readiness> Identity for IdentityService<R> {
         &self,
         _request: Request<GetPluginCapabilitiesRequest>,
     ) -> Result<Response<GetPluginCapabilitiesResponse>, Status> {
-        let capabilities = vec![PluginCapability {
-            r#type: Some(plugin_capability::Type::Service(
-                plugin_capability::Service {
-                    r#type: service::Type::ControllerService.into(),
-                },
-            )),
-        }];
+        let capabilities = vec![
+            PluginCapability {
+                r#type: Some(plugin_capability::Type::Service(
+                    plugin_capability::Service {
+                        r#type: service::Type::ControllerService.into(),
+                    },
+                )),
+            },
+            // Expansion raises the volume's quota, which its mounts apply while mounted:
+            // no unpublish, no node step.
+            PluginCapability {
+                r#type: Some(plugin_capability::Type::VolumeExpansion(
+                    plugin_capability::VolumeExpansion {
+                        r#type: volume_expansion::Type::Online.into(),
+                    },
+                )),
+            },
+        ];
         Ok(Response::new(GetPluginCapabilitiesResponse {
             capabilities,
         }))

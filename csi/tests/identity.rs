@@ -10,7 +10,7 @@ use cloudfs_csi::identity::{IdentityService, Readiness};
 use cloudfs_csi::metrics::RpcMetrics;
 use cloudfs_csi::proto::identity_client::IdentityClient;
 use cloudfs_csi::proto::identity_server::IdentityServer;
-use cloudfs_csi::proto::plugin_capability::{self, service};
+use cloudfs_csi::proto::plugin_capability::{self, service, volume_expansion};
 use cloudfs_csi::proto::{GetPluginCapabilitiesRequest, GetPluginInfoRequest, ProbeRequest};
 use cloudfs_csi::{DRIVER_NAME, server};
 use cloudfs_metrics::{encode, prometheus::Registry};
@@ -78,11 +78,16 @@ async fn identity_answers_on_the_socket_and_probe_follows_readiness() {
         .expect("GetPluginCapabilities")
         .into_inner()
         .capabilities;
-    assert_eq!(capabilities.len(), 1);
-    assert!(matches!(
-        &capabilities[0].r#type,
+    assert_eq!(capabilities.len(), 2, "{capabilities:?}");
+    assert!(capabilities.iter().any(|c| matches!(
+        &c.r#type,
         Some(plugin_capability::Type::Service(s)) if s.r#type == service::Type::ControllerService as i32
-    ));
+    )));
+    assert!(capabilities.iter().any(|c| matches!(
+        &c.r#type,
+        Some(plugin_capability::Type::VolumeExpansion(e))
+            if e.r#type == volume_expansion::Type::Online as i32
+    )));
     let probe = |client: &mut IdentityClient<Channel>| {
         let mut client = client.clone();
         async move {
