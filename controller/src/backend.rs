@@ -20,6 +20,11 @@ use cloudfs_swift::SwiftError;
 /// How long a call waits for a volume's mount (on some node) to take a snapshot.
 const MOUNT_ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How long Probe waits for the default pool. The store client retries an unreachable
+/// Swift for a minute or more (to ride out a proxy restart), longer than a prober waits for
+/// an answer; past this the plugin is simply not ready.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Block size of the volumes the controller formats.
 const BLOCK_SIZE: u64 = 8 << 20;
 
@@ -207,16 +212,20 @@ impl EngineBackend {
         Pool::open(pool, secrets)
     }
 
-    /// Whether the default pool can be listed now (for Probe).
+    /// Whether the default pool can be listed now (for Probe), within [`PROBE_TIMEOUT`].
     pub async fn check(&self) -> Result<(), String> {
         let pool = self.pools.first().ok_or("no pool configured")?;
         let opened = self
             .open(pool, &HashMap::new())
             .map_err(|e| e.to_string())?;
-        volume::list_volumes(opened.store.as_ref())
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+        match tokio::time::timeout(PROBE_TIMEOUT, volume::list_volumes(opened.store.as_ref())).await
+        {
+            Ok(listed) => listed.map(|_| ()).map_err(|e| e.to_string()),
+            Err(_elapsed) => Err(format!(
+                "pool {pool} did not answer within {}s",
+                PROBE_TIMEOUT.as_secs()
+            )),
+        }
     }
 }
 
