@@ -317,6 +317,7 @@ pub fn open_engine(
                 volume_name,
                 lease.epoch(),
                 0,
+                opened.chunk_size,
                 opened.chunks.clone(),
             ),
             lease,

@@ -32,14 +32,18 @@ use crate::store::{ObjectStore, StoreError, list_all, unix_now_secs};
 
 pub const FORMAT_VERSION: u32 = 1;
 pub const DEFAULT_BLOCK_SIZE: u64 = 8 << 20;
-/// Metadata chunks fetched at once while a database is rebuilt.
-const CHUNK_FETCHES: usize = 16;
+/// Metadata chunks fetched, or uploaded, at once while a database is rebuilt or replicated.
+const CHUNK_TRANSFERS: usize = 16;
 const MIN_BLOCK_SIZE: u64 = 4 << 10;
 const MAX_BLOCK_SIZE: u64 = 64 << 20;
-/// The database is replicated in chunks of this size: a change re-uploads the chunks holding
-/// the pages it touched, so smaller chunks upload less per change (and name more chunks per
-/// generation). Each generation records the size it was cut with.
+/// The database is replicated in chunks of at least this size: a change re-uploads the chunks
+/// holding the pages it touched, so smaller chunks upload less per change (and name more
+/// chunks per generation). Each generation records the size it was cut with.
 const CHUNK_SIZE: u64 = 64 << 10;
+/// Past this many chunks of `CHUNK_SIZE`, chunks grow (by powers of two): opening a large
+/// volume (a mount, a snapshot, a rollback) fetches every chunk, and the store's round trips,
+/// not its bandwidth, would set how long that takes.
+const TARGET_CHUNKS: u64 = 128;
 const MIN_CHUNK_SIZE: u64 = 4 << 10;
 const MAX_CHUNK_SIZE: u64 = 64 << 20;
 /// Generations kept besides the newest (older ones are deleted after each sync).
@@ -256,7 +260,7 @@ pub async fn format(
     let meta = MetaStore::create(&db_path, uid, gid, now_ns())?;
     store.prepare().await?;
     write_config(store.as_ref(), &config).await?;
-    let replica = Replicator::new(store.clone(), volume, 0, 0, Vec::new());
+    let replica = Replicator::new(store.clone(), volume, 0, 0, CHUNK_SIZE, Vec::new());
     replica.push(&meta, blocks).await?;
     Ok(config)
 }
@@ -421,6 +425,8 @@ pub struct OpenedVolume {
     pub epoch: u64,
     /// Object key of that generation.
     pub generation: String,
+    /// The size that generation cut the database into chunks with, and the chunks.
+    pub chunk_size: u64,
     pub chunks: Vec<Hash>,
 }
 
@@ -476,6 +482,7 @@ pub(crate) async fn open_generation(
         meta: Arc::new(meta),
         epoch: generation.epoch,
         generation: label.to_owned(),
+        chunk_size: generation.chunk_size,
         chunks,
     })
 }
@@ -520,10 +527,17 @@ pub(crate) async fn rebuild_database(
     // Chunks are small and many (a 100,000-file volume has hundreds): fetched one by one,
     // the store's round trip, not its bandwidth, would set the time a mount or a snapshot
     // takes to open the database.
-    let mut fetched = futures::stream::iter(chunks.iter().zip(generation.chunk_lens()))
-        .map(|(hash, len)| blocks.fetch(hash, len))
-        .buffered(CHUNK_FETCHES);
-    while let Some(data) = fetched.next().await {
+    let mut wanted = chunks.iter().zip(generation.chunk_lens());
+    let mut fetched = futures::stream::FuturesOrdered::new();
+    loop {
+        while fetched.len() < CHUNK_TRANSFERS
+            && let Some((hash, len)) = wanted.next()
+        {
+            fetched.push_back(blocks.fetch(hash, len));
+        }
+        let Some(data) = fetched.next().await else {
+            break;
+        };
         let data = data.map_err(|e| match e {
             CasError::Store(StoreError::NotFound(k)) => {
                 corrupt(volume, format!("metadata chunk {k} is missing"))
@@ -542,6 +556,16 @@ pub(crate) async fn rebuild_database(
     }
     file.sync_all()?;
     Ok(chunks)
+}
+
+/// The chunk size a database of `db_size` bytes is replicated in: `CHUNK_SIZE`, doubled
+/// until at most `TARGET_CHUNKS` chunks cut it.
+fn chunk_size_for(db_size: u64) -> u64 {
+    let mut size = CHUNK_SIZE;
+    while size < MAX_CHUNK_SIZE && db_size.div_ceil(size) > TARGET_CHUNKS {
+        size *= 2;
+    }
+    size
 }
 
 /// Writes `generation` as generation `seq` of `epoch` of `volume` (a new name; never an
@@ -581,6 +605,8 @@ struct ReplicaState {
     seq: u64,
     /// The last generation written: its key and manifest.
     latest: Option<(String, Generation)>,
+    /// The chunks of the last generation written (or rebuilt from), and their size.
+    chunk_size: u64,
     chunks: Vec<Hash>,
     synced_writes: Option<u64>,
     written: Vec<String>,
@@ -597,12 +623,14 @@ pub struct Replicator {
 }
 
 impl Replicator {
-    /// `chunks` are those of the generation the working copy was rebuilt from.
+    /// `chunks`, cut `chunk_size` bytes each, are those of the generation the working copy was
+    /// rebuilt from.
     pub fn new(
         store: Arc<dyn ObjectStore>,
         volume: &str,
         epoch: u64,
         first_seq: u64,
+        chunk_size: u64,
         chunks: Vec<Hash>,
     ) -> Replicator {
         Replicator {
@@ -612,6 +640,7 @@ impl Replicator {
             state: tokio::sync::Mutex::new(ReplicaState {
                 seq: first_seq,
                 latest: None,
+                chunk_size,
                 chunks,
                 synced_writes: None,
                 written: Vec::new(),
@@ -661,8 +690,14 @@ impl Replicator {
             .map_err(VolumeError::Io)?;
         let mut file = File::open(snapshot.path())?;
         let db_size = file.metadata()?.len();
+        let chunk_size = chunk_size_for(db_size);
+        if state.chunk_size != chunk_size {
+            state.chunks.clear(); // cut differently: every chunk is new
+            state.chunk_size = chunk_size;
+        }
         let mut chunks = Vec::new();
-        let mut buf = vec![0u8; CHUNK_SIZE as usize];
+        let mut uploads = futures::stream::FuturesUnordered::new();
+        let mut buf = vec![0u8; chunk_size as usize];
         loop {
             let mut filled = 0;
             while filled < buf.len() {
@@ -677,20 +712,26 @@ impl Replicator {
             let data = &buf[..filled];
             let hash = hash_block(data);
             if state.chunks.get(chunks.len()) != Some(&hash) {
-                blocks
-                    .upload(hash, Bytes::copy_from_slice(data), false)
-                    .await?;
+                if uploads.len() >= CHUNK_TRANSFERS
+                    && let Some(uploaded) = uploads.next().await
+                {
+                    uploaded?;
+                }
+                uploads.push(blocks.upload(hash, Bytes::copy_from_slice(data), false));
             }
             chunks.push(hash);
             if filled < buf.len() {
                 break;
             }
         }
+        while let Some(uploaded) = uploads.next().await {
+            uploaded?;
+        }
         let generation = Generation {
             epoch: self.epoch,
             seq: state.seq,
             db_size,
-            chunk_size: CHUNK_SIZE,
+            chunk_size,
             chunks: chunks.iter().map(hex::encode).collect(),
             created_at_ns: now_ns(),
         };
@@ -851,6 +892,18 @@ mod tests {
             chunks,
             created_at_ns: 0,
         }
+    }
+
+    #[test]
+    fn large_databases_are_cut_into_larger_chunks() {
+        assert_eq!(chunk_size_for(0), CHUNK_SIZE);
+        assert_eq!(chunk_size_for(TARGET_CHUNKS * CHUNK_SIZE), CHUNK_SIZE);
+        assert_eq!(
+            chunk_size_for(TARGET_CHUNKS * CHUNK_SIZE + 1),
+            2 * CHUNK_SIZE
+        );
+        assert_eq!(chunk_size_for(20 << 20), 256 << 10);
+        assert_eq!(chunk_size_for(u64::MAX), MAX_CHUNK_SIZE);
     }
 
     #[test]
