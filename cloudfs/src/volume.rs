@@ -3,10 +3,11 @@
 //!
 //! Store layout of a volume (see the design): `volumes/<volume>/config.json` (written once,
 //! create-only) and `volumes/<volume>/meta/gen-<epoch>-<seq>` generation manifests. A
-//! generation lists the BLAKE3 hashes of the database file cut into 64 KiB chunks; the chunks are
-//! ordinary CAS blocks, so an unchanged chunk is never uploaded twice. Manifest names are never
-//! reused (the epoch grows with every read-write open, the sequence with every sync), so an
-//! eventually consistent store can never serve a stale copy under a current name.
+//! generation lists the BLAKE3 hashes of the database file cut into chunks (64 KiB, larger
+//! for large databases, see `chunk_size_for`); the chunks are ordinary CAS blocks, so an
+//! unchanged chunk is never uploaded twice. Manifest names are never reused (the epoch grows
+//! with every read-write open, the sequence with every sync), so an eventually consistent
+//! store can never serve a stale copy under a current name.
 //!
 //! `volumes/<volume>/meta/latest.json` points at the newest generation. It is the one object
 //! overwritten in place, and only a hint: readers that cannot list the store (TempURL
@@ -40,10 +41,13 @@ const MAX_BLOCK_SIZE: u64 = 64 << 20;
 /// holding the pages it touched, so smaller chunks upload less per change (and name more
 /// chunks per generation). Each generation records the size it was cut with.
 const CHUNK_SIZE: u64 = 64 << 10;
-/// Past this many chunks of `CHUNK_SIZE`, chunks grow (by powers of two): opening a large
-/// volume (a mount, a snapshot, a rollback) fetches every chunk, and the store's round trips,
-/// not its bandwidth, would set how long that takes.
+/// Past this many chunks of `CHUNK_SIZE`, chunks grow (by powers of two) up to
+/// `LARGEST_GROWN_CHUNK`: opening a large volume (a mount, a snapshot, a rollback) fetches
+/// every chunk, and the store's round trips, not its bandwidth, would set how long that
+/// takes. The cap bounds what a small change re-uploads (a chunk per page it touches) and
+/// what a change of chunk size re-uploads at once (the whole database).
 const TARGET_CHUNKS: u64 = 128;
+const LARGEST_GROWN_CHUNK: u64 = 1 << 20;
 const MIN_CHUNK_SIZE: u64 = 4 << 10;
 const MAX_CHUNK_SIZE: u64 = 64 << 20;
 /// Generations kept besides the newest (older ones are deleted after each sync).
@@ -550,7 +554,7 @@ pub(crate) async fn rebuild_database(
         file.write_all(&data)?;
         written += data.len() as u64;
     }
-    drop(fetched);
+    drop(fetched); // its (finished) fetches borrow `chunks`, returned below
     if written != generation.db_size {
         return Err(corrupt(volume, format!("generation {label} is short")));
     }
@@ -559,10 +563,10 @@ pub(crate) async fn rebuild_database(
 }
 
 /// The chunk size a database of `db_size` bytes is replicated in: `CHUNK_SIZE`, doubled
-/// until at most `TARGET_CHUNKS` chunks cut it.
+/// until at most `TARGET_CHUNKS` chunks cut it or it reaches `LARGEST_GROWN_CHUNK`.
 fn chunk_size_for(db_size: u64) -> u64 {
     let mut size = CHUNK_SIZE;
-    while size < MAX_CHUNK_SIZE && db_size.div_ceil(size) > TARGET_CHUNKS {
+    while size < LARGEST_GROWN_CHUNK && db_size.div_ceil(size) > TARGET_CHUNKS {
         size *= 2;
     }
     size
@@ -903,7 +907,8 @@ mod tests {
             2 * CHUNK_SIZE
         );
         assert_eq!(chunk_size_for(20 << 20), 256 << 10);
-        assert_eq!(chunk_size_for(u64::MAX), MAX_CHUNK_SIZE);
+        assert_eq!(chunk_size_for(200 << 20), LARGEST_GROWN_CHUNK);
+        assert_eq!(chunk_size_for(u64::MAX), LARGEST_GROWN_CHUNK);
     }
 
     #[test]

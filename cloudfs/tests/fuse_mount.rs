@@ -2642,9 +2642,18 @@ fn blocks_a_mounted_writer_uploads_after_the_mark_survive_the_sweep() {
     send_signal(gc_pid, libc::SIGSTOP);
     let late: Vec<Vec<u8>> = (0..4u64).map(|i| pattern(40 + i, 200_000)).collect();
     let wrote = std::panic::catch_unwind(|| {
+        // Still running (not done already), held before its sweep.
+        wait_for("gc to stop", || {
+            let stat = fs::read_to_string(format!("/proc/{gc_pid}/stat")).ok()?;
+            let state = stat.rsplit(')').next()?.trim_start().chars().next()?;
+            (state == 'T').then_some(())
+        });
         for (i, data) in late.iter().enumerate() {
             write_durably(&h, &format!("late-{i}"), data);
         }
+        // Older than the grace by the time the sweep sees them: only a cutoff taken when the
+        // run started (not when the sweep does) keeps them.
+        std::thread::sleep(Duration::from_secs(3));
     });
     send_signal(gc_pid, libc::SIGCONT);
     if let Err(panic) = wrote {

@@ -6,9 +6,10 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
+use cloudfs::fs::XattrMode;
 use cloudfs::mount::{Engine, EngineConfig, MountError, open_engine};
-use cloudfs::store::{Fault, ObjectStore};
-use common::{ROOT, TEST_LEASE_TTL, TestFs};
+use cloudfs::store::{Fault, ObjectStore, list_all};
+use common::{ROOT, TEST_LEASE_TTL, TestFs, pattern};
 
 const POINTER: &str = "volumes/vol/meta/latest.json";
 
@@ -111,5 +112,75 @@ fn the_writer_prefers_the_newer_of_listing_and_pointer() {
     assert_eq!(
         t.read_all(t.fs.lookup(ROOT, b"second").expect("second").ino),
         b"2"
+    );
+}
+
+/// The chunk size of the newest generation in the store.
+fn newest_chunk_size(t: &TestFs) -> u64 {
+    let keys =
+        t.rt.block_on(list_all(t.store.as_ref(), "volumes/vol/meta/gen-"))
+            .expect("list generations");
+    let newest = keys
+        .iter()
+        .map(|object| object.key.clone())
+        .max_by_key(|key| {
+            let (epoch, seq) = key
+                .rsplit_once("gen-")
+                .and_then(|(_, n)| n.split_once('-'))
+                .expect("gen-<epoch>-<seq>");
+            (
+                epoch.parse::<u64>().expect("epoch"),
+                seq.parse::<u64>().expect("seq"),
+            )
+        })
+        .expect("a generation");
+    let raw = t.rt.block_on(t.store.get(&newest, None)).expect("get");
+    let manifest: serde_json::Value = serde_json::from_slice(&raw).expect("JSON");
+    manifest["chunk_size"].as_u64().expect("chunk_size")
+}
+
+#[test]
+fn a_database_that_outgrows_its_chunk_size_is_cut_afresh_and_reopens_whole() {
+    let mut t = TestFs::new(64 << 10);
+    write_and_publish(&t, "small", b"before the growth");
+    assert_eq!(newest_chunk_size(&t), 64 << 10);
+
+    // 150 xattrs of 60 KiB take the database past 128 chunks of 64 KiB.
+    let value = |i: usize| pattern(60 << 10, i as u8);
+    for i in 0..150 {
+        t.fs.setxattr(
+            ROOT,
+            format!("user.pad{i}").as_bytes(),
+            &value(i),
+            XattrMode::Create,
+        )
+        .expect("setxattr");
+    }
+    write_and_publish(&t, "after", b"after the growth");
+    assert!(newest_chunk_size(&t) > 64 << 10, "the chunks grew");
+
+    t.remount();
+    assert_eq!(
+        t.read_all(t.fs.lookup(ROOT, b"small").expect("small").ino),
+        b"before the growth"
+    );
+    assert_eq!(
+        t.read_all(t.fs.lookup(ROOT, b"after").expect("after").ino),
+        b"after the growth"
+    );
+    for i in 0..150 {
+        assert!(
+            t.fs.getxattr(ROOT, format!("user.pad{i}").as_bytes())
+                .expect("getxattr")
+                == value(i),
+            "user.pad{i}"
+        );
+    }
+    // The reopened mount goes on from the grown chunks.
+    write_and_publish(&t, "later", b"after the reopen");
+    t.remount();
+    assert_eq!(
+        t.read_all(t.fs.lookup(ROOT, b"later").expect("later").ino),
+        b"after the reopen"
     );
 }

@@ -6,7 +6,7 @@
 //! Needs root and the `cloudfs` binary (built by `cargo test --workspace`).
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use cloudfs_controller::EngineBackend;
@@ -23,7 +23,7 @@ use cloudfs_csi::proto::{
     DeleteSnapshotRequest, DeleteVolumeRequest, GetSnapshotRequest, ListSnapshotsRequest,
     ListVolumesRequest, ValidateVolumeCapabilitiesRequest, VolumeContentSource,
 };
-use support::{Cleanup, capability, publish, unpublish};
+use support::{Cleanup, capability, df_size, publish, unpublish};
 use tonic::{Code, Request};
 
 #[path = "../../csi/tests/support/mod.rs"]
@@ -50,19 +50,6 @@ fn create(name: &str, bytes: i64, source: Option<Source>) -> Request<CreateVolum
 }
 
 /// The size `df` shows for the file system at `path`.
-fn df_size(path: &Path) -> i64 {
-    let out = std::process::Command::new("stat")
-        .args(["-f", "-c", "%b %S"])
-        .arg(path)
-        .output()
-        .expect("stat -f");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let mut fields = text
-        .split_whitespace()
-        .map(|f| f.parse::<i64>().unwrap_or(0));
-    fields.next().unwrap_or(0) * fields.next().unwrap_or(0)
-}
-
 fn code<T: std::fmt::Debug>(result: Result<tonic::Response<T>, tonic::Status>) -> Code {
     result.expect_err("refused").code()
 }
@@ -459,6 +446,15 @@ async fn expansion_grows_a_mounted_volume() {
         .expect("expand to less")
         .into_inner();
     assert_eq!(unchanged.capacity_bytes, 2 * GIB);
+    // One whose limit the volume is past already cannot be met.
+    let mut capped = expand(&volume_id, GIB);
+    if let Some(range) = capped.get_mut().capacity_range.as_mut() {
+        range.limit_bytes = GIB;
+    }
+    assert_eq!(
+        code(controller.controller_expand_volume(capped).await),
+        Code::OutOfRange
+    );
 
     node.node_unpublish_volume(Request::new(unpublish(&volume_id, &target)))
         .await

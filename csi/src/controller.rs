@@ -590,7 +590,18 @@ impl<B: VolumeBackend> Controller for ControllerService<B> {
                 tracing::info!(volume = volume_id, quota, "expanded");
                 quota
             }
-            Some(current) => current,
+            Some(current) => {
+                let limit = r
+                    .capacity_range
+                    .as_ref()
+                    .map_or(0, |range| range.limit_bytes);
+                if limit > 0 && current > limit as u64 {
+                    return Err(Status::out_of_range(format!(
+                        "volume {volume_id} has {current} bytes already, over limit_bytes {limit}"
+                    )));
+                }
+                current
+            }
             None => quota,
         };
         Ok(Response::new(ControllerExpandVolumeResponse {

@@ -119,6 +119,19 @@ pub struct NodeService<M> {
     unanswered: Arc<Mutex<HashSet<PathBuf>>>,
 }
 
+/// A path in the set of unanswered ones while its `statfs` call runs; it leaves the set when
+/// the call ends, however it ends.
+struct Answering {
+    set: Arc<Mutex<HashSet<PathBuf>>>,
+    path: PathBuf,
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        lock(&self.set).remove(&self.path);
+    }
+}
+
 /// A panic elsewhere cannot leave the set of unanswered paths inconsistent: it is only
 /// inserted into and removed from.
 fn lock(set: &Mutex<HashSet<PathBuf>>) -> std::sync::MutexGuard<'_, HashSet<PathBuf>> {
@@ -163,22 +176,36 @@ impl<M: Mounter> NodeService<M> {
         }
     }
 
-    /// `statfs` of the mount at `path`, bounded by [`ANSWER_TIMEOUT`]. It runs on the
-    /// blocking pool; a call that times out keeps its thread until the mount answers or dies,
+    /// `statfs` of the mount at `path`, bounded by [`ANSWER_TIMEOUT`]. It runs on a thread
+    /// of its own; a call that times out keeps its thread until the mount answers or dies,
     /// and until then the path counts as silent without a new call.
     async fn ask_statfs(&self, path: &Path) -> Answer {
         if !lock(&self.unanswered).insert(path.to_owned()) {
             return Answer::Silent;
         }
-        let (unanswered, owned) = (self.unanswered.clone(), path.to_owned());
-        let call = tokio::task::spawn_blocking(move || {
-            let result = statvfs(&owned);
-            lock(&unanswered).remove(&owned);
-            result
-        });
-        match tokio::time::timeout(ANSWER_TIMEOUT, call).await {
+        let answering = Answering {
+            set: self.unanswered.clone(),
+            path: path.to_owned(),
+        };
+        let (answer_tx, answer_rx) = tokio::sync::oneshot::channel();
+        // A thread of its own, not the runtime's blocking pool: the runtime waits for its
+        // blocking threads when it shuts down, and one stuck on a hung mount would keep the
+        // plugin from exiting on SIGTERM.
+        let spawned = std::thread::Builder::new()
+            .name("statfs".into())
+            .spawn(move || {
+                let result = statvfs(&answering.path);
+                drop(answering);
+                let _ = answer_tx.send(result);
+            });
+        if let Err(e) = spawned {
+            return Answer::Failed(e); // the closure, and with it `answering`, is dropped
+        }
+        match tokio::time::timeout(ANSWER_TIMEOUT, answer_rx).await {
             Err(_elapsed) => Answer::Silent,
-            Ok(Err(join)) => Answer::Failed(std::io::Error::other(join)),
+            Ok(Err(_ended)) => Answer::Failed(std::io::Error::other(
+                "the statfs thread ended without an answer",
+            )),
             Ok(Ok(Ok(st))) => Answer::Stats(st),
             Ok(Ok(Err(e)))
                 if matches!(e.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED)) =>

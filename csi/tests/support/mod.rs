@@ -76,3 +76,17 @@ impl Drop for Cleanup {
         }
     }
 }
+
+/// The size `df` shows for the file system at `path`, in bytes (0 when `stat -f` fails).
+pub fn df_size(path: &Path) -> i64 {
+    let out = Command::new("stat")
+        .args(["-f", "-c", "%b %S"])
+        .arg(path)
+        .output()
+        .expect("stat -f");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut fields = text
+        .split_whitespace()
+        .map(|f| f.parse::<i64>().unwrap_or(0));
+    fields.next().unwrap_or(0) * fields.next().unwrap_or(0)
+}
