@@ -10,6 +10,8 @@
 //!   deleting the PVC deletes the volume;
 //! - a VolumeSnapshot of a mounted PVC is an engine snapshot, a PVC restored from it holds the
 //!   data as it was, and deleting it deletes the engine snapshot;
+//! - a claim that asks for more is expanded by csi-resizer: the volume's quota, the claim, its
+//!   PV and the mounted volume's `df` all show the new size;
 //! - of two replicas one leads, and the other takes over when the leader stops renewing.
 //!
 //! The operator runs with the token of the chart's controller ServiceAccount, which
@@ -17,7 +19,7 @@
 //! these tests.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use cloudfs_controller::crd::{
@@ -29,6 +31,7 @@ use cloudfs_controller::operator::{self, Leadership, OperatorConfig};
 use cloudfs_csi::DRIVER_NAME;
 use cloudfs_csi::node::NodeService;
 use cloudfs_csi::process_mounter::ProcessMounter;
+use cloudfs_csi::proto::NodePublishVolumeResponse;
 use cloudfs_csi::proto::node_server::Node;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{
@@ -44,13 +47,14 @@ use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch,
     PatchParams, PostParams,
 };
-use support::{Cleanup, publish, unpublish};
+use support::{Cleanup, df_size, publish, unpublish};
 use tonic::Request;
 
 #[path = "../../csi/tests/support/mod.rs"]
 mod support;
 
 const BIN_DIR: &str = env!("CARGO_BIN_EXE_cloudfs-controller");
+const GIB: i64 = 1 << 30;
 
 fn env(key: &str) -> String {
     std::env::var(key).unwrap_or_else(|_| {
@@ -440,31 +444,21 @@ async fn operator_e2e_snapshot_rollback_and_cleanup_on_a_real_api_server() {
 /// the data as it was; deleting the VolumeSnapshot deletes the engine snapshot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn operator_e2e_volume_snapshots_through_the_csi_sidecars() {
-    let credentials = swift_credentials();
-    env("KUBECONFIG");
-    let client = Client::try_default()
-        .await
-        .expect("a client from KUBECONFIG");
-    let run = format!("{}-{}", std::process::id(), rand_suffix());
-    let scene = Scene::create(&client, &run, credentials.clone()).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let _cleanup = Cleanup(dir.path().to_path_buf());
-    let cloudfs = support::cloudfs_binary(Path::new(BIN_DIR));
-    let node = NodeService::new(
-        "node-1".into(),
-        dir.path().join("state"),
-        ProcessMounter::new(cloudfs.clone(), dir.path().join("run")),
-    );
-    let publish_claim = |claim: &ProvisionedClaim, target: &Path| {
-        let mut request = publish(&claim.volume_id, target, false);
-        request.secrets = credentials.clone();
-        request.volume_context = claim.context.clone();
-        node.node_publish_volume(Request::new(request))
-    };
+    let stage = NodeStage::new().await;
+    let NodeStage {
+        client,
+        run,
+        scene,
+        node,
+        cloudfs,
+        dir,
+        ..
+    } = &stage;
 
     let source = scene.provisioned_claim("source", None).await;
     let source_target = dir.path().join("pod/source");
-    publish_claim(&source, &source_target)
+    stage
+        .publish(&source, &source_target)
         .await
         .expect("publish the source");
     std::fs::write(source_target.join("x"), b"as it was").expect("write");
@@ -548,7 +542,7 @@ async fn operator_e2e_volume_snapshots_through_the_csi_sidecars() {
     );
     let engine_name = handle.split('@').next().expect("a name").to_owned();
     assert!(
-        snapshot_names(&cloudfs, &scene.pool, source.volume_name()).contains(&engine_name),
+        snapshot_names(cloudfs, &scene.pool, source.volume_name()).contains(&engine_name),
         "{engine_name} is an engine snapshot"
     );
 
@@ -565,7 +559,8 @@ async fn operator_e2e_volume_snapshots_through_the_csi_sidecars() {
         )
         .await;
     let restored_target = dir.path().join("pod/restored");
-    publish_claim(&restored, &restored_target)
+    stage
+        .publish(&restored, &restored_target)
         .await
         .expect("publish the restored claim");
     assert_eq!(
@@ -586,7 +581,7 @@ async fn operator_e2e_volume_snapshots_through_the_csi_sidecars() {
         .expect("delete the VolumeSnapshot");
     deleted(&contents, &content_name, 120).await;
     assert!(
-        !snapshot_names(&cloudfs, &scene.pool, source.volume_name()).contains(&engine_name),
+        !snapshot_names(cloudfs, &scene.pool, source.volume_name()).contains(&engine_name),
         "{engine_name} is deleted"
     );
     for claim in [&restored, &source] {
@@ -800,6 +795,11 @@ impl Scene {
                 "csi.storage.k8s.io/provisioner-secret-namespace",
                 scene.ns.as_str(),
             ),
+            ("csi.storage.k8s.io/controller-expand-secret-name", "swift"),
+            (
+                "csi.storage.k8s.io/controller-expand-secret-namespace",
+                scene.ns.as_str(),
+            ),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -811,6 +811,7 @@ impl Scene {
                     metadata: meta(&scene.class, None),
                     provisioner: DRIVER_NAME.into(),
                     parameters: Some(parameters),
+                    allow_volume_expansion: Some(true),
                     ..StorageClass::default()
                 },
             )
@@ -893,13 +894,69 @@ impl Scene {
         deleted(&volumes, &claim.pv_name, 120).await;
     }
 
-    async fn delete(self) {
+    async fn delete(&self) {
         let _ = Api::<Namespace>::all(self.client.clone())
             .delete(&self.ns, &DeleteParams::default())
             .await;
-        let _ = Api::<StorageClass>::all(self.client)
+        let _ = Api::<StorageClass>::all(self.client.clone())
             .delete(&self.class, &DeleteParams::default())
             .await;
+    }
+}
+
+/// A test's scene, and a node plugin playing kubelet's node for its claims. What it mounts
+/// lies under a scratch directory, unmounted when the stage is dropped, even mid-panic.
+struct NodeStage {
+    client: Client,
+    run: String,
+    credentials: HashMap<String, String>,
+    scene: Scene,
+    node: NodeService<ProcessMounter>,
+    cloudfs: PathBuf,
+    // Unmounts before the directory goes (fields drop in this order).
+    _cleanup: Cleanup,
+    dir: tempfile::TempDir,
+}
+
+impl NodeStage {
+    async fn new() -> NodeStage {
+        let credentials = swift_credentials();
+        env("KUBECONFIG");
+        let client = Client::try_default()
+            .await
+            .expect("a client from KUBECONFIG");
+        let run = format!("{}-{}", std::process::id(), rand_suffix());
+        let scene = Scene::create(&client, &run, credentials.clone()).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cloudfs = support::cloudfs_binary(Path::new(BIN_DIR));
+        let node = NodeService::new(
+            "node-1".into(),
+            dir.path().join("state"),
+            ProcessMounter::new(cloudfs.clone(), dir.path().join("run")),
+        );
+        NodeStage {
+            client,
+            run,
+            credentials,
+            scene,
+            node,
+            cloudfs,
+            _cleanup: Cleanup(dir.path().to_path_buf()),
+            dir,
+        }
+    }
+
+    /// Publishes `claim` at `target` as kubelet would: with the Secret's keys as the CSI
+    /// secrets and the PV's volume attributes as the volume context.
+    async fn publish(
+        &self,
+        claim: &ProvisionedClaim,
+        target: &Path,
+    ) -> Result<tonic::Response<NodePublishVolumeResponse>, tonic::Status> {
+        let mut request = publish(&claim.volume_id, target, false);
+        request.secrets = self.credentials.clone();
+        request.volume_context = claim.context.clone();
+        self.node.node_publish_volume(Request::new(request)).await
     }
 }
 
@@ -935,6 +992,70 @@ fn rand_suffix() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
     format!("{nanos:08x}")
+}
+
+/// Whether a quantity the API server shows is `bytes` (csi-resizer writes "2Gi"; a client
+/// may write the plain number).
+fn is_bytes(quantity: Option<&Quantity>, bytes: i64) -> bool {
+    quantity.is_some_and(|q| q.0 == format!("{}Gi", bytes / GIB) || q.0 == bytes.to_string())
+}
+
+/// A claim that asks for more: csi-resizer calls ControllerExpandVolume, which raises the
+/// volume's quota; the claim and its PV show the new size, and the mounted volume's `df`
+/// follows without an unpublish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn operator_e2e_a_claim_grows_through_csi_resizer() {
+    let stage = NodeStage::new().await;
+    let NodeStage {
+        client,
+        scene,
+        node,
+        cloudfs,
+        dir,
+        ..
+    } = &stage;
+    let claim = scene.provisioned_claim("grows", None).await;
+    let target = dir.path().join("pod/grows");
+    stage.publish(&claim, &target).await.expect("publish");
+    assert_eq!(df_size(&target), GIB);
+
+    let claims = Api::<PersistentVolumeClaim>::namespaced(client.clone(), &scene.ns);
+    let more = serde_json::json!({"spec": {"resources": {"requests": {"storage": "2Gi"}}}});
+    claims
+        .patch(&claim.name, &PatchParams::default(), &Patch::Merge(&more))
+        .await
+        .expect("ask for 2Gi");
+    let volumes = Api::<PersistentVolume>::all(client.clone());
+    eventually("the claim and its PV to show 2Gi", 120, || {
+        let (claims, volumes) = (claims.clone(), volumes.clone());
+        let (name, pv_name) = (claim.name.clone(), claim.pv_name.clone());
+        async move {
+            let shown = claims.get(&name).await.ok()?.status?.capacity?;
+            let pv = volumes.get(&pv_name).await.ok()?.spec?.capacity?;
+            (is_bytes(shown.get("storage"), 2 * GIB) && is_bytes(pv.get("storage"), 2 * GIB))
+                .then_some(())
+        }
+    })
+    .await;
+    let stat = std::process::Command::new(cloudfs)
+        .args(["stat", &scene.pool, claim.volume_name(), "--json"])
+        .output()
+        .expect("cloudfs stat");
+    assert!(stat.status.success(), "{stat:?}");
+    let stat: serde_json::Value = serde_json::from_slice(&stat.stdout).expect("JSON");
+    assert_eq!(stat["quota_bytes"], 2 * GIB, "{stat}");
+    // A mount elsewhere than the controller picks the quota up from the pool within 30 s.
+    eventually("the mounted volume's df to show 2 GiB", 60, || {
+        let target = target.clone();
+        async move { (df_size(&target) == 2 * GIB).then_some(()) }
+    })
+    .await;
+
+    node.node_unpublish_volume(Request::new(unpublish(&claim.volume_id, &target)))
+        .await
+        .expect("unpublish");
+    scene.delete_claim(&claim).await;
+    scene.delete().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

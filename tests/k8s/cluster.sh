@@ -3,7 +3,7 @@
 # kube-apiserver and kube-controller-manager (its persistent-volume binder and garbage collector
 # only: no kubelet, no scheduler). Built from their Go modules at the versions pinned below
 # (kubectl too), with the CSI sidecars the tests run beside cloudfs (csi-provisioner,
-# csi-snapshotter, snapshot-controller) and the VolumeSnapshot and VolumeGroupSnapshot CRDs,
+# csi-snapshotter, snapshot-controller, csi-resizer) and the VolumeSnapshot and VolumeGroupSnapshot CRDs,
 # all cached under target/tools/; a change of pin rebuilds. `start` writes a kubeconfig (own
 # CA, bearer token of an admin in system:masters) into the state dir.
 #
@@ -23,6 +23,7 @@
 #   CLOUDFS_CSI_PROVISIONER_VERSION external-provisioner version (csi-provisioner)
 #   CLOUDFS_CSI_SNAPSHOTTER_VERSION external-snapshotter version (csi-snapshotter,
 #                                   snapshot-controller, VolumeSnapshot CRDs)
+#   CLOUDFS_CSI_RESIZER_VERSION     external-resizer version (csi-resizer)
 #   CLOUDFS_TOOLS_DIR               where binaries are cached (default <repo>/target/tools)
 #   CLOUDFS_KUBE_START_TIMEOUT      seconds to wait for /readyz (default 90)
 #   CLOUDFS_KUBE_DISABLE_ADMISSION  admission plugins to turn off (default below)
@@ -42,6 +43,7 @@ CLOUDFS_KUBE_VERSION="${CLOUDFS_KUBE_VERSION:-v1.37.2}"
 CLOUDFS_ETCD_VERSION="${CLOUDFS_ETCD_VERSION:-v3.7.3}"
 CLOUDFS_CSI_PROVISIONER_VERSION="${CLOUDFS_CSI_PROVISIONER_VERSION:-v6.4.0}"
 CLOUDFS_CSI_SNAPSHOTTER_VERSION="${CLOUDFS_CSI_SNAPSHOTTER_VERSION:-v8.7.0}"
+CLOUDFS_CSI_RESIZER_VERSION="${CLOUDFS_CSI_RESIZER_VERSION:-v1.14.0}"
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_ROOT="$(cd "$SCRIPT_DIR/../.." && pwd)"
@@ -63,6 +65,7 @@ PROVISIONER_BIN="$TOOLS_DIR/csi-provisioner-$CLOUDFS_CSI_PROVISIONER_VERSION"
 SNAPSHOTTER_BIN="$TOOLS_DIR/csi-snapshotter-$CLOUDFS_CSI_SNAPSHOTTER_VERSION"
 SNAPSHOT_CONTROLLER_BIN="$TOOLS_DIR/snapshot-controller-$CLOUDFS_CSI_SNAPSHOTTER_VERSION"
 SNAPSHOT_CRDS_DIR="$TOOLS_DIR/snapshot-crds-$CLOUDFS_CSI_SNAPSHOTTER_VERSION"
+RESIZER_BIN="$TOOLS_DIR/csi-resizer-$CLOUDFS_CSI_RESIZER_VERSION"
 STATE_MARKER=".cloudfs-kube-state"
 
 log() { printf '[kube] %s\n' "$*" >&2; }
@@ -262,6 +265,10 @@ build_sidecars() {
     build_module_commands github.com/kubernetes-csi/external-provisioner/v6 \
       "$CLOUDFS_CSI_PROVISIONER_VERSION" "$CLOUDFS_CSI_PROVISIONER_VERSION" "-s -w" \
       csi-provisioner=github.com/kubernetes-csi/external-provisioner/v6/cmd/csi-provisioner
+  [ -x "$RESIZER_BIN" ] ||
+    build_module_commands github.com/kubernetes-csi/external-resizer \
+      "$CLOUDFS_CSI_RESIZER_VERSION" "$CLOUDFS_CSI_RESIZER_VERSION" "-s -w" \
+      csi-resizer=github.com/kubernetes-csi/external-resizer/cmd/csi-resizer
   if [ ! -x "$SNAPSHOTTER_BIN" ] || [ ! -x "$SNAPSHOT_CONTROLLER_BIN" ]; then
     build_module_commands github.com/kubernetes-csi/external-snapshotter/v8 \
       "$CLOUDFS_CSI_SNAPSHOTTER_VERSION" "$CLOUDFS_CSI_SNAPSHOTTER_VERSION" "-s -w" \
@@ -285,7 +292,7 @@ build_sidecars() {
 all_built() {
   local bin
   for bin in "$ETCD_BIN" "$APISERVER_BIN" "$CONTROLLER_MANAGER_BIN" "$KUBECTL_BIN" "$PROVISIONER_BIN" \
-    "$SNAPSHOTTER_BIN" "$SNAPSHOT_CONTROLLER_BIN"; do
+    "$SNAPSHOTTER_BIN" "$SNAPSHOT_CONTROLLER_BIN" "$RESIZER_BIN"; do
     [ -x "$bin" ] || return 1
   done
   [ -d "$SNAPSHOT_CRDS_DIR" ]
@@ -618,6 +625,7 @@ cmd_env() {
   printf 'export CLOUDFS_KUBECTL=%q\n' "$KUBECTL_BIN"
   printf 'export CLOUDFS_CSI_PROVISIONER=%q\n' "$PROVISIONER_BIN"
   printf 'export CLOUDFS_CSI_SNAPSHOTTER=%q\n' "$SNAPSHOTTER_BIN"
+  printf 'export CLOUDFS_CSI_RESIZER=%q\n' "$RESIZER_BIN"
   printf 'export CLOUDFS_SNAPSHOT_CONTROLLER=%q\n' "$SNAPSHOT_CONTROLLER_BIN"
   printf 'export CLOUDFS_SNAPSHOT_CRDS=%q\n' "$SNAPSHOT_CRDS_DIR"
 }

@@ -6,8 +6,9 @@
 #   cloudfs-controller  the CSI controller plugin, on a Unix socket;
 #   csi-provisioner     turns PVCs of a cloudfs StorageClass into CreateVolume calls and PVs;
 #   snapshot-controller turns VolumeSnapshots into VolumeSnapshotContents;
-#   csi-snapshotter     turns those into CreateSnapshot calls.
-# The chart (manifests/cloudfs.yaml) is applied, and the operator, the two sidecars and the
+#   csi-snapshotter     turns those into CreateSnapshot calls;
+#   csi-resizer         turns a claim's larger request into ControllerExpandVolume calls.
+# The chart (manifests/cloudfs.yaml) is applied, and the operator, the three sidecars and the
 # mount-pod launcher run with its ServiceAccounts' tokens: its RBAC is what they get. Then it
 # runs the operator_e2e tests of controller/tests/operator.rs against all of it (they play
 # kubelet through the node plugin's library) and the mount-pod launcher's test
@@ -93,6 +94,11 @@ sidecar=(--kubeconfig="$CLOUDFS_OPERATOR_KUBECONFIG" --csi-address="$socket" --l
   --leader-election-namespace=cloudfs-system --extra-create-metadata --timeout=60s --v=3)
 background csi-provisioner "$CLOUDFS_CSI_PROVISIONER" "${sidecar[@]}"
 background csi-snapshotter "$CLOUDFS_CSI_SNAPSHOTTER" "${sidecar[@]}"
+# No kubelet runs pods here, and cloudfs expands volumes in use: the resizer need not look
+# for pods using a claim (the chart runs it so too).
+background csi-resizer "$CLOUDFS_CSI_RESIZER" --kubeconfig="$CLOUDFS_OPERATOR_KUBECONFIG" \
+  --csi-address="$socket" --leader-election --leader-election-namespace=cloudfs-system \
+  --timeout=60s --handle-volume-inuse-error=false --v=3
 # A cluster component, not cloudfs's: it runs as an admin.
 background snapshot-controller "$CLOUDFS_SNAPSHOT_CONTROLLER" --kubeconfig="$KUBECONFIG" \
   --leader-election=false --v=3
