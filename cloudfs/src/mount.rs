@@ -317,7 +317,6 @@ pub fn open_engine(
                 volume_name,
                 lease.epoch(),
                 0,
-                opened.chunk_size,
                 opened.chunks.clone(),
             ),
             lease,

@@ -264,7 +264,7 @@ pub async fn format(
     let meta = MetaStore::create(&db_path, uid, gid, now_ns())?;
     store.prepare().await?;
     write_config(store.as_ref(), &config).await?;
-    let replica = Replicator::new(store.clone(), volume, 0, 0, CHUNK_SIZE, Vec::new());
+    let replica = Replicator::new(store.clone(), volume, 0, 0, Vec::new());
     replica.push(&meta, blocks).await?;
     Ok(config)
 }
@@ -429,8 +429,6 @@ pub struct OpenedVolume {
     pub epoch: u64,
     /// Object key of that generation.
     pub generation: String,
-    /// The size that generation cut the database into chunks with, and the chunks.
-    pub chunk_size: u64,
     pub chunks: Vec<Hash>,
 }
 
@@ -486,7 +484,6 @@ pub(crate) async fn open_generation(
         meta: Arc::new(meta),
         epoch: generation.epoch,
         generation: label.to_owned(),
-        chunk_size: generation.chunk_size,
         chunks,
     })
 }
@@ -609,8 +606,7 @@ struct ReplicaState {
     seq: u64,
     /// The last generation written: its key and manifest.
     latest: Option<(String, Generation)>,
-    /// The chunks of the last generation written (or rebuilt from), and their size.
-    chunk_size: u64,
+    /// The chunks of the last generation written (or rebuilt from).
     chunks: Vec<Hash>,
     synced_writes: Option<u64>,
     written: Vec<String>,
@@ -627,14 +623,12 @@ pub struct Replicator {
 }
 
 impl Replicator {
-    /// `chunks`, cut `chunk_size` bytes each, are those of the generation the working copy was
-    /// rebuilt from.
+    /// `chunks` are those of the generation the working copy was rebuilt from.
     pub fn new(
         store: Arc<dyn ObjectStore>,
         volume: &str,
         epoch: u64,
         first_seq: u64,
-        chunk_size: u64,
         chunks: Vec<Hash>,
     ) -> Replicator {
         Replicator {
@@ -644,7 +638,6 @@ impl Replicator {
             state: tokio::sync::Mutex::new(ReplicaState {
                 seq: first_seq,
                 latest: None,
-                chunk_size,
                 chunks,
                 synced_writes: None,
                 written: Vec::new(),
@@ -695,10 +688,6 @@ impl Replicator {
         let mut file = File::open(snapshot.path())?;
         let db_size = file.metadata()?.len();
         let chunk_size = chunk_size_for(db_size);
-        if state.chunk_size != chunk_size {
-            state.chunks.clear(); // cut differently: every chunk is new
-            state.chunk_size = chunk_size;
-        }
         let mut chunks = Vec::new();
         let mut uploads = futures::stream::FuturesUnordered::new();
         let mut buf = vec![0u8; chunk_size as usize];
@@ -715,6 +704,8 @@ impl Replicator {
             }
             let data = &buf[..filled];
             let hash = hash_block(data);
+            // Content-addressed: a chunk equal to the last generation's at its place is in the
+            // store already (after a change of chunk size, none is).
             if state.chunks.get(chunks.len()) != Some(&hash) {
                 if uploads.len() >= CHUNK_TRANSFERS
                     && let Some(uploaded) = uploads.next().await

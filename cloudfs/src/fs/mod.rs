@@ -794,16 +794,19 @@ impl Fs {
         // close it, rename it over the old one" must never leave, in a generation a crash
         // falls back to, the new name on a file whose data was not recorded yet, while the
         // old file is gone (its writes are recorded in the background after the close).
-        // An exchange moves the other file as well.
-        let (src, dst) = self.meta.read(|c| -> FsResult<_> {
-            Ok((
-                meta::lookup(c, parent, name)?,
-                meta::lookup(c, new_parent, new_name)?,
-            ))
-        })?;
-        let exchanged = dst.filter(|_| matches!(mode, RenameMode::Exchange));
-        for moved in src.into_iter().chain(exchanged) {
-            self.flush_file(moved)?;
+        // An exchange moves the other file as well. With no file state at all nothing is
+        // unrecorded, and the lookups are skipped (renames of closed, flushed files).
+        if !lock(&self.files).is_empty() {
+            let (src, dst) = self.meta.read(|c| -> FsResult<_> {
+                Ok((
+                    meta::lookup(c, parent, name)?,
+                    meta::lookup(c, new_parent, new_name)?,
+                ))
+            })?;
+            let exchanged = dst.filter(|_| matches!(mode, RenameMode::Exchange));
+            for moved in src.into_iter().chain(exchanged) {
+                self.flush_file(moved)?;
+            }
         }
         let now = now_ns();
         let freed = self.meta.write(|tx| -> FsResult<Option<u64>> {
