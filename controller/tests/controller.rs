@@ -11,8 +11,6 @@ use std::time::{Duration, Instant};
 
 use cloudfs_controller::EngineBackend;
 use cloudfs_csi::controller::ControllerService;
-use cloudfs_csi::node::NodeService;
-use cloudfs_csi::process_mounter::ProcessMounter;
 use cloudfs_csi::proto::controller_server::Controller;
 use cloudfs_csi::proto::node_server::Node;
 use cloudfs_csi::proto::volume_capability::access_mode::Mode;
@@ -62,11 +60,7 @@ async fn volumes_and_snapshots_through_the_controller() {
     std::fs::create_dir(&pool).expect("mkdir");
     let pool_url = format!("file://{}", pool.display());
     let controller = ControllerService::new(EngineBackend::new(vec![pool_url.clone()]));
-    let node = NodeService::new(
-        "node-1".into(),
-        dir.path().join("state"),
-        ProcessMounter::new(cloudfs_binary(), dir.path().join("run")),
-    );
+    let node = support::process_node(cloudfs_binary(), dir.path());
 
     // Create, idempotently; the capacity is the quota.
     let volume = controller
@@ -401,11 +395,7 @@ async fn expansion_grows_a_mounted_volume() {
         "file://{}",
         pool.display()
     )]));
-    let node = NodeService::new(
-        "node-1".into(),
-        dir.path().join("state"),
-        ProcessMounter::new(cloudfs_binary(), dir.path().join("run")),
-    );
+    let node = support::process_node(cloudfs_binary(), dir.path());
     let volume_id = controller
         .create_volume(create("pvc-grow", GIB, None))
         .await

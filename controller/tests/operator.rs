@@ -212,11 +212,7 @@ async fn operator_e2e_snapshot_rollback_and_cleanup_on_a_real_api_server() {
     let volume_name = claim.volume_name().to_owned();
 
     // Kubelet's part: publish the volume on this node and write to it.
-    let node = NodeService::new(
-        "node-1".into(),
-        dir.path().join("state"),
-        ProcessMounter::new(cloudfs.clone(), dir.path().join("run")),
-    );
+    let node = support::process_node(cloudfs.clone(), dir.path());
     let target = dir.path().join("pod/data");
     let mut request = publish(&volume_id, &target, false);
     request.secrets = credentials.clone();
@@ -929,11 +925,7 @@ impl NodeStage {
         let scene = Scene::create(&client, &run, credentials.clone()).await;
         let dir = tempfile::tempdir().expect("tempdir");
         let cloudfs = support::cloudfs_binary(Path::new(BIN_DIR));
-        let node = NodeService::new(
-            "node-1".into(),
-            dir.path().join("state"),
-            ProcessMounter::new(cloudfs.clone(), dir.path().join("run")),
-        );
+        let node = support::process_node(cloudfs.clone(), dir.path());
         NodeStage {
             client,
             run,

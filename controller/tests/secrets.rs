@@ -9,8 +9,6 @@ use std::path::PathBuf;
 
 use cloudfs_controller::EngineBackend;
 use cloudfs_csi::controller::ControllerService;
-use cloudfs_csi::node::NodeService;
-use cloudfs_csi::process_mounter::ProcessMounter;
 use cloudfs_csi::proto::controller_server::Controller;
 use cloudfs_csi::proto::node_server::Node;
 use cloudfs_csi::proto::volume_capability::access_mode::Mode;
@@ -119,11 +117,7 @@ async fn node_publish_secrets_are_checked_by_the_store() {
         .volume
         .expect("a volume")
         .volume_id;
-    let node = NodeService::new(
-        "node-1".into(),
-        dir.path().join("state"),
-        ProcessMounter::new(cloudfs, dir.path().join("run")),
-    );
+    let node = support::process_node(cloudfs, dir.path());
     let shared =
         node.shared_mountpoint(&cloudfs_csi::volume_id::VolumeId::parse(&volume_id).expect("id"));
     let target = dir.path().join("pod/vol");

@@ -115,7 +115,7 @@ pub struct NodeService<M> {
     /// Volumes with a call in flight: a second call on one of them is refused (`Aborted`).
     in_flight: InFlight,
     /// Paths whose `statfs` has not returned yet: asking again would only tie up another
-    /// blocking thread behind the same hung mount.
+    /// thread behind the same hung mount.
     unanswered: Arc<Mutex<HashSet<PathBuf>>>,
 }
 
@@ -140,6 +140,16 @@ fn lock(set: &Mutex<HashSet<PathBuf>>) -> std::sync::MutexGuard<'_, HashSet<Path
 
 fn internal(what: &str, error: impl std::fmt::Display) -> Status {
     Status::internal(format!("{what}: {error}"))
+}
+
+/// Detaches the bind mount at `target` of a mount whose process died.
+fn detach_dead(target: &Path) -> Result<(), Status> {
+    mounts::unmount(target).map_err(|e| {
+        internal(
+            &format!("detaching the dead mount at {}", target.display()),
+            e,
+        )
+    })
 }
 
 /// Checks a capability this node can publish; returns whether it allows no writer at all.
@@ -244,12 +254,7 @@ impl<M: Mounter> NodeService<M> {
                 // Other pods' bind mounts of the dead mount stay dead until they are
                 // published again; this one is replaced now.
                 if mounts::mount_at(&table, target).is_some_and(|t| t.device == mount.device) {
-                    mounts::unmount(target).map_err(|e| {
-                        internal(
-                            &format!("detaching the dead mount at {}", target.display()),
-                            e,
-                        )
-                    })?;
+                    detach_dead(target)?;
                 }
                 self.mounter.unmount(shared).await?;
                 Ok(())
@@ -311,12 +316,7 @@ impl<M: Mounter> Node for NodeService<M> {
                 )));
             }
             // A bind mount of a mount that died since: replaced like a missing one.
-            mounts::unmount(&target).map_err(|e| {
-                internal(
-                    &format!("detaching the dead mount at {}", target.display()),
-                    e,
-                )
-            })?;
+            detach_dead(&target)?;
             table = Self::table()?;
         }
         if let Some(mount) = &shared_mount

@@ -181,11 +181,7 @@ async fn publishing_replaces_a_shared_mount_whose_process_died() {
     let dir = tempfile::tempdir().expect("tempdir");
     let _cleanup = Cleanup(dir.path().to_path_buf());
     let volume_id = support::formatted_volume(&cloudfs_binary(), dir.path());
-    let node = NodeService::new(
-        "node-1".into(),
-        dir.path().join("state"),
-        ProcessMounter::new(cloudfs_binary(), dir.path().join("run")),
-    );
+    let node = support::process_node(cloudfs_binary(), dir.path());
     // A short lease, so the crashed writer's lease is soon over (kubelet would retry the
     // publish until then).
     let lease_ttl = Duration::from_secs(2);
@@ -273,11 +269,7 @@ async fn a_hung_mount_is_reported_abnormal_without_hanging_the_calls() {
     let dir = tempfile::tempdir().expect("tempdir");
     let _cleanup = Cleanup(dir.path().to_path_buf());
     let volume_id = support::formatted_volume(&cloudfs_binary(), dir.path());
-    let node = Arc::new(NodeService::new(
-        "node-1".into(),
-        dir.path().join("state"),
-        ProcessMounter::new(cloudfs_binary(), dir.path().join("run")),
-    ));
+    let node = Arc::new(support::process_node(cloudfs_binary(), dir.path()));
     let target = dir.path().join("pod-a/vol");
     // The calls run as tasks of their own, not on the test's thread, so that one blocking
     // its worker thread leaves the test to fail.
@@ -466,11 +458,7 @@ async fn mount_flags_and_the_volume_context_shape_the_mounts() {
     let dir = tempfile::tempdir().expect("tempdir");
     let _cleanup = Cleanup(dir.path().to_path_buf());
     let volume_id = support::formatted_volume(&cloudfs_binary(), dir.path());
-    let node = NodeService::new(
-        "node-1".into(),
-        dir.path().join("state"),
-        ProcessMounter::new(cloudfs_binary(), dir.path().join("run")),
-    );
+    let node = support::process_node(cloudfs_binary(), dir.path());
     let target = dir.path().join("pod/vol");
     let mut request = publish(&volume_id, &target, false);
     request.volume_capability = Some(VolumeCapability {

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use cloudfs_csi::mounts;
+use cloudfs_csi::node::NodeService;
+use cloudfs_csi::process_mounter::ProcessMounter;
 use cloudfs_csi::proto::volume_capability::access_mode::Mode;
 use cloudfs_csi::proto::volume_capability::{AccessMode, AccessType, MountVolume};
 use cloudfs_csi::proto::{NodePublishVolumeRequest, NodeUnpublishVolumeRequest, VolumeCapability};
@@ -89,4 +91,14 @@ pub fn df_size(path: &Path) -> i64 {
         .split_whitespace()
         .map(|f| f.parse::<i64>().unwrap_or(0));
     fields.next().unwrap_or(0) * fields.next().unwrap_or(0)
+}
+
+/// The node plugin of node `node-1`, starting `cloudfs` mount processes, with its state and
+/// run directories under `dir`.
+pub fn process_node(cloudfs: PathBuf, dir: &Path) -> NodeService<ProcessMounter> {
+    NodeService::new(
+        "node-1".into(),
+        dir.join("state"),
+        ProcessMounter::new(cloudfs, dir.join("run")),
+    )
 }
